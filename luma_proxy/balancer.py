@@ -1,0 +1,83 @@
+"""Pick one container IP of an alias for a request.
+
+Each client connection stays on the IP it got while that IP is still in the
+alias's answer and in rotation, so mitmproxy can reuse its upstream socket; new
+connections are spread round-robin. IPs that refused or timed out a connect
+are ejected for a while (passive ejection) and tried again after it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+EJECT_BASE = 2.0
+EJECT_MAX = 30.0
+
+
+@dataclass(slots=True)
+class _Ejection:
+    until: float
+    strikes: int
+
+
+class Balancer:
+    def __init__(self) -> None:
+        self._sticky: dict[str, tuple[str, int]] = {}  # client id -> (ip, port)
+        self._next: dict[tuple[str, int], int] = {}  # (alias, port) -> round-robin cursor
+        self._ejected: dict[tuple[str, int], _Ejection] = {}
+
+    def pick(
+        self,
+        alias: str,
+        port: int,
+        ips: Sequence[str],
+        client_id: str,
+        unhealthy: Collection[str] = (),
+        now: float | None = None,
+    ) -> str | None:
+        """The IP for this request, or None when no IP of the alias can take it."""
+        now = time.monotonic() if now is None else now
+        sticky = self._sticky.get(client_id)
+        if sticky is not None and sticky[1] == port and sticky[0] in ips:
+            ip = sticky[0]
+            if ip not in unhealthy and not self.is_ejected(ip, port, now):
+                return ip
+        candidates = [
+            ip for ip in sorted(ips) if ip not in unhealthy and not self.is_ejected(ip, port, now)
+        ]
+        if not candidates:
+            return None
+        key = (alias, port)
+        cursor = self._next.get(key, 0)
+        self._next[key] = cursor + 1
+        ip = candidates[cursor % len(candidates)]
+        self._sticky[client_id] = (ip, port)
+        return ip
+
+    def is_ejected(self, ip: str, port: int, now: float | None = None) -> bool:
+        ejection = self._ejected.get((ip, port))
+        if ejection is None:
+            return False
+        return ejection.until > (time.monotonic() if now is None else now)
+
+    def eject(self, ip: str, port: int, now: float | None = None) -> float:
+        """Take ``ip:port`` out of rotation; repeated failures back off longer."""
+        now = time.monotonic() if now is None else now
+        previous = self._ejected.get((ip, port))
+        strikes = previous.strikes + 1 if previous else 1
+        delay = min(EJECT_BASE * 2 ** (strikes - 1), EJECT_MAX)
+        self._ejected[(ip, port)] = _Ejection(now + delay, strikes)
+        return delay
+
+    def restore(self, ip: str, port: int) -> None:
+        """A connect succeeded: forget past strikes."""
+        self._ejected.pop((ip, port), None)
+
+    def release(self, client_id: str) -> None:
+        self._sticky.pop(client_id, None)
+
+    def ejected(self, now: float | None = None) -> list[tuple[str, int]]:
+        now = time.monotonic() if now is None else now
+        return [key for key, e in self._ejected.items() if e.until > now]

@@ -1,0 +1,282 @@
+"""The ``luma-proxy`` command: edits the registry the running proxy follows.
+
+Drop-in for the Go luma-proxy as the Luma CLI drives it
+(``docker exec luma-proxy luma-proxy deploy --host ... --target ... --project ...``):
+same commands and flags, success lines start with ``✅``, and any bad input
+gives one line on stderr, a non-zero exit, and an untouched state file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import click
+
+from .models import Service, State, normalize_host, now, parse_health_path, parse_name, parse_target
+from .registry import RegistryError, Store, default_state_path
+
+TRUE = ("true", "1", "yes", "on")
+FALSE = ("false", "0", "no", "off")
+
+
+class CliError(click.ClickException):
+    """One line on stderr, exit 1."""
+
+
+def parse_bool(value: str, flag: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in TRUE:
+        return True
+    if lowered in FALSE:
+        return False
+    raise CliError(f"invalid value for {flag}: {value!r} (expected true or false)")
+
+
+def go_style_bools(args: Sequence[str], flags: Sequence[str]) -> list[str]:
+    """Accept the Go flag forms ``--ssl=false``/``--ssl=true`` next to click's ``--no-ssl``."""
+    out = []
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        if eq and name in flags:
+            out.append(name if parse_bool(value, name) else "--no-" + name.removeprefix("--"))
+        else:
+            out.append(arg)
+    return out
+
+
+class GoBoolCommand(click.Command):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        flags = [o for p in self.params if isinstance(p, click.Option) and p.is_bool_flag
+                 for o in p.opts]
+        return super().parse_args(ctx, go_style_bools(args, flags))
+
+
+def state_option(f: Any) -> Any:
+    return click.option(
+        "--state", "state_path", default=default_state_path, show_default="$LUMA_PROXY_STATE or "
+        "/var/lib/luma-proxy/state.json", help="Path of the state file.",
+    )(f)
+
+
+def store_for(state_path: str) -> Store:
+    return Store(state_path)
+
+
+def checked(parse: Any, *args: Any) -> Any:
+    try:
+        return parse(*args)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def update(store: Store, change: Any) -> Any:
+    try:
+        return store.update(change)
+    except RegistryError as e:
+        raise CliError(str(e)) from None
+
+
+def read(store: Store) -> State:
+    try:
+        return store.read()
+    except RegistryError as e:
+        raise CliError(str(e)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="luma-proxy")
+def cli() -> None:
+    """Reverse proxy that routes each Host to a Docker network alias (alias:port)."""
+
+
+@cli.command(cls=GoBoolCommand)
+@click.option("--host", required=True, help="Public hostname, e.g. blog.com.")
+@click.option("--target", required=True, help="Docker network alias and port, e.g. blog:3000.")
+@click.option("--project", required=True, help="Project that owns the host.")
+@click.option("--health-path", default="/up", show_default=True, help="Health check path.")
+@click.option("--app", default="", help="App name (informational).")
+@click.option("--ssl/--no-ssl", default=True, show_default=True,
+              help="Serve HTTPS with an automatic certificate (--ssl=false also works).")
+@click.option("--force", is_flag=True, help="Take over a host that belongs to another project.")
+@state_option
+def deploy(host: str, target: str, project: str, health_path: str, app: str, ssl: bool,
+           force: bool, state_path: str) -> None:
+    """Route HOST to TARGET (creates it, or updates it in place)."""
+    host = checked(normalize_host, host)
+    alias, port = checked(parse_target, target)
+    project = checked(parse_name, project, "project")
+    health_path = checked(parse_health_path, health_path)
+    if app:
+        app = checked(parse_name, app, "app")
+
+    def change(state: State) -> str:
+        existing = state.services.get(host)
+        if existing and existing.project != project and not force:
+            raise CliError(f"host {host} belongs to project {existing.project!r}; "
+                           "use --force to move it")
+        fields = {"name": app or alias, "host": host, "target": f"{alias}:{port}",
+                  "project": project, "app": app, "health_path": health_path, "ssl": ssl}
+        if existing is None:
+            state.services[host] = Service(**fields)
+            return "Deployed"
+        same = existing.model_copy(update=fields)
+        if same.routing_key() != existing.routing_key():
+            same.health = type(existing.health)()  # a new target must prove itself
+        if same.model_dump(exclude={"updated_at"}) != existing.model_dump(exclude={"updated_at"}):
+            same.updated_at = now()
+        state.services[host] = Service.model_validate(same.model_dump())
+        return "Updated"
+
+    verb = update(store_for(state_path), change)
+    click.echo(f"✅ {verb} {host} -> {alias}:{port} (project {project}, "
+               f"{'https' if ssl else 'http only'})")
+
+
+@cli.command()
+@click.option("--host", required=True, help="Hostname to stop routing.")
+@state_option
+def remove(host: str, state_path: str) -> None:
+    """Stop routing HOST."""
+    host = checked(normalize_host, host)
+
+    def change(state: State) -> None:
+        if state.services.pop(host, None) is None:
+            raise CliError(f"host {host} is not deployed")
+
+    update(store_for(state_path), change)
+    click.echo(f"✅ Removed {host}")
+
+
+@cli.command(cls=GoBoolCommand)
+@click.option("--host", required=True)
+@click.option("--healthy", required=True, help="true or false.")
+@state_option
+def updatehealth(host: str, healthy: str, state_path: str) -> None:
+    """Set a host's health by hand (the next health check decides again)."""
+    host = checked(normalize_host, host)
+    value = parse_bool(healthy, "--healthy")
+
+    def change(state: State) -> None:
+        service = state.services.get(host)
+        if service is None:
+            raise CliError(f"host {host} is not deployed")
+        at = now()
+        changed = service.health.healthy is not value
+        service.health = service.health.model_copy(update={
+            "healthy": value, "checked_at": at, "last_error": None if value else "set by hand",
+            "changed_at": at if changed else service.health.changed_at,
+        })
+
+    update(store_for(state_path), change)
+    click.echo(f"✅ Health of {host} set to {'healthy' if value else 'unhealthy'}")
+
+
+def _ago(at: datetime | None) -> str:
+    if at is None:
+        return "never"
+    seconds = max(0, int((now() - at).total_seconds()))
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
+
+
+def _health_word(service: Service) -> str:
+    healthy = service.health.healthy
+    word = "pending" if healthy is None else "healthy" if healthy else "unhealthy"
+    if healthy is False and service.health.last_error:
+        word += f" ({service.health.last_error})"
+    return word
+
+
+def service_rows(state: State) -> list[list[str]]:
+    return [
+        [s.host, s.target, s.project, _health_word(s), _ago(s.health.checked_at),
+         "yes" if s.ssl else "no"]
+        for s in sorted(state.services.values(), key=lambda s: (s.project, s.host))
+    ]
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+@cli.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@state_option
+def list_(as_json: bool, state_path: str) -> None:
+    """Show every routed host with its target and health."""
+    state = read(store_for(state_path))
+    if as_json:
+        services = [s.model_dump(mode="json") for s in state.services.values()]
+        click.echo(json.dumps({"services": services}, indent=2))
+    elif not state.services:
+        click.echo("No hosts deployed.")
+    else:
+        click.echo(table(["HOST", "TARGET", "PROJECT", "HEALTH", "LAST CHECK", "SSL"],
+                         service_rows(state)))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@state_option
+@click.pass_context
+def status(ctx: click.Context, as_json: bool, state_path: str) -> None:
+    """Same as list, with a summary line."""
+    ctx.invoke(list_, as_json=as_json, state_path=state_path)
+    if not as_json:
+        state = read(store_for(state_path))
+        healthy = sum(1 for s in state.services.values() if s.health.healthy is not False)
+        click.echo(f"{len(state.services)} host(s), {healthy} serving")
+
+
+@cli.command()
+@click.option("--http-port", default=80, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--listen-host", default="0.0.0.0", show_default=True)
+@click.option("--dns", default=None, help="DNS server for aliases (IP:PORT); env LUMA_PROXY_DNS.")
+@click.option("--health-interval", type=click.FloatRange(min=0.01), default=None,
+              help="Seconds between health checks (default 30; env LUMA_PROXY_HEALTH_INTERVAL).")
+@state_option
+def run(http_port: int, listen_host: str, dns: str | None, health_interval: float | None,
+        state_path: str) -> None:
+    """Serve: route requests on the HTTP port by Host."""
+    from .server import RunConfig, serve, setup_logging
+
+    opts: dict[str, Any] = {"luma_state": state_path}
+    if dns is not None:
+        opts["luma_dns"] = dns
+    if health_interval is not None:
+        opts["luma_health_interval"] = health_interval
+    setup_logging()
+    config = RunConfig(listen_host=listen_host, http_port=http_port, options=opts)
+    try:
+        code = asyncio.run(serve(config))
+    except Exception as e:  # options errors and the like: one line, not a trace
+        raise CliError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    sys.exit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: click's errors as one line (``Error: ...``), not a usage block."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(1)
+    except click.ClickException as e:
+        message = e.format_message().replace("\n", " ")
+        if isinstance(e, click.UsageError) and e.ctx is not None:
+            message += f" (see '{e.ctx.command_path} --help')"
+        click.echo(f"Error: {message}", err=True)
+        sys.exit(e.exit_code)

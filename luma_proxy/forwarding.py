@@ -1,0 +1,64 @@
+"""Forwarding headers: tell the container who the client was, without trusting the client."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+
+from mitmproxy import http
+
+FORWARDING_HEADERS = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Real-IP")
+
+type Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_trusted_proxies(value: str | Iterable[str]) -> tuple[Network, ...]:
+    """Comma-separated CIDRs (or a list of them); raises ``ValueError`` on a bad one."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    networks = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            msg = f"invalid trusted proxy {item!r}: expected a CIDR like 10.0.0.0/8"
+            raise ValueError(msg) from None
+    return tuple(networks)
+
+
+def is_trusted(peer_ip: str, trusted: Sequence[Network]) -> bool:
+    if not trusted:
+        return False
+    try:
+        address = ipaddress.ip_address(peer_ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in network for network in trusted)
+
+
+def set_forwarding_headers(
+    headers: http.Headers, peer_ip: str, scheme: str, host: str, trusted: Sequence[Network] = ()
+) -> None:
+    """Set X-Forwarded-* and X-Real-IP for the upstream.
+
+    From an untrusted peer, whatever the client sent is replaced. From a trusted
+    proxy (``--trusted-proxies``) its values are kept and the peer is appended.
+    """
+    if peer_ip.startswith("::ffff:"):
+        peer_ip = peer_ip.removeprefix("::ffff:")
+    if is_trusted(peer_ip, trusted):
+        chain = ", ".join(headers.get_all("X-Forwarded-For"))
+        headers["X-Forwarded-For"] = f"{chain}, {peer_ip}" if chain else peer_ip
+        headers.setdefault("X-Forwarded-Proto", scheme)
+        headers.setdefault("X-Forwarded-Host", host)
+        headers.setdefault("X-Real-IP", chain.split(",")[0].strip() if chain else peer_ip)
+        return
+    headers["X-Forwarded-For"] = peer_ip
+    headers["X-Forwarded-Proto"] = scheme
+    headers["X-Forwarded-Host"] = host
+    headers["X-Real-IP"] = peer_ip
+    for name in ("Forwarded", "X-Forwarded-Port", "X-Forwarded-Server", "X-Client-IP"):
+        headers.pop(name, None)

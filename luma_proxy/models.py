@@ -1,0 +1,168 @@
+"""The registry's data model: what the CLI desires and what the proxy observed.
+
+Parsing functions are pure and raise ``ValueError`` with a one-line message, so
+the CLI, the addon and the tests share one definition of "valid".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from datetime import UTC, datetime
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+STATE_VERSION = 1
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_ALIAS = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,252}$")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def normalize_host(value: str) -> str:
+    """Canonical form of a Host: lower case, IDNA, no port, no trailing dot.
+
+    Requests and the registry both go through this, so ``Blog.COM.:443`` and
+    ``blog.com`` are the same key.
+    """
+    host = value.strip()
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f"invalid hostname {value!r}")
+    if host.startswith("["):  # [v6]:port
+        end = host.find("]")
+        if end == -1:
+            raise ValueError(f"invalid hostname {value!r}")
+        rest = host[end + 1 :]
+        if rest and not re.fullmatch(r":\d{1,5}", rest):
+            raise ValueError(f"invalid hostname {value!r}")
+        host = host[1:end]
+        try:
+            return str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise ValueError(f"invalid hostname {value!r}") from None
+    if host.count(":") == 1:
+        host, _, port = host.partition(":")
+        if not port.isdigit():
+            raise ValueError(f"invalid hostname {value!r}")
+    if host.endswith("."):
+        host = host[:-1]
+    host = host.lower()
+    try:
+        host = host.encode("idna").decode("ascii") if not host.isascii() else host
+    except UnicodeError:
+        raise ValueError(f"invalid hostname {value!r}") from None
+    if len(host) > 253 or not all(_LABEL.match(label) for label in host.split(".")):
+        raise ValueError(f"invalid hostname {value!r}")
+    return host
+
+
+def parse_target(value: str) -> tuple[str, int]:
+    """Split ``alias:port`` and check both parts; the port is mandatory."""
+    alias, sep, port_text = value.strip().rpartition(":")
+    if not sep or not alias:
+        raise ValueError(f"invalid target {value!r}: expected ALIAS:PORT, e.g. blog:3000")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"invalid target {value!r}: port must be 1-65535")
+    alias = alias.lower()
+    if alias.startswith("[") and alias.endswith("]"):
+        alias = alias[1:-1]
+    try:
+        ipaddress.ip_address(alias)
+    except ValueError:
+        if not _ALIAS.match(alias):
+            raise ValueError(f"invalid target {value!r}: bad alias {alias!r}") from None
+    return alias, int(port_text)
+
+
+def parse_health_path(value: str) -> str:
+    if not value.startswith("/") or any(c.isspace() or ord(c) < 32 for c in value):
+        raise ValueError(f"invalid health path {value!r}: must start with / and have no spaces")
+    return value
+
+
+def parse_name(value: str, what: str) -> str:
+    value = value.strip()
+    if not value or len(value) > 200 or any(ord(c) < 32 for c in value):
+        raise ValueError(f"invalid {what} {value!r}: must be 1-200 printable characters")
+    return value
+
+
+def _target(value: str) -> str:
+    alias, port = parse_target(value)
+    return f"[{alias}]:{port}" if ":" in alias else f"{alias}:{port}"
+
+
+Host = Annotated[str, AfterValidator(normalize_host)]
+Target = Annotated[str, AfterValidator(_target)]
+HealthPath = Annotated[str, AfterValidator(parse_health_path)]
+
+
+class Health(BaseModel):
+    """What the proxy last observed; written by the proxy, never by the CLI."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    # None: not checked yet. A new service is routed until its first check
+    # (which runs at once) says otherwise, as the Go proxy did.
+    healthy: bool | None = None
+    checked_at: datetime | None = None
+    last_error: str | None = None
+    changed_at: datetime | None = None
+    # Per container IP behind the alias, as of the last check.
+    containers: dict[str, bool] = Field(default_factory=dict)
+
+
+class Service(BaseModel):
+    """One routed host. The desired part is written by the CLI."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    host: Host
+    target: Target
+    project: Annotated[str, AfterValidator(lambda v: parse_name(v, "project"))]
+    app: str = ""
+    health_path: HealthPath = "/up"
+    ssl: bool = True
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    created_at: datetime = Field(default_factory=now)
+    updated_at: datetime = Field(default_factory=now)
+    health: Health = Field(default_factory=Health)
+
+    @property
+    def alias(self) -> str:
+        return parse_target(self.target)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_target(self.target)[1]
+
+    def routing_key(self) -> tuple[str, str, str, bool]:
+        """The fields whose change needs a fresh health check."""
+        return (self.target, self.health_path, self.host, self.ssl)
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    acme_staging: bool = False
+    acme_directory: str | None = None
+    acme_email: str | None = None
+
+
+class State(BaseModel):
+    """The whole state file."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    version: int = STATE_VERSION
+    services: dict[str, Service] = Field(default_factory=dict)
+    settings: Settings = Field(default_factory=Settings)
+
+    def find(self, host: str) -> Service | None:
+        return self.services.get(normalize_host(host))

@@ -1,0 +1,69 @@
+"""The routing decision for one request: pure, given the in-memory view.
+
+Kept apart from the addon so that the rules (which host, which answer) can be
+tested without mitmproxy's machinery and read in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .models import Health, Service, normalize_host
+
+_MAX_CACHED_HOSTS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Answer the client ourselves with this status."""
+
+    status: int
+    reason: str
+
+
+class HostTable:
+    """Host header -> service, with the header's canonical form memoised.
+
+    Normalising (IDNA, case, port, trailing dot) costs more than a dict lookup,
+    and clients repeat the same few Host strings, so the canonical form of each
+    raw string is cached (bounded: hostile clients can send endless variants).
+    """
+
+    def __init__(self, services: dict[str, Service] | None = None) -> None:
+        self.services: dict[str, Service] = services or {}
+        self._canonical: dict[str, str | None] = {}
+
+    def replace(self, services: dict[str, Service]) -> None:
+        self.services = services
+
+    def canonical(self, raw: str) -> str | None:
+        try:
+            return self._canonical[raw]
+        except KeyError:
+            pass
+        try:
+            host: str | None = normalize_host(raw)
+        except ValueError:
+            host = None
+        if len(self._canonical) >= _MAX_CACHED_HOSTS:
+            self._canonical.clear()
+        self._canonical[raw] = host
+        return host
+
+    def lookup(self, raw_host: str | None) -> Service | Reject:
+        if not raw_host:
+            return Reject(400, "missing Host header")
+        host = self.canonical(raw_host)
+        if host is None:
+            return Reject(400, "invalid Host header")
+        service = self.services.get(host)
+        if service is None:
+            return Reject(404, "unknown host")
+        return service
+
+
+def admit(health: Health | None) -> Reject | None:
+    """503 while the last check said unhealthy; unchecked services are routed."""
+    if health is not None and health.healthy is False:
+        return Reject(503, "service unhealthy")
+    return None

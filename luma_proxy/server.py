@@ -1,0 +1,80 @@
+"""``luma-proxy run``: a lean mitmproxy master with only what serving needs.
+
+mitmdump loads ~36 built-in addons and calls each of them on every hook;
+most of the per-request cost is that dispatch. This master loads the five
+built-ins a reverse proxy needs plus ours, so the same addon runs faster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from mitmproxy import master, options
+from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
+
+from .addon import LumaProxy
+
+logger = logging.getLogger("luma_proxy")
+
+
+@dataclass
+class RunConfig:
+    listen_host: str = "0.0.0.0"
+    http_port: int = 80
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def lean_addons() -> list[Any]:
+    return [core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig()]
+
+
+def modes(config: RunConfig) -> list[str]:
+    """mitmproxy mode specs: one reverse listener per port, its target a dead end.
+
+    The addon routes every request itself; the reverse target is only where a
+    request would go if it did not, and nothing listens there.
+    """
+    return [f"reverse:http://127.0.0.1:1/@{config.listen_host}:{config.http_port}"]
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)  # mitmproxy's own chatter (per-connection lines) stays out
+    logging.getLogger("luma_proxy").setLevel(level)
+
+
+async def serve(config: RunConfig) -> int:
+    opts = options.Options()
+    lean = master.Master(opts)
+    luma = LumaProxy()
+    lean.addons.add(*lean_addons(), luma)
+    opts.update(mode=modes(config), **config.options)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lean.shutdown)
+    run = asyncio.create_task(lean.run())
+    ps = lean.addons.get("proxyserver")
+    # Bringing up the listeners happens inside run(); a failure is only logged there.
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if run.done() or (not ps.servers.is_updating and list(ps.servers)):
+            break
+    failed = [s for s in ps.servers if not s.is_running]
+    if failed or not list(ps.servers):
+        detail = ", ".join(s.last_exception.__str__() for s in failed if s.last_exception)
+        print(f"luma-proxy: cannot listen: {detail or 'unknown error'}", file=sys.stderr)
+        lean.shutdown()
+        await run
+        return 1
+    addrs = ", ".join(f"{h}:{p}" for s in ps.servers for h, p, *_ in s.listen_addrs)
+    logger.info("listening on %s", addrs)
+    await run
+    return 0
