@@ -264,7 +264,9 @@ class LumaProxy:
         try:
             await asyncio.to_thread(store.update, change)
         except RegistryError as e:
-            logger.error("cannot save health: %s", e)
+            if str(e) != self._last_error:
+                logger.error("cannot save health: %s", e)
+                self._last_error = str(e)
 
     # -------------------------------------------------------------- hot path
     async def requestheaders(self, flow: http.HTTPFlow) -> None:

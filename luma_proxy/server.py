@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from mitmproxy import master, options
+from mitmproxy import hooks, master, options
 from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
 
 from .addon import LumaProxy
@@ -57,6 +57,9 @@ async def serve(config: RunConfig) -> int:
     luma = LumaProxy()
     lean.addons.add(*lean_addons(), luma)
     opts.update(mode=modes(config), **config.options)
+    # Master.addons.add() only loads; like mitmdump's script loader, tell every
+    # addon about every option once so that defaults (from env) take effect.
+    lean.addons.trigger(hooks.ConfigureHook(set(opts.keys())))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lean.shutdown)

@@ -1,0 +1,216 @@
+"""Shared fixtures for end-to-end tests: the proxy as a real subprocess on a
+loopback port, Docker's DNS played by ``FakeDockerDNS``, containers played by
+HTTP servers on distinct 127.x addresses, and the CLI run as a subprocess."""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.docker_double import Container, FakeDockerDNS, free_port, wait_for_port
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+LUMA = str(BIN / "luma-proxy")
+MITMDUMP = str(BIN / "mitmdump")
+
+_ips = itertools.count(1)
+
+
+def next_ip() -> str:
+    """A fresh loopback address per container, so containers never share one."""
+    n = next(_ips)
+    return f"127.0.{10 + n // 250}.{n % 250 + 1}"
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode(errors="replace")
+
+
+def request(
+    port: int,
+    host: str | None,
+    path: str = "/",
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+    timeout: float = 10,
+    conn: http.client.HTTPConnection | None = None,
+) -> Reply:
+    """One HTTP/1.1 request to the proxy; pass ``conn`` to reuse a keep-alive connection."""
+    c = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    c.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+    if host is not None:
+        c.putheader("Host", host)
+    for k, v in (headers or {}).items():
+        c.putheader(k, v)
+    if body is not None:
+        c.putheader("Content-Length", str(len(body)))
+    c.endheaders(body)
+    r = c.getresponse()
+    reply = Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
+    if conn is None:
+        c.close()
+    return reply
+
+
+@dataclass
+class Proxy:
+    """A running proxy process."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    state: Path
+    log: Path
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def get(self, host: str | None, path: str = "/", **kw: object) -> Reply:
+        return request(self.port, host, path, **kw)  # type: ignore[arg-type]
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def wait_until(check: Callable[[], object], timeout: float = 10, interval: float = 0.05) -> object:
+    """Poll ``check`` until it returns something truthy; the timeout is a generous bound."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def state_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "state.json"
+
+
+@pytest.fixture
+def dns() -> Iterator[FakeDockerDNS]:
+    server = FakeDockerDNS().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def containers() -> Iterator[Callable[..., Container]]:
+    started: list[Container] = []
+
+    def make(name: str, ip: str | None = None, port: int = 0, **kw: object) -> Container:
+        c = Container(name, ip or next_ip(), port, **kw).start()  # type: ignore[arg-type]
+        started.append(c)
+        return c
+
+    yield make
+    for c in started:
+        if c.running:
+            c.kill()
+
+
+@pytest.fixture
+def cli(state_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [LUMA, *args, "--state", str(state_path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"luma-proxy {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    return run
+
+
+@pytest.fixture
+def start_proxy(
+    tmp_path: Path, state_path: Path, dns: FakeDockerDNS
+) -> Iterator[Callable[..., Proxy]]:
+    """Start the proxy as ``luma-proxy run`` (kind="run") or ``mitmdump -s`` (kind="mitmdump")."""
+    running: list[Proxy] = []
+
+    def start(
+        kind: str = "run",
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+    ) -> Proxy:
+        port = port or free_port()
+        log = tmp_path / f"proxy-{len(running)}.log"
+        full_env = {
+            **os.environ,
+            "LUMA_PROXY_STATE": str(state_path),
+            "LUMA_PROXY_DNS": dns.address,
+            "LUMA_PROXY_HEALTH_INTERVAL": "1",
+            "HOME": str(tmp_path),  # mitmproxy's confdir (CA) lands here, not in ~
+            **(env or {}),
+        }
+        if kind == "run":
+            cmd = [LUMA, "run", "--http-port", str(port), "--listen-host", "127.0.0.1", *args]
+        elif kind == "mitmdump":
+            cmd = [
+                MITMDUMP,
+                "-q",
+                "--listen-host",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-s",
+                str(ROOT / "addons" / "luma.py"),
+                *args,
+            ]
+        else:
+            raise ValueError(kind)
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=tmp_path
+            )
+        proxy = Proxy(proc, port, state_path, log)
+        running.append(proxy)
+        try:
+            wait_for_port("127.0.0.1", port, timeout=20)
+        except Exception:
+            proxy.stop()
+            raise AssertionError(f"proxy did not start:\n{proxy.logs()}") from None
+        return proxy
+
+    yield start
+    for proxy in running:
+        proxy.stop(signal.SIGKILL)
+
+
+@pytest.fixture(params=["run", "mitmdump"])
+def proxy_kind(request: pytest.FixtureRequest) -> str:
+    """Run a test against both entry points: the behaviour must be the same."""
+    return request.param

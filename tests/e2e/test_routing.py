@@ -1,0 +1,198 @@
+"""The core, end to end: Host -> alias -> container, through both entry points."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from tests.e2e.conftest import request, wait_until
+from tests.e2e.docker_double import free_port
+
+
+def deploy_alias(dns, containers, cli, host: str, alias: str, names: list[str], **kw):
+    port = free_port()
+    cs = [containers(n, port=port) for n in names]
+    dns.set_alias(alias, [c.ip for c in cs])
+    cli(
+        "deploy",
+        "--host",
+        host,
+        "--target",
+        f"{alias}:{port}",
+        "--project",
+        "p",
+        *kw.get("args", ()),
+    )
+    return cs
+
+
+def test_routes_by_host_and_keeps_host_header(dns, containers, cli, start_proxy, proxy_kind):
+    deploy_alias(dns, containers, cli, "blog.test", "blog", ["blog-blue-1"])
+    deploy_alias(dns, containers, cli, "shop.test", "shop", ["shop-blue-1"])
+    proxy = start_proxy(proxy_kind)
+
+    assert proxy.get("blog.test").text == "blog-blue-1"
+    assert proxy.get("shop.test").text == "shop-blue-1"
+    assert proxy.get("BLOG.test.:80").text == "blog-blue-1"  # case, trailing dot, port
+
+    seen = json.loads(
+        proxy.get(
+            "blog.test",
+            "/headers",
+            headers={
+                "X-Forwarded-For": "6.6.6.6",
+                "X-Real-IP": "6.6.6.6",
+                "X-Forwarded-Host": "evil.test",
+            },
+        ).body
+    )
+    headers = {k.lower(): v for k, v in seen["headers"]}
+    assert headers["host"] == "blog.test"
+    assert headers["x-forwarded-for"] == "127.0.0.1"
+    assert headers["x-real-ip"] == "127.0.0.1"
+    assert headers["x-forwarded-proto"] == "http"
+    assert headers["x-forwarded-host"] == "blog.test"
+
+
+def test_unknown_host_gets_short_404(dns, containers, cli, start_proxy, proxy_kind):
+    deploy_alias(dns, containers, cli, "blog.test", "blog", ["blog-1"])
+    proxy = start_proxy(proxy_kind)
+    reply = proxy.get("other.test")
+    assert reply.status == 404
+    assert b"blog" not in reply.body and b"127.0." not in reply.body
+    assert proxy.get(None).status == 400
+
+
+def test_cli_changes_are_served_within_a_second(dns, containers, cli, start_proxy, proxy_kind):
+    proxy = start_proxy(proxy_kind)
+    assert proxy.get("new.test").status == 404
+    port = free_port()
+    c = containers("new-1", port=port)
+    dns.set_alias("new", [c.ip])
+    cli("deploy", "--host", "new.test", "--target", f"new:{port}", "--project", "p")
+    deployed = time.monotonic()
+    wait_until(lambda: proxy.get("new.test").status == 200, timeout=5)
+    assert time.monotonic() - deployed < 1.0
+
+    cli("remove", "--host", "new.test")
+    removed = time.monotonic()
+    wait_until(lambda: proxy.get("new.test").status == 404, timeout=5)
+    assert time.monotonic() - removed < 1.0
+
+
+def test_unhealthy_service_gets_503_then_recovers(dns, containers, cli, start_proxy, proxy_kind):
+    (c,) = deploy_alias(dns, containers, cli, "blog.test", "blog", ["blog-1"])
+    (other,) = deploy_alias(dns, containers, cli, "shop.test", "shop", ["shop-1"])
+    proxy = start_proxy(proxy_kind)  # health interval 1 s
+    assert proxy.get("blog.test").status == 200
+
+    c.healthy = False
+    reply = wait_until(lambda: (r := proxy.get("blog.test")).status == 503 and r, timeout=10)
+    assert reply.headers["retry-after"].isdigit()
+    assert b"127.0." not in reply.body
+    assert proxy.get("shop.test").text == "shop-1"  # one service's fault stays its own
+    listed = json.loads(cli("list", "--json").stdout)["services"]
+    blog = next(s for s in listed if s["host"] == "blog.test")
+    assert blog["health"]["healthy"] is False and blog["health"]["last_error"] == "HTTP 503"
+    assert "unhealthy" in cli("list").stdout
+
+    c.healthy = True
+    wait_until(lambda: proxy.get("blog.test").status == 200, timeout=10)
+    assert other.requests >= 1
+
+
+def test_upstream_failure_is_502_without_internals(dns, containers, cli, start_proxy, proxy_kind):
+    (c,) = deploy_alias(dns, containers, cli, "blog.test", "blog", ["blog-1"])
+    proxy = start_proxy(proxy_kind, env={"LUMA_PROXY_HEALTH_INTERVAL": "600"})
+    assert proxy.get("blog.test").status == 200
+    c.kill()  # the container dies between two health checks
+    reply = proxy.get("blog.test")
+    assert reply.status == 502
+    for leak in (c.ip.encode(), b"Errno", b"mitmproxy", b"Traceback", b"refused"):
+        assert leak not in reply.body
+    assert "mitmproxy" not in reply.headers.get("server", "")
+    # The dead IP is now out of rotation: the next request is answered 503 at once.
+    assert proxy.get("blog.test").status == 503
+
+
+def test_broken_state_file_keeps_last_good_routes(dns, containers, cli, start_proxy, state_path):
+    deploy_alias(dns, containers, cli, "blog.test", "blog", ["blog-1"])
+    proxy = start_proxy("run", env={"LUMA_PROXY_HEALTH_INTERVAL": "600"})
+    assert proxy.get("blog.test").status == 200
+    # Let the first health result land in the file, so no write of the proxy races ours.
+    wait_until(lambda: b'"checked_at": "' in state_path.read_bytes(), timeout=5)
+    time.sleep(0.3)
+    good = state_path.read_bytes()
+    state_path.write_bytes(good[: len(good) // 2])  # half-written file
+    time.sleep(0.6)
+    assert proxy.get("blog.test").text == "blog-1"
+    wait_until(lambda: "keeping the last good routes" in proxy.logs(), timeout=5)
+    assert proxy.proc.poll() is None
+    result = cli("list", check=False)
+    assert result.returncode != 0 and "not valid JSON" in result.stderr
+    state_path.write_bytes(good)
+    cli("remove", "--host", "blog.test")
+    wait_until(lambda: proxy.get("blog.test").status == 404, timeout=5)
+
+
+def test_restart_starts_from_last_observed_health(dns, containers, cli, start_proxy):
+    port = free_port()
+    c = containers("blog-1", port=port)
+    dns.set_alias("blog", [c.ip])
+    # The health check takes 3 s, so the first answers come from the stored health.
+    cli(
+        "deploy",
+        "--host",
+        "blog.test",
+        "--target",
+        f"blog:{port}",
+        "--project",
+        "p",
+        "--health-path",
+        "/slow?s=3",
+    )
+    cli("updatehealth", "--host", "blog.test", "--healthy", "false")
+    proxy = start_proxy("run", env={"LUMA_PROXY_HEALTH_INTERVAL": "600"})
+    assert proxy.get("blog.test").status == 503  # not "pending", not routed
+    wait_until(lambda: proxy.get("blog.test").status == 200, timeout=10)
+    proxy.stop()
+
+    # Now the stored health says healthy: a restarted proxy serves at once.
+    proxy = start_proxy("run", env={"LUMA_PROXY_HEALTH_INTERVAL": "600"})
+    assert proxy.get("blog.test").status == 200
+
+
+def test_keep_alive_client_is_served_repeatedly(dns, containers, cli, start_proxy, proxy_kind):
+    import http.client
+
+    deploy_alias(dns, containers, cli, "blog.test", "blog", ["blog-1"])
+    proxy = start_proxy(proxy_kind)
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    for _ in range(20):  # DESIGN.md: rewriting the server address hung the 6th request
+        assert request(proxy.port, "blog.test", conn=conn).text == "blog-1"
+    conn.close()
+
+
+def test_port_in_use_is_one_line_and_nonzero(start_proxy, tmp_path):
+    import subprocess
+
+    from tests.e2e.conftest import LUMA
+
+    proxy = start_proxy("run")
+    result = subprocess.run(
+        [
+            LUMA,
+            "run",
+            "--http-port",
+            str(proxy.port),
+            "--listen-host",
+            "127.0.0.1",
+            "--state",
+            str(tmp_path / "x.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "cannot listen" in result.stderr
