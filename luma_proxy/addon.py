@@ -244,7 +244,8 @@ class LumaProxy:
         for host, (_key, health) in results.items():
             before = self.health.get(host)
             if before is None or before.healthy is not health.healthy:
-                logger.warning("health: %s is now %s%s", host,
+                level = logging.INFO if health.healthy else logging.WARNING
+                logger.log(level, "health: %s is now %s%s", host,
                                "healthy" if health.healthy else "unhealthy",
                                f" ({health.last_error})" if health.last_error else "")
             self.health[host] = health

@@ -1,0 +1,127 @@
+"""The addon's hooks, driven with mitmproxy's own test helpers (taddons, tflow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.addons import proxyserver
+from mitmproxy.test import taddons, tflow, tutils
+
+from luma_proxy.addon import LumaProxy
+from luma_proxy.models import Health, Service, State
+from luma_proxy.registry import Store
+
+
+def flow_for(host: str, path: str = "/", headers: dict[str, str] | None = None):
+    f = tflow.tflow()
+    f.request = tutils.treq(host="127.0.0.1", port=80, path=path.encode(),
+                            headers=((b"host", host.encode()),))
+    for k, v in (headers or {}).items():
+        f.request.headers[k] = v
+    f.client_conn.peername = ("203.0.113.7", 5555)
+    return f
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    path = tmp_path / "state.json"
+
+    def add(s: State) -> None:
+        s.services["blog.test"] = Service(name="b", host="blog.test", target="127.0.0.9:3000",
+                                          project="p")
+        s.services["down.test"] = Service(name="d", host="down.test", target="127.0.0.8:3000",
+                                          project="p", health=Health(healthy=False))
+    Store(path).update(add)
+    return path
+
+
+async def test_routes_to_container_ip_and_keeps_host(state: Path) -> None:
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(state))
+        f = flow_for("Blog.Test:80", headers={"X-Forwarded-For": "6.6.6.6"})
+        await addon.requestheaders(f)
+        assert f.response is None
+        assert (f.request.host, f.request.port, f.request.scheme) == ("127.0.0.9", 3000, "http")
+        assert f.request.host_header == "Blog.Test:80"
+        assert f.request.headers["X-Forwarded-For"] == "203.0.113.7"
+        assert f.request.headers["X-Forwarded-Host"] == "Blog.Test:80"
+        assert f.metadata["luma_ip"] == "127.0.0.9"
+
+
+async def test_unknown_unhealthy_and_duplicate_host(state: Path) -> None:
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(state))
+        f = flow_for("nope.test")
+        await addon.requestheaders(f)
+        assert f.response is not None and f.response.status_code == 404
+        f = flow_for("down.test")
+        await addon.requestheaders(f)
+        assert f.response is not None and f.response.status_code == 503
+        assert f.response.headers["Retry-After"]
+        f = flow_for("blog.test")
+        f.request.headers.add("Host", "down.test")
+        await addon.requestheaders(f)
+        assert f.response is not None and f.response.status_code == 400
+
+
+async def test_ejected_ip_gives_503(state: Path) -> None:
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(state))
+        addon.balancer.eject("127.0.0.9", 3000)
+        f = flow_for("blog.test")
+        await addon.requestheaders(f)
+        assert f.response is not None and f.response.status_code == 503
+
+
+def test_bad_options_are_refused(tmp_path: Path) -> None:
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        with pytest.raises(exceptions.OptionsError):
+            tctx.configure(addon, luma_dns="not-an-ip:53")
+        with pytest.raises(exceptions.OptionsError):
+            tctx.configure(addon, luma_dns_ttl=-1)
+        with pytest.raises(exceptions.OptionsError):
+            tctx.configure(addon, luma_trusted_proxies="10.0.0.0/99")
+        with pytest.raises(exceptions.OptionsError):
+            tctx.configure(addon, luma_health_interval=0)
+
+
+def test_sets_engine_options_it_needs(tmp_path: Path) -> None:
+    addon = LumaProxy()
+    with taddons.context(proxyserver.Proxyserver(), addon) as tctx:
+        assert tctx.options.keep_host_header is True
+        assert tctx.options.connection_strategy == "lazy"
+        assert tctx.options.mode[0].startswith("reverse:")
+
+
+def test_corrupt_state_keeps_last_good_view(state: Path) -> None:
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(state))
+        assert set(addon.table.services) == {"blog.test", "down.test"}
+        state.write_text('{"version": 1, "services": {')
+        assert addon.reload() is False
+        assert set(addon.table.services) == {"blog.test", "down.test"}
+        state.write_text('{"version": 7}')
+        assert addon.reload() is False
+        state.write_text('{"version": 1, "services": {}}')
+        assert addon.reload() is True
+        assert addon.table.services == {}
+
+
+def test_sse_and_unsized_responses_are_streamed() -> None:
+    addon = LumaProxy()
+    with taddons.context(addon):
+        f = tflow.tflow(resp=True)
+        f.response.headers["content-type"] = "text/event-stream"
+        addon.responseheaders(f)
+        assert f.response.stream
+        f = tflow.tflow(resp=True)
+        f.response.headers["content-length"] = "10"
+        addon.responseheaders(f)
+        assert not f.response.stream
