@@ -353,3 +353,8 @@ class LumaProxy:
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.balancer.release(client.id)
+
+
+def all_addons() -> list[Any]:
+    """Everything luma-proxy adds to mitmproxy, in hook order (routing first)."""
+    return [LumaProxy()]

@@ -17,7 +17,7 @@ from typing import Any
 from mitmproxy import hooks, master, options
 from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
 
-from .addon import LumaProxy
+from .addon import all_addons
 
 logger = logging.getLogger("luma_proxy")
 
@@ -54,8 +54,7 @@ def setup_logging(level: int = logging.INFO) -> None:
 async def serve(config: RunConfig) -> int:
     opts = options.Options()
     lean = master.Master(opts)
-    luma = LumaProxy()
-    lean.addons.add(*lean_addons(), luma)
+    lean.addons.add(*lean_addons(), *all_addons())
     opts.update(mode=modes(config), **config.options)
     # Master.addons.add() only loads; like mitmdump's script loader, tell every
     # addon about every option once so that defaults (from env) take effect.
