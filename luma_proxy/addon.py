@@ -23,7 +23,7 @@ from . import pages
 from .balancer import Balancer
 from .forwarding import Network, parse_trusted_proxies, set_forwarding_headers
 from .health import HealthChecker, unhealthy_ips
-from .models import Health, Service
+from .models import Health, Service, Settings
 from .registry import RegistryError, Store, default_state_path
 from .resolver import Resolver, parse_dns_server
 from .router import HostTable, Reject, admit
@@ -61,6 +61,7 @@ class LumaProxy:
         self.balancer = Balancer()
         self.resolver = Resolver()
         self.store: Store | None = None
+        self.settings = Settings()
         self.trusted: tuple[Network, ...] = ()
         self.connect_timeout = 5.0
         self.checker: HealthChecker | None = None
@@ -170,6 +171,7 @@ class LumaProxy:
             return False
         self._signature = signature
         self._last_error = None
+        self.settings = state.settings
         self.apply(state.services)
         return True
 
@@ -200,7 +202,7 @@ class LumaProxy:
                 logger.exception("reload failed")
 
     # ---------------------------------------------------------------- health
-    def _is_leader(self) -> bool:
+    def is_leader(self) -> bool:
         """One process (of several workers) runs the checks; the others read the file."""
         if self._leader_fd is not None:
             return True
@@ -223,7 +225,7 @@ class LumaProxy:
         next_round = 0.0
         while True:
             try:
-                if self._is_leader():
+                if self.is_leader():
                     services = list(self.table.services.values())
                     if time.monotonic() >= next_round:
                         next_round = time.monotonic() + ctx.options.luma_health_interval
@@ -278,6 +280,8 @@ class LumaProxy:
             flow.response = pages.page(500)
 
     async def _route(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:  # answered by an addon before us (ACME, redirect)
+            return
         request = flow.request
         if len(request.headers.get_all("host")) > 1:
             flow.response = pages.page(400)
@@ -356,5 +360,8 @@ class LumaProxy:
 
 
 def all_addons() -> list[Any]:
-    """Everything luma-proxy adds to mitmproxy, in hook order (routing first)."""
-    return [LumaProxy()]
+    """Everything luma-proxy adds to mitmproxy, in hook order."""
+    from .tls import Https
+
+    router = LumaProxy()
+    return [Https(router), router]

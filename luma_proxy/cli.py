@@ -11,12 +11,23 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import click
 
+from .certificates import (
+    certs_dir,
+    check_pair,
+    directory_url,
+    load_pair,
+    read_status,
+    status_line,
+    store_pair,
+)
 from .models import Service, State, normalize_host, now, parse_health_path, parse_name, parse_target
 from .registry import RegistryError, Store, default_state_path
 
@@ -103,9 +114,13 @@ def cli() -> None:
 @click.option("--ssl/--no-ssl", default=True, show_default=True,
               help="Serve HTTPS with an automatic certificate (--ssl=false also works).")
 @click.option("--force", is_flag=True, help="Take over a host that belongs to another project.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
+              help="Use this certificate (PEM, full chain) instead of ACME.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None,
+              help="Private key (PEM) of --tls-cert.")
 @state_option
 def deploy(host: str, target: str, project: str, health_path: str, app: str, ssl: bool,
-           force: bool, state_path: str) -> None:
+           force: bool, tls_cert: str | None, tls_key: str | None, state_path: str) -> None:
     """Route HOST to TARGET (creates it, or updates it in place)."""
     host = checked(normalize_host, host)
     alias, port = checked(parse_target, target)
@@ -113,6 +128,9 @@ def deploy(host: str, target: str, project: str, health_path: str, app: str, ssl
     health_path = checked(parse_health_path, health_path)
     if app:
         app = checked(parse_name, app, "app")
+    custom = read_custom_pair(host, tls_cert, tls_key)
+    if custom and not ssl:
+        raise CliError("--tls-cert needs --ssl: a certificate is only used for HTTPS")
 
     def change(state: State) -> str:
         existing = state.services.get(host)
@@ -121,6 +139,10 @@ def deploy(host: str, target: str, project: str, health_path: str, app: str, ssl
                            "use --force to move it")
         fields = {"name": app or alias, "host": host, "target": f"{alias}:{port}",
                   "project": project, "app": app, "health_path": health_path, "ssl": ssl}
+        if custom:
+            fields["cert_source"] = "custom"
+            # Under the lock, so the files and the state change together.
+            store_pair(certs_dir(state_path), host, *custom)
         if existing is None:
             state.services[host] = Service(**fields)
             return "Deployed"
@@ -135,6 +157,20 @@ def deploy(host: str, target: str, project: str, health_path: str, app: str, ssl
     verb = update(store_for(state_path), change)
     click.echo(f"✅ {verb} {host} -> {alias}:{port} (project {project}, "
                f"{'https' if ssl else 'http only'})")
+
+
+def read_custom_pair(host: str, cert: str | None, key: str | None) -> tuple[bytes, bytes] | None:
+    """Read and check a --tls-cert/--tls-key pair before anything is written."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise CliError("--tls-cert and --tls-key go together")
+    try:
+        cert_pem, key_pem = Path(cert).read_bytes(), Path(key).read_bytes()
+    except OSError as e:
+        raise CliError(f"cannot read {e.filename}: {e.strerror}") from None
+    checked(check_pair, cert_pem, key_pem, host)
+    return cert_pem, key_pem
 
 
 @cli.command()
@@ -239,25 +275,126 @@ def status(ctx: click.Context, as_json: bool, state_path: str) -> None:
         click.echo(f"{len(state.services)} host(s), {healthy} serving")
 
 
+@cli.command(cls=GoBoolCommand)
+@click.option("--enabled", required=True, help="true: use Let's Encrypt's staging server.")
+@state_option
+def set_staging(enabled: str, state_path: str) -> None:
+    """Use Let's Encrypt's staging server (true) or production (false) for new certificates."""
+    value = parse_bool(enabled, "--enabled")
+
+    def change(state: State) -> None:
+        state.settings.acme_staging = value
+
+    update(store_for(state_path), change)
+    click.echo(f"✅ ACME {'staging' if value else 'production'}: "
+               f"{directory_url('', value)}")
+
+
+@cli.command()
+@click.option("--host", default=None, help="Only this host.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@state_option
+def cert_status(host: str | None, as_json: bool, state_path: str) -> None:
+    """Certificate state of each HTTPS host: active, pending or failed, and expiry."""
+    state = read(store_for(state_path))
+    services = sorted(state.services.values(), key=lambda s: s.host)
+    if host is not None:
+        wanted = checked(normalize_host, host)
+        services = [s for s in services if s.host == wanted]
+        if not services:
+            raise CliError(f"host {wanted} is not deployed")
+    root = certs_dir(state_path)
+    rows = []
+    for service in services:
+        loaded = load_pair(root, service.host) if service.ssl else None
+        line = status_line(read_status(root, service.host), loaded.not_after if loaded else None)
+        line["host"] = service.host
+        line["source"] = service.cert_source
+        if not service.ssl:
+            line["state"] = "no ssl"
+        elif loaded is not None:
+            line["state"] = "active" if line.get("days_left", -1) >= 0 else "expired"
+        rows.append(line)
+    if as_json:
+        click.echo(json.dumps({"certificates": rows}, indent=2))
+        return
+    if not rows:
+        click.echo("No hosts deployed.")
+        return
+    click.echo(table(["HOST", "STATE", "SOURCE", "EXPIRES", "DAYS LEFT", "LAST ERROR"], [
+        [r["host"], r["state"], r["source"], (r.get("not_after") or "-")[:10],
+         str(r.get("days_left", "-")), (r.get("last_error") or "")[:80]] for r in rows]))
+
+
+@cli.command()
+@click.option("--host", required=True)
+@click.option("--wait", type=click.FloatRange(min=0), default=120.0, show_default=True,
+              help="Seconds to wait for the running proxy to renew (0: do not wait).")
+@state_option
+def cert_renew(host: str, wait: float, state_path: str) -> None:
+    """Ask the running proxy to renew HOST's certificate now."""
+    host = checked(normalize_host, host)
+    asked = now()
+
+    def change(state: State) -> None:
+        service = state.services.get(host)
+        if service is None:
+            raise CliError(f"host {host} is not deployed")
+        if not service.ssl:
+            raise CliError(f"host {host} is deployed with --no-ssl")
+        if service.cert_source != "acme":
+            raise CliError(f"host {host} uses a custom certificate; deploy a new one instead")
+        service.renew_requested_at = asked
+
+    update(store_for(state_path), change)
+    root = certs_dir(state_path)
+    deadline = time.monotonic() + wait
+    while wait and time.monotonic() < deadline:
+        status = read_status(root, host)
+        if status and status.issued_at and status.issued_at >= asked:
+            click.echo(f"✅ Renewed {host}, valid until {status.not_after:%Y-%m-%d}")
+            return
+        if status and status.state != "active" and status.last_error and status.next_attempt_at \
+                and status.next_attempt_at > asked:
+            raise CliError(f"renewal of {host} failed: {status.last_error}")
+        time.sleep(0.5)
+    if wait:
+        raise CliError(f"the proxy did not renew {host} within {wait:g}s (is it running?)")
+    click.echo(f"✅ Renewal of {host} requested")
+
+
 @cli.command()
 @click.option("--http-port", default=80, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--https-port", default=0, type=click.IntRange(0, 65535),
+              help="Serve HTTPS on this port (0: off; the Docker image uses 443).")
+@click.option("--acme-directory", default=None,
+              help="ACME directory URL (env LUMA_PROXY_ACME_DIRECTORY; default Let's Encrypt).")
+@click.option("--acme-email", default=None, help="Contact e-mail for the ACME account.")
+@click.option("--acme-ca-bundle", default=None, type=click.Path(dir_okay=False),
+              help="CA bundle for the ACME server's HTTPS (env LUMA_PROXY_ACME_CA_BUNDLE).")
 @click.option("--listen-host", default="0.0.0.0", show_default=True)
 @click.option("--dns", default=None, help="DNS server for aliases (IP:PORT); env LUMA_PROXY_DNS.")
 @click.option("--health-interval", type=click.FloatRange(min=0.01), default=None,
               help="Seconds between health checks (default 30; env LUMA_PROXY_HEALTH_INTERVAL).")
 @state_option
-def run(http_port: int, listen_host: str, dns: str | None, health_interval: float | None,
-        state_path: str) -> None:
-    """Serve: route requests on the HTTP port by Host."""
+def run(http_port: int, https_port: int, acme_directory: str | None, acme_email: str | None,
+        acme_ca_bundle: str | None, listen_host: str, dns: str | None,
+        health_interval: float | None, state_path: str) -> None:
+    """Serve: route requests on the HTTP (and HTTPS) port by Host."""
     from .server import RunConfig, serve, setup_logging
 
     opts: dict[str, Any] = {"luma_state": state_path}
+    for name, value in (("luma_acme_directory", acme_directory), ("luma_acme_email", acme_email),
+                        ("luma_acme_ca_bundle", acme_ca_bundle)):
+        if value is not None:
+            opts[name] = value
     if dns is not None:
         opts["luma_dns"] = dns
     if health_interval is not None:
         opts["luma_health_interval"] = health_interval
     setup_logging()
-    config = RunConfig(listen_host=listen_host, http_port=http_port, options=opts)
+    config = RunConfig(listen_host=listen_host, http_port=http_port, https_port=https_port,
+                       options=opts)
     try:
         code = asyncio.run(serve(config))
     except Exception as e:  # options errors and the like: one line, not a trace

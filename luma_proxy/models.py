@@ -65,7 +65,7 @@ def parse_target(value: str) -> tuple[str, int]:
     alias, sep, port_text = value.strip().rpartition(":")
     if not sep or not alias:
         raise ValueError(f"invalid target {value!r}: expected ALIAS:PORT, e.g. blog:3000")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"invalid target {value!r}: port must be 1-65535")
     alias = alias.lower()
     if alias.startswith("[") and alias.endswith("]"):
@@ -128,8 +128,10 @@ class Service(BaseModel):
     app: str = ""
     health_path: HealthPath = "/up"
     ssl: bool = True
-    tls_cert: str | None = None
-    tls_key: str | None = None
+    # "custom": a pair given with deploy --tls-cert/--tls-key, copied under certs/<host>/;
+    # "acme": the proxy gets and renews the certificate itself.
+    cert_source: str = "acme"
+    renew_requested_at: datetime | None = None
     created_at: datetime = Field(default_factory=now)
     updated_at: datetime = Field(default_factory=now)
     health: Health = Field(default_factory=Health)

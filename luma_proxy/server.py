@@ -26,11 +26,18 @@ logger = logging.getLogger("luma_proxy")
 class RunConfig:
     listen_host: str = "0.0.0.0"
     http_port: int = 80
+    https_port: int = 0  # 0: no HTTPS listener
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def lean_addons() -> list[Any]:
-    return [core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig()]
+def lean_addons(ours: list[Any]) -> list[Any]:
+    """The built-ins a reverse proxy needs, with ours before ``tlsconfig``.
+
+    Ours must see ``tls_start_client`` first to hand it the host's certificate
+    (as under mitmdump, where scripts sit before tlsconfig).
+    """
+    return [core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), *ours,
+            tlsconfig.TlsConfig()]
 
 
 def modes(config: RunConfig) -> list[str]:
@@ -39,7 +46,9 @@ def modes(config: RunConfig) -> list[str]:
     The addon routes every request itself; the reverse target is only where a
     request would go if it did not, and nothing listens there.
     """
-    return [f"reverse:http://127.0.0.1:1/@{config.listen_host}:{config.http_port}"]
+    ports = [config.http_port] + ([config.https_port] if config.https_port else [])
+    # A reverse listener detects a TLS ClientHello by itself, so HTTPS is the same spec.
+    return [f"reverse:http://127.0.0.1:1/@{config.listen_host}:{port}" for port in ports]
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -54,8 +63,8 @@ def setup_logging(level: int = logging.INFO) -> None:
 async def serve(config: RunConfig) -> int:
     opts = options.Options()
     lean = master.Master(opts)
-    lean.addons.add(*lean_addons(), *all_addons())
-    opts.update(mode=modes(config), **config.options)
+    lean.addons.add(*lean_addons(all_addons()))
+    opts.update(mode=modes(config), luma_https_port=config.https_port, **config.options)
     # Master.addons.add() only loads; like mitmdump's script loader, tell every
     # addon about every option once so that defaults (from env) take effect.
     lean.addons.trigger(hooks.ConfigureHook(set(opts.keys())))

@@ -1,0 +1,206 @@
+"""Certificates on disk, as the Go luma-proxy laid them out, and in memory.
+
+``<state dir>/certs/<host>/cert.pem`` (full chain), ``key.pem`` (0600) and
+``status.json`` (the last ACME attempt, for ``cert-status``), plus
+``certs/account.key``. ACME challenge answers live in ``certs/.challenges/``
+as well as in memory, so that every worker process can answer Pebble or
+Let's Encrypt, whichever one took the validation request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+from mitmproxy import certs
+from pydantic import BaseModel
+
+from .acme_client import (
+    RENEW_BEFORE,
+    certificate_covers,
+    certificate_not_after,
+    key_matches_certificate,
+)
+
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
+CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+
+
+class CertStatus(BaseModel):
+    """What the proxy last did about a host's certificate (``status.json``)."""
+
+    state: str = "pending"  # pending | active | failed
+    source: str = "acme"  # acme | custom
+    not_after: datetime.datetime | None = None
+    issued_at: datetime.datetime | None = None
+    last_error: str | None = None
+    attempts: int = 0
+    next_attempt_at: datetime.datetime | None = None
+
+
+@dataclass(slots=True)
+class Loaded:
+    """A certificate ready for TLS handshakes."""
+
+    entry: certs.CertStoreEntry
+    not_after: datetime.datetime
+    mtime_ns: int
+    not_before: datetime.datetime | None = None
+
+    def due(self, at: datetime.datetime, before: datetime.timedelta = RENEW_BEFORE) -> bool:
+        """Renew 30 days before expiry, or after 2/3 of a shorter lifetime.
+
+        The second rule keeps short-lived certificates (a test CA's, or future
+        short-lived public ones) from being renewed in a loop.
+        """
+        if self.not_before is not None:
+            before = min(before, (self.not_after - self.not_before) / 3)
+        return self.not_after - at <= before
+
+
+def certs_dir(state_path: str | os.PathLike[str]) -> Path:
+    return Path(state_path).parent / "certs"
+
+
+def host_dir(root: Path, host: str) -> Path:
+    return root / host
+
+
+def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Atomic write (temp file, fsync, rename) with a restrictive mode from the start."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def check_pair(cert_pem: bytes, key_pem: bytes, host: str) -> datetime.datetime:
+    """Refuse a custom pair that cannot serve ``host``; returns its expiry."""
+    try:
+        if not key_matches_certificate(cert_pem, key_pem):
+            raise ValueError("the key does not match the certificate")
+        if not certificate_covers(cert_pem, host):
+            raise ValueError(f"the certificate does not cover {host}")
+        not_after = certificate_not_after(cert_pem)
+    except ValueError as e:
+        raise ValueError(f"invalid certificate for {host}: {e}") from None
+    if not_after <= datetime.datetime.now(datetime.UTC):
+        raise ValueError(f"invalid certificate for {host}: it expired on {not_after:%Y-%m-%d}")
+    return not_after
+
+
+def store_pair(root: Path, host: str, cert_pem: bytes, key_pem: bytes) -> None:
+    directory = host_dir(root, host)
+    write_private(directory / "key.pem", key_pem)
+    write_private(directory / "cert.pem", cert_pem, 0o644)
+
+
+def load_pair(root: Path, host: str) -> Loaded | None:
+    """The host's certificate from disk, or None if absent or unusable."""
+    directory = host_dir(root, host)
+    try:
+        mtime_ns = (directory / "cert.pem").stat().st_mtime_ns
+        chain_pem = (directory / "cert.pem").read_bytes()
+        key_pem = (directory / "key.pem").read_bytes()
+        entry = entry_from_pem(chain_pem, key_pem)
+        leaf = entry.cert.to_cryptography()
+        return Loaded(entry, leaf.not_valid_after_utc, mtime_ns, leaf.not_valid_before_utc)
+    except (OSError, ValueError):
+        return None
+
+
+def cert_mtime(root: Path, host: str) -> int | None:
+    try:
+        return (host_dir(root, host) / "cert.pem").stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def entry_from_pem(chain_pem: bytes, key_pem: bytes) -> certs.CertStoreEntry:
+    chain = [certs.Cert(c) for c in x509.load_pem_x509_certificates(chain_pem)]
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise ValueError("unsupported key type")
+    return certs.CertStoreEntry(chain[0], key, None, chain)
+
+
+def read_status(root: Path, host: str) -> CertStatus | None:
+    try:
+        return CertStatus.model_validate_json((host_dir(root, host) / "status.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def write_status(root: Path, host: str, status: CertStatus) -> None:
+    write_private(host_dir(root, host) / "status.json",
+                  status.model_dump_json(indent=2).encode(), 0o644)
+
+
+def fallback_entry() -> certs.CertStoreEntry:
+    """A self-signed certificate naming no real host, for SNI we have no certificate for.
+
+    Clients get a clean verification failure instead of a handshake abort (the Go
+    proxy's behaviour) or a certificate minted for any name by mitmproxy's CA.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "luma-proxy default")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("luma-proxy.invalid")]),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    mcert = certs.Cert(cert)
+    return certs.CertStoreEntry(mcert, key, None, [mcert])
+
+
+def valid_token(token: str) -> bool:
+    return bool(_TOKEN.match(token))
+
+
+def challenge_file(root: Path, token: str) -> Path:
+    return root / ".challenges" / token
+
+
+def directory_url(explicit: str, staging: bool) -> str:
+    """``--acme-directory``/env first, then the staging switch, else production."""
+    if explicit:
+        return explicit
+    return LETS_ENCRYPT_STAGING if staging else LETS_ENCRYPT
+
+
+def status_line(status: CertStatus | None, loaded_not_after: datetime.datetime | None) -> dict:
+    """What ``cert-status`` prints for one host."""
+    out = json.loads((status or CertStatus()).model_dump_json())
+    if loaded_not_after is not None:
+        out["not_after"] = loaded_not_after.isoformat()
+        out["days_left"] = (loaded_not_after - datetime.datetime.now(datetime.UTC)).days
+    return out

@@ -1,0 +1,262 @@
+"""HTTPS: certificates per SNI, ACME HTTP-01 issuance and renewal, HTTP->HTTPS redirects.
+
+An addon placed before the routing addon: it answers ACME challenges for any
+host (before routing could 404 them), redirects plain HTTP to HTTPS for ssl
+hosts *once their certificate is active*, and hands mitmproxy's TLS layer the
+right certificate for each SNI. Issuance runs in a background task, one ACME
+order per host at a time, with backoff on failure; it never blocks requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import ctx, http, tls
+
+from . import certificates as c
+from .acme_client import AcmeError, AcmeIssuer, backoff_delay
+from .addon import LumaProxy, env_float
+from .models import Service
+
+logger = logging.getLogger("luma_proxy.tls")
+
+TICK = 1.0
+MAX_PARALLEL_ORDERS = 4
+
+
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def redirect_location(host_header: str, path: str, https_port: int) -> str:
+    """``https://`` + the requested host (its port replaced) + the path and query."""
+    host = host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
+    if host_header.startswith("[") and "]:" in host_header:
+        host = host_header.rsplit(":", 1)[0]
+    port = "" if https_port == 443 else f":{https_port}"
+    return f"https://{host}{port}{path}"
+
+
+def wants_certificate(service: Service, loaded: c.Loaded | None, at: datetime.datetime) -> bool:
+    """An ACME order is due: none yet, renewal window reached, or renewal asked for."""
+    if not service.ssl or service.cert_source != "acme":
+        return False
+    if loaded is None or loaded.due(at):
+        return True
+    requested = service.renew_requested_at
+    issued = datetime.datetime.fromtimestamp(loaded.mtime_ns / 1e9, datetime.UTC)
+    return requested is not None and requested > issued
+
+
+class Https:
+    def __init__(self, router: LumaProxy) -> None:
+        self.router = router
+        self.loaded: dict[str, c.Loaded] = {}
+        self.challenges: dict[str, str] = {}
+        self.fallback = c.fallback_entry()
+        self.root: Path | None = None
+        self.https_port = 0
+        self._attempts: dict[str, int] = {}
+        self._next_attempt: dict[str, float] = {}
+        self._orders: dict[str, asyncio.Task[None]] = {}
+        self._issuer: AcmeIssuer | None = None
+        self._issuer_key: tuple | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def load(self, loader: Any) -> None:
+        loader.add_option("luma_https_port", int, 0,
+                          "Port HTTPS is served on; plain HTTP to ssl hosts with an active "
+                          "certificate is redirected there. 0: no HTTPS, no redirects.")
+        loader.add_option("luma_acme_directory", str,
+                          os.environ.get("LUMA_PROXY_ACME_DIRECTORY", ""),
+                          "ACME directory URL (default: Let's Encrypt, or its staging "
+                          "server after `luma-proxy set-staging --enabled true`).")
+        loader.add_option("luma_acme_email", str, os.environ.get("LUMA_PROXY_ACME_EMAIL", ""),
+                          "Contact e-mail for the ACME account (optional).")
+        loader.add_option("luma_acme_ca_bundle", str,
+                          os.environ.get("LUMA_PROXY_ACME_CA_BUNDLE", ""),
+                          "CA bundle to verify the ACME server's HTTPS with (default: system).")
+        loader.add_option("luma_acme_retry", float, env_float("LUMA_PROXY_ACME_RETRY", 60.0),
+                          "Seconds before the first retry of a failed ACME order (doubles, "
+                          "up to 1 h).")
+
+    def configure(self, updated: set[str]) -> None:
+        if "luma_state" in updated:
+            self.root = c.certs_dir(ctx.options.luma_state)
+            self.loaded = {}
+            self.refresh_from_disk()
+        if "luma_https_port" in updated:
+            self.https_port = ctx.options.luma_https_port
+
+    def running(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="luma certificates")
+
+    def done(self) -> None:
+        if self._task:
+            self._task.cancel()
+        for task in self._orders.values():
+            task.cancel()
+
+    # ------------------------------------------------------------ requests
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        request = flow.request
+        path = request.path
+        if path.startswith(c.CHALLENGE_PREFIX):
+            self._answer_challenge(flow, path[len(c.CHALLENGE_PREFIX):].split("?", 1)[0])
+            return
+        if self.https_port and not flow.client_conn.tls_established:
+            found = self.router.table.lookup(request.host_header)
+            if isinstance(found, Service) and found.ssl and self.active(found.host):
+                location = redirect_location(request.host_header or found.host, path,
+                                             self.https_port)
+                flow.response = http.Response.make(301, b"", {"Location": location,
+                                                              "Content-Length": "0"})
+
+    def _answer_challenge(self, flow: http.HTTPFlow, token: str) -> None:
+        answer = self.challenges.get(token)
+        if answer is None and self.root is not None and c.valid_token(token):
+            with contextlib.suppress(OSError):
+                answer = c.challenge_file(self.root, token).read_text()
+        if answer is None:
+            flow.response = http.Response.make(404, b"", {"Content-Type": "text/plain"})
+        else:
+            flow.response = http.Response.make(200, answer.encode(),
+                                               {"Content-Type": "text/plain"})
+
+    def active(self, host: str) -> bool:
+        loaded = self.loaded.get(host)
+        return loaded is not None and loaded.not_after > now()
+
+    # ------------------------------------------------------------- TLS
+    def tls_start_client(self, data: tls.TlsData) -> None:
+        """Put this SNI's certificate where mitmproxy's TLS layer looks first.
+
+        Unknown SNI (or none) gets the fallback certificate, registered under
+        "*" so mitmproxy never mints one with its own CA.
+        """
+        tlsconfig = ctx.master.addons.get("tlsconfig")
+        if tlsconfig is None or tlsconfig.certstore is None:
+            return
+        store = tlsconfig.certstore
+        if store.certs.get("*") is not self.fallback:
+            store.certs["*"] = self.fallback
+        sni = data.context.client.sni
+        if not sni:
+            return
+        host = self.router.table.canonical(sni)
+        loaded = self.loaded.get(host) if host else None
+        if loaded is not None and loaded.entry is not store.certs.get(sni):
+            store.certs[sni] = loaded.entry
+        elif loaded is None and sni in store.certs and store.certs[sni] is not self.fallback:
+            store.certs[sni] = self.fallback  # a removed host's certificate is not served
+
+    # ------------------------------------------------- background: certificates
+    def refresh_from_disk(self) -> None:
+        """Load certificates written by another process (a leader worker, the CLI)."""
+        if self.root is None:
+            return
+        services = self.router.table.services
+        for host, service in services.items():
+            if not service.ssl:
+                self.loaded.pop(host, None)
+                continue
+            mtime = c.cert_mtime(self.root, host)
+            current = self.loaded.get(host)
+            if mtime is not None and (current is None or current.mtime_ns != mtime):
+                loaded = c.load_pair(self.root, host)
+                if loaded is not None:
+                    self.loaded[host] = loaded
+        for host in [h for h in self.loaded if h not in services]:
+            del self.loaded[host]
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                self.refresh_from_disk()
+                if self.router.is_leader():
+                    self._start_due_orders()
+            except Exception:
+                logger.exception("certificate check failed")
+            await asyncio.sleep(TICK)
+
+    def _start_due_orders(self) -> None:
+        at = now()
+        clock = asyncio.get_running_loop().time()
+        for host, service in self.router.table.services.items():
+            if host in self._orders or self._next_attempt.get(host, 0) > clock:
+                continue
+            if len(self._orders) >= MAX_PARALLEL_ORDERS:
+                return
+            if wants_certificate(service, self.loaded.get(host), at):
+                task = asyncio.create_task(self._order(host), name=f"acme {host}")
+                self._orders[host] = task
+                task.add_done_callback(lambda _t, h=host: self._orders.pop(h, None))
+
+    def issuer(self) -> AcmeIssuer:
+        assert self.root is not None
+        opts = ctx.options
+        staging = self.router.settings.acme_staging
+        url = c.directory_url(opts.luma_acme_directory or self.router.settings.acme_directory
+                              or "", staging)
+        email = opts.luma_acme_email or self.router.settings.acme_email or None
+        key = (url, email, opts.luma_acme_ca_bundle)
+        if self._issuer is None or self._issuer_key != key:
+            self._issuer = AcmeIssuer(url, self.root / "account.key", email,
+                                      opts.luma_acme_ca_bundle or None)
+            self._issuer_key = key
+        return self._issuer
+
+    async def _order(self, host: str) -> None:
+        assert self.root is not None
+        root = self.root
+        previous = c.read_status(root, host) or c.CertStatus()
+        logger.info("certificate: ordering one for %s from %s", host,
+                    self.issuer().directory_url)
+        try:
+            issued = await asyncio.to_thread(self.issuer().issue, host, self._publish,
+                                             self._unpublish)
+        except AcmeError as e:
+            attempt = self._attempts.get(host, 0)
+            delay = backoff_delay(attempt, base=ctx.options.luma_acme_retry)
+            self._attempts[host] = attempt + 1
+            self._next_attempt[host] = asyncio.get_running_loop().time() + delay
+            status = previous.model_copy(update={
+                "state": "failed" if host not in self.loaded else "active",
+                "last_error": str(e), "attempts": attempt + 1,
+                "next_attempt_at": now() + datetime.timedelta(seconds=delay)})
+            logger.warning("certificate: %s; retrying in %.0fs", e, delay)
+        else:
+            await asyncio.to_thread(c.store_pair, root, host, issued.fullchain_pem,
+                                    issued.key_pem)
+            self._attempts.pop(host, None)
+            self._next_attempt.pop(host, None)
+            loaded = c.load_pair(root, host)
+            if loaded is not None:
+                self.loaded[host] = loaded
+            status = c.CertStatus(state="active", source="acme", not_after=issued.not_after,
+                                  issued_at=now(), attempts=0)
+            logger.info("certificate: issued for %s, valid until %s", host,
+                        issued.not_after.isoformat())
+        await asyncio.to_thread(c.write_status, root, host, status)
+
+    def _publish(self, token: str, key_authorization: str) -> None:
+        """Called from the ACME thread: make the answer visible to every worker."""
+        self.challenges[token] = key_authorization
+        assert self.root is not None
+        c.write_private(c.challenge_file(self.root, token), key_authorization.encode(), 0o644)
+
+    def _unpublish(self, token: str) -> None:
+        self.challenges.pop(token, None)
+        if self.root is not None:
+            with contextlib.suppress(OSError):
+                c.challenge_file(self.root, token).unlink()
+
+    def expiry(self) -> dict[str, float]:
+        """host -> not_after (unix time), for the metrics."""
+        return {h: loaded.not_after.timestamp() for h, loaded in self.loaded.items()}
