@@ -1,0 +1,226 @@
+"""HTTPS end to end, against a real ACME server (Pebble) validating through the proxy."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import socket
+import ssl
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from tests.e2e.conftest import Proxy, wait_until
+from tests.e2e.docker_double import Container, FakeDockerDNS, free_port
+from tests.e2e.pebble import Pebble
+
+
+def make_cert(names: list[str]) -> tuple[bytes, bytes]:
+    """A self-signed certificate and key for ``names``, as an operator might bring."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=90))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+@dataclass
+class Https:
+    dns: FakeDockerDNS
+    pebble: Pebble
+    http_port: int
+    https_port: int
+    app_port: int
+    root: Path
+    start: Callable[..., Proxy]
+
+    def proxy(self, **env: str) -> Proxy:
+        return self.start("run", port=self.http_port, args=(
+            "--https-port", str(self.https_port), "--acme-directory", self.pebble.directory_url,
+            "--acme-ca-bundle", self.pebble.ca_bundle), env={"LUMA_PROXY_ACME_RETRY": "1", **env})
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.root))
+        ctx.set_alpn_protocols(["h2", "http/1.1"])
+        return ctx
+
+    def peer_cert(self, sni: str) -> x509.Certificate:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", self.https_port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname=sni) as tls:
+            der = tls.getpeercert(binary_form=True)
+        assert der
+        return x509.load_der_x509_certificate(der)
+
+    def curl(self, host: str, path: str = "/", *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["curl", "-sS", "--max-time", "10", "--cacert", str(self.root), "--resolve",
+             f"{host}:{self.https_port}:127.0.0.1", *args,
+             f"https://{host}:{self.https_port}{path}"],
+            capture_output=True, text=True, timeout=20)
+
+
+@pytest.fixture
+def https(dns: FakeDockerDNS, start_proxy, tmp_path: Path) -> Iterator[Https]:
+    http_port, https_port, app_port = free_port(), free_port(), free_port()
+    app = Container("blog-1", "127.0.30.1", app_port).start()
+    dns.set_alias("blog", [app.ip])
+    for name in ("blog.test", "shop.test", "plain.test"):
+        dns.set_alias(name, ["127.0.0.1"])  # where Pebble finds the proxy's HTTP port
+    with Pebble(http_port=http_port, dns_port=dns.port) as pebble:
+        root = tmp_path / "pebble-root.pem"
+        root.write_bytes(pebble.root_pem())
+        yield Https(dns, pebble, http_port, https_port, app_port, root, start_proxy)
+    app.kill()
+
+
+def cert_status(cli, host: str) -> dict:
+    return json.loads(cli("cert-status", "--host", host, "--json").stdout)["certificates"][0]
+
+
+def test_issuance_https_h1_h2_and_redirect_rules(https: Https, cli, state_path: Path) -> None:
+    cli("deploy", "--host", "blog.test", "--target", f"blog:{https.app_port}", "--project", "p")
+    cli("deploy", "--host", "plain.test", "--target", f"blog:{https.app_port}", "--project", "p",
+        "--ssl=false")
+    proxy = https.proxy()
+    wait_until(lambda: cert_status(cli, "blog.test")["state"] == "active", timeout=60)
+
+    # Files as the Go proxy laid them out, the key and account key private.
+    certs = state_path.parent / "certs"
+    assert (certs / "blog.test" / "key.pem").stat().st_mode & 0o777 == 0o600
+    assert (certs / "account.key").stat().st_mode & 0o777 == 0o600
+    assert b"BEGIN CERTIFICATE" in (certs / "blog.test" / "cert.pem").read_bytes()
+
+    # HTTP/1.1 and HTTP/2, verified against Pebble's root; the container learns it was https.
+    for flag, version in (("--http1.1", "1.1"), ("--http2", "2")):
+        r = https.curl("blog.test", "/headers", flag, "-w", "\n%{http_version}")
+        assert r.returncode == 0, r.stderr
+        body, got = r.stdout.rsplit("\n", 1)
+        assert got == version
+        headers = dict((k.lower(), v) for k, v in json.loads(body)["headers"])
+        assert headers["x-forwarded-proto"] == "https"
+
+    # Plain HTTP to the ssl host: 301 to https, path and query kept.
+    r = proxy.get("blog.test", "/a/b?c=1")
+    assert r.status == 301
+    assert r.headers["location"] == f"https://blog.test:{https.https_port}/a/b?c=1"
+    # ...but never for the ACME challenge path, and never for --no-ssl hosts.
+    assert proxy.get("blog.test", "/.well-known/acme-challenge/nope").status == 404
+    assert proxy.get("plain.test", "/").status == 200
+
+
+def test_unknown_sni_and_pending_host_get_fallback_not_mitmproxy_ca(https: Https, cli) -> None:
+    cli("deploy", "--host", "plain.test", "--target", f"blog:{https.app_port}", "--project", "p",
+        "--no-ssl")
+    proxy = https.proxy()
+    for sni in ("unknown.test", "plain.test"):
+        cert = https.peer_cert(sni)
+        issuer = cert.issuer.rfc4514_string()
+        assert "mitmproxy" not in issuer
+        assert "luma-proxy default" in issuer
+    # No HTTPS redirect while no certificate is active: plain HTTP is served.
+    assert proxy.get("plain.test").status == 200
+
+
+def test_http_is_served_until_certificate_is_active(https: Https, cli) -> None:
+    # The ACME directory is unreachable: the proxy must start and serve HTTP.
+    dead = f"https://127.0.0.1:{free_port()}/dir"
+    cli("deploy", "--host", "blog.test", "--target", f"blog:{https.app_port}", "--project", "p")
+    proxy = https.start("run", port=https.http_port, args=(
+        "--https-port", str(https.https_port), "--acme-directory", dead),
+        env={"LUMA_PROXY_ACME_RETRY": "1"})
+    assert proxy.get("blog.test").status == 200  # not redirected: no certificate yet
+    status = wait_until(lambda: (s := cert_status(cli, "blog.test"))["attempts"] >= 2 and s,
+                        timeout=20)
+    assert status["state"] == "failed"
+    assert "127.0.0.1" in status["last_error"] and "\n" not in status["last_error"]
+    assert proxy.get("blog.test").status == 200
+    assert "certificate:" in proxy.logs()
+
+
+def test_restart_reuses_certificate_and_renewal_replaces_it(https: Https, cli,
+                                                          state_path: Path) -> None:
+    cli("deploy", "--host", "blog.test", "--target", f"blog:{https.app_port}", "--project", "p")
+    proxy = https.proxy()
+    wait_until(lambda: cert_status(cli, "blog.test")["state"] == "active", timeout=60)
+    cert = state_path.parent / "certs" / "blog.test" / "cert.pem"
+    first = cert.read_bytes()
+    proxy.stop()
+
+    proxy = https.proxy()
+    assert https.curl("blog.test").stdout == "blog-1"  # served at once after the restart
+    assert cert.read_bytes() == first  # no new order for a valid certificate
+    assert proxy.logs().count("ordering one") == 0
+
+    result = cli("cert-renew", "--host", "blog.test", "--wait", "60")
+    assert result.stdout.startswith("✅")
+    assert cert.read_bytes() != first
+    wait_until(lambda: https.curl("blog.test").stdout == "blog-1", timeout=10)
+    served = https.peer_cert("blog.test")
+    assert served == x509.load_pem_x509_certificates(cert.read_bytes())[0]
+
+
+def test_short_lived_certificate_is_renewed_automatically(
+        dns: FakeDockerDNS, start_proxy, tmp_path: Path, cli, state_path: Path) -> None:
+    http_port, https_port, app_port = free_port(), free_port(), free_port()
+    app = Container("blog-1", "127.0.30.2", app_port).start()
+    dns.set_alias("blog", [app.ip])
+    dns.set_alias("blog.test", ["127.0.0.1"])
+    # 30 s certificates: due after 2/3 of their life, i.e. about 20 s after issuance.
+    with Pebble(http_port=http_port, dns_port=dns.port, certificate_validity=30) as pebble:
+        cli("deploy", "--host", "blog.test", "--target", f"blog:{app_port}", "--project", "p")
+        start_proxy("run", port=http_port, args=(
+            "--https-port", str(https_port), "--acme-directory", pebble.directory_url,
+            "--acme-ca-bundle", pebble.ca_bundle))
+        cert = state_path.parent / "certs" / "blog.test" / "cert.pem"
+        wait_until(cert.exists, timeout=60)
+        first = cert.read_bytes()
+        wait_until(lambda: cert.read_bytes() != first, timeout=60)
+        leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
+        assert leaf.not_valid_after_utc > datetime.datetime.now(datetime.UTC)
+    app.kill()
+
+
+def test_custom_certificate(https: Https, cli, state_path: Path, tmp_path: Path) -> None:
+    cert_pem, key_pem = make_cert(["shop.test"])
+    other_cert, other_key = make_cert(["elsewhere.test"])
+    (tmp_path / "c.pem").write_bytes(cert_pem)
+    (tmp_path / "k.pem").write_bytes(key_pem)
+    (tmp_path / "other-c.pem").write_bytes(other_cert)
+    (tmp_path / "other-k.pem").write_bytes(other_key)
+    base = ("deploy", "--host", "shop.test", "--target", f"blog:{https.app_port}",
+            "--project", "p")
+
+    before = state_path.read_bytes() if state_path.exists() else None
+    for cert, key, why in (("c.pem", "other-k.pem", "does not match"),
+                           ("other-c.pem", "other-k.pem", "does not cover shop.test")):
+        r = cli(*base, "--tls-cert", str(tmp_path / cert), "--tls-key", str(tmp_path / key),
+                check=False)
+        assert r.returncode != 0 and why in r.stderr and len(r.stderr.splitlines()) == 1
+        assert (state_path.read_bytes() if state_path.exists() else None) == before
+
+    cli(*base, "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem"))
+    proxy = https.proxy()
+    wait_until(lambda: https.peer_cert("shop.test").subject.rfc4514_string() != "", timeout=5)
+    served = https.peer_cert("shop.test")
+    assert served == x509.load_pem_x509_certificate(cert_pem)
+    assert "ordering one" not in proxy.logs()
+    assert cert_status(cli, "shop.test")["source"] == "custom"
