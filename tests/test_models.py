@@ -1,0 +1,249 @@
+"""Unit tests for luma_proxy.models: host/target/path parsing and the pydantic models."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from pydantic import ValidationError
+
+from luma_proxy.models import (
+    STATE_VERSION,
+    Health,
+    Service,
+    State,
+    normalize_host,
+    parse_health_path,
+    parse_name,
+    parse_target,
+)
+
+# ---------------------------------------------------------------------------- normalize_host
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("blog.com", "blog.com"),
+        ("Blog.COM", "blog.com"),
+        ("BLOG.COM", "blog.com"),
+        ("blog.com.", "blog.com"),
+        ("blog.com:443", "blog.com"),
+        ("blog.com:8080", "blog.com"),
+        ("Blog.COM.:443", "blog.com"),
+        ("  blog.com  ", "blog.com"),
+        ("localhost", "localhost"),
+        ("a-b.c-d.example", "a-b.c-d.example"),
+        ("123.example", "123.example"),
+        ("bücher.example", "xn--bcher-kva.example"),
+        ("BÜCHER.example.", "xn--bcher-kva.example"),
+        ("bücher.example:8443", "xn--bcher-kva.example"),
+        ("xn--bcher-kva.example", "xn--bcher-kva.example"),
+        ("[::1]", "::1"),
+        ("[::1]:443", "::1"),
+        ("[2001:DB8:0:0::1]", "2001:db8::1"),
+        ("[2001:db8::1]:8080", "2001:db8::1"),
+        ("a" * 63 + ".com", "a" * 63 + ".com"),
+    ],
+)
+def test_normalize_host_canonical_form(raw: str, expected: str) -> None:
+    assert normalize_host(raw) == expected
+
+
+def test_normalize_host_is_idempotent() -> None:
+    for raw in ("Blog.COM.:443", "bücher.example", "[2001:DB8::1]:80"):
+        once = normalize_host(raw)
+        assert normalize_host(once if ":" not in once else f"[{once}]") == once
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        " ",
+        "\t",
+        "a b",
+        "blog .com",
+        "blog\n.com",
+        "..",
+        ".",
+        "a..b",
+        ".blog.com",
+        "blog.com..",
+        "a" * 64 + ".com",
+        "-blog.com",
+        "blog-.com",
+        "blog.-com",
+        "under_score.com",
+        "blog.com:",
+        "blog.com:http",
+        "blog.com:-1",
+        "::1",  # IPv6 must be bracketed
+        "[::1",
+        "[::1]x",
+        "[::1]:",
+        "[::1]:http",
+        "[not-v6]",
+        "[1.2.3.4]",
+        "blog/com",
+        "blog.com/path",
+        "user@blog.com",
+        "b" * 254,
+        ".".join(["a" * 63] * 4) + ".com",  # > 253 characters in total
+    ],
+)
+def test_normalize_host_rejects(raw: str) -> None:
+    with pytest.raises(ValueError) as info:
+        normalize_host(raw)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("invalid hostname")
+
+
+# ---------------------------------------------------------------------------- parse_target
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("blog:3000", ("blog", 3000)),
+        ("myproject-blog:3000", ("myproject-blog", 3000)),
+        ("Blog:80", ("blog", 80)),
+        ("my_app.v2:8080", ("my_app.v2", 8080)),
+        ("blog:1", ("blog", 1)),
+        ("blog:65535", ("blog", 65535)),
+        (" blog:3000 ", ("blog", 3000)),
+        ("10.0.0.7:3000", ("10.0.0.7", 3000)),
+        ("[::1]:8080", ("::1", 8080)),
+        ("[2001:DB8::1]:443", ("2001:db8::1", 443)),
+    ],
+)
+def test_parse_target_ok(raw: str, expected: tuple[str, int]) -> None:
+    assert parse_target(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        ("blog", "expected ALIAS:PORT"),
+        ("", "expected ALIAS:PORT"),
+        (":3000", "expected ALIAS:PORT"),
+        ("blog:", "port must be 1-65535"),
+        ("blog:0", "port must be 1-65535"),
+        ("blog:70000", "port must be 1-65535"),
+        ("blog:65536", "port must be 1-65535"),
+        ("blog:abc", "port must be 1-65535"),
+        ("blog:-1", "port must be 1-65535"),
+        ("blog: 80", "port must be 1-65535"),
+        ("blog:3.0", "port must be 1-65535"),
+        ("-blog:80", "bad alias"),
+        ("bl og:80", "bad alias"),
+        ("blog/x:80", "bad alias"),
+        ("[::1:80", "bad alias"),
+        ("blog:²", "port must be 1-65535"),  # str.isdigit() is true for these
+        ("blog:٣", "port must be 1-65535"),
+    ],
+)
+def test_parse_target_rejects(raw: str, why: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_target(raw)
+    message = str(info.value)
+    assert message.startswith("invalid target")
+    assert why in message
+    assert "\n" not in message
+
+
+# ---------------------------------------------------------------------------- others
+
+
+@pytest.mark.parametrize("path", ["/", "/up", "/health?full=1", "/a/b/c", "/ünï"])
+def test_parse_health_path_ok(path: str) -> None:
+    assert parse_health_path(path) == path
+
+
+@pytest.mark.parametrize("path", ["", "up", "http://x/up", "/u p", "/up\r\nX: y", "/up\t", "/\x00"])
+def test_parse_health_path_rejects(path: str) -> None:
+    with pytest.raises(ValueError, match="invalid health path"):
+        parse_health_path(path)
+
+
+def test_parse_name() -> None:
+    assert parse_name("  myproject ", "project") == "myproject"
+    assert parse_name("x" * 200, "project") == "x" * 200
+    for bad in ("", "   ", "x" * 201, "a\x1bb"):
+        with pytest.raises(ValueError, match="invalid project"):
+            parse_name(bad, "project")
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def test_service_normalises_host_and_target() -> None:
+    s = Service(name="blog", host="Blog.COM.:443", target="MyProject-Blog:3000", project=" p ")
+    assert s.host == "blog.com"
+    assert s.target == "myproject-blog:3000"
+    assert s.project == "p"
+    assert (s.alias, s.port) == ("myproject-blog", 3000)
+    assert s.health_path == "/up"
+    assert s.ssl is True
+
+
+def test_service_ipv6_target_is_bracketed() -> None:
+    s = Service(name="x", host="a.com", target="[2001:DB8::1]:8080", project="p")
+    assert s.target == "[2001:db8::1]:8080"
+    assert (s.alias, s.port) == ("2001:db8::1", 8080)
+    # The stored form parses back to the same thing.
+    assert Service.model_validate(s.model_dump()).target == s.target
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("host", "a b"),
+        ("host", ""),
+        ("target", "blog"),
+        ("target", "blog:0"),
+        ("project", ""),
+        ("health_path", "up"),
+    ],
+)
+def test_service_rejects_invalid_fields(field: str, value: str) -> None:
+    fields = {"name": "x", "host": "a.com", "target": "blog:80", "project": "p", field: value}
+    with pytest.raises(ValidationError) as info:
+        Service(**fields)
+    assert info.value.errors()[0]["loc"] == (field,)
+
+
+def test_service_routing_key_covers_routing_fields() -> None:
+    base = Service(name="x", host="a.com", target="blog:80", project="p")
+    same = base.model_copy(update={"project": "q", "app": "other"})
+    assert same.routing_key() == base.routing_key()
+    for update in ({"target": "blog:81"}, {"health_path": "/h"}, {"ssl": False}):
+        assert base.model_copy(update=update).routing_key() != base.routing_key()
+
+
+def test_health_defaults() -> None:
+    h = Health()
+    assert h.healthy is None
+    assert h.checked_at is None and h.changed_at is None and h.last_error is None
+    assert h.containers == {}
+    assert Health().containers is not h.containers  # no shared mutable default
+    s = Service(name="x", host="a.com", target="blog:80", project="p")
+    assert s.health.healthy is None
+    assert s.created_at.tzinfo is not None
+    assert abs((s.created_at - datetime.now(UTC)).total_seconds()) < 5
+
+
+def test_state_find_normalises() -> None:
+    s = Service(name="x", host="blog.com", target="blog:80", project="p")
+    state = State(services={"blog.com": s})
+    assert state.version == STATE_VERSION
+    assert state.find("BLOG.com.:443") is s
+    assert state.find("other.com") is None
+    with pytest.raises(ValueError):
+        state.find("a b")
+
+
+def test_unknown_fields_are_ignored() -> None:
+    raw = {"name": "x", "host": "a.com", "target": "b:1", "project": "p", "future": 1}
+    assert not hasattr(Service.model_validate(raw), "future")

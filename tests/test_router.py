@@ -1,0 +1,87 @@
+"""Unit tests for luma_proxy.router: Host header -> service, and admission."""
+
+from __future__ import annotations
+
+import pytest
+
+from luma_proxy.models import Health, Service
+from luma_proxy.router import _MAX_CACHED_HOSTS, HostTable, Reject, admit
+
+
+def svc(host: str) -> Service:
+    return Service(name=host, host=host, target="blog:3000", project="p")
+
+
+@pytest.fixture
+def table() -> HostTable:
+    return HostTable({"blog.com": svc("blog.com"), "xn--bcher-kva.example": svc("bücher.example")})
+
+
+@pytest.mark.parametrize("raw", [None, ""])
+def test_missing_host_is_400(table: HostTable, raw: str | None) -> None:
+    assert table.lookup(raw) == Reject(400, "missing Host header")
+
+
+@pytest.mark.parametrize("raw", ["a b", "blog..com", "-blog.com", "blog.com:x", "[::1", "::1"])
+def test_invalid_host_is_400(table: HostTable, raw: str) -> None:
+    assert table.lookup(raw) == Reject(400, "invalid Host header")
+
+
+@pytest.mark.parametrize("raw", ["other.com", "www.blog.com", "blog.co", "[::1]:80", "10.0.0.1"])
+def test_unknown_host_is_404(table: HostTable, raw: str) -> None:
+    assert table.lookup(raw) == Reject(404, "unknown host")
+
+
+@pytest.mark.parametrize(
+    "raw", ["blog.com", "BLOG.COM", "Blog.Com", "blog.com.", "blog.com:80", "blog.com:443",
+            "BLOG.com.:8443"],
+)
+def test_variants_find_the_service(table: HostTable, raw: str) -> None:
+    result = table.lookup(raw)
+    assert isinstance(result, Service)
+    assert result.host == "blog.com"
+
+
+def test_idna_variants_find_the_service(table: HostTable) -> None:
+    for raw in ("bücher.example", "BÜCHER.example.", "xn--bcher-kva.example:443"):
+        result = table.lookup(raw)
+        assert isinstance(result, Service) and result.host == "xn--bcher-kva.example"
+
+
+def test_replace_swaps_services(table: HostTable) -> None:
+    assert isinstance(table.lookup("blog.com"), Service)
+    table.replace({"new.com": svc("new.com")})
+    assert table.lookup("blog.com") == Reject(404, "unknown host")
+    assert isinstance(table.lookup("new.com"), Service)
+
+
+def test_empty_table() -> None:
+    assert HostTable().lookup("blog.com") == Reject(404, "unknown host")
+
+
+def test_canonical_is_memoised(table: HostTable) -> None:
+    assert table.canonical("Blog.COM.:443") == "blog.com"
+    assert table.canonical("a b") is None
+    assert table._canonical == {"Blog.COM.:443": "blog.com", "a b": None}
+    # A second lookup answers from the cache (it does not grow, result unchanged).
+    assert table.canonical("Blog.COM.:443") == "blog.com"
+    assert len(table._canonical) == 2
+
+
+def test_canonical_cache_is_bounded(table: HostTable) -> None:
+    for i in range(3 * _MAX_CACHED_HOSTS):
+        raw = f"host{i}.example" if i % 2 else f"bad host {i}"
+        assert table.lookup(raw).status in (400, 404)
+        assert len(table._canonical) <= _MAX_CACHED_HOSTS
+    # Still correct after the cache was flushed.
+    assert isinstance(table.lookup("BLOG.com"), Service)
+    assert table.lookup("a b") == Reject(400, "invalid Host header")
+
+
+def test_admit() -> None:
+    assert admit(None) is None
+    assert admit(Health()) is None  # not checked yet: routed
+    assert admit(Health(healthy=True)) is None
+    assert admit(Health(healthy=False)) == Reject(503, "service unhealthy")
+    # One dead container does not refuse the service.
+    assert admit(Health(healthy=True, containers={"10.0.0.1": False, "10.0.0.2": True})) is None
