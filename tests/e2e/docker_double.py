@@ -443,6 +443,7 @@ class _App:
         self.name = name
         self.healthy = healthy
         self.requests = 0
+        self.served = 0  # requests other than health checks
         self.accepted = 0
         self.conns: set[_Conn] = set()
         self.draining = False
@@ -673,6 +674,8 @@ class _Conn(asyncio.Protocol):
                 self.app.requests += 1
                 try:
                     req = _Request(head)
+                    if req.path != "/up":
+                        self.app.served += 1
                     keep = await self._dispatch(req)
                 except _BadRequest as exc:
                     self._respond_raw(exc.status, b"bad request\n")
@@ -962,6 +965,11 @@ class Container:
     def requests(self) -> int:
         """HTTP requests served (WebSocket upgrades included)."""
         return self._app.requests
+
+    @property
+    def served(self) -> int:
+        """Requests other than ``/up`` (health checks): what clients got through."""
+        return self._app.served
 
     @property
     def connections(self) -> int:
