@@ -23,6 +23,11 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def one_line(text: str) -> str:
+    """Control characters escaped, so that a message is always exactly one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def normalize_host(value: str) -> str:
     """Canonical form of a Host: lower case, IDNA, no port, no trailing dot.
 

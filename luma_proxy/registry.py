@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .models import STATE_VERSION, State
+from .models import STATE_VERSION, State, one_line
 
 DEFAULT_STATE = "/var/lib/luma-proxy/state.json"
 
@@ -53,10 +53,12 @@ def parse_state(data: bytes) -> State:
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise RegistryError(f"state file is invalid at {where}: {first['msg']}") from None
+        raise RegistryError(one_line(f"state file is invalid at {where}: {first['msg']}")) from None
     for key, service in state.services.items():
         if key != service.host:
-            raise RegistryError(f"state file is invalid: key {key!r} != host {service.host!r}")
+            raise RegistryError(
+                one_line(f"state file is invalid: key {key!r} != host {service.host!r}")
+            )
     return state
 
 
