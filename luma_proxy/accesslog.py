@@ -1,0 +1,306 @@
+"""The access log: one line per request on stdout, as text or as JSON.
+
+Every request gets exactly one line when it ends: answered by a container, by
+the proxy itself (400/404/503), or by an error (502 when the container fails,
+499 when the client went away first). Fields, in this order::
+
+    time         ISO 8601 UTC, milliseconds, when the request ended
+    host         the Host header as sent (clipped to 256 characters)
+    method, path the path *without* its query string, unless luma_log_query
+    status       what the client was given
+    duration_ms  from the request's first byte to the end of the answer
+    bytes_in     request body bytes; bytes_out: response body bytes
+    service      the deployed host it matched ("" for unknown hosts)
+    project      that service's project
+    container_ip the container it went to ("" if it went to none)
+    request_id   the X-Request-ID the container and the client saw
+    client       the peer address (the TCP peer, not X-Forwarded-For)
+    user_agent   clipped to 512 characters
+    error        only on lines that ended in an error
+
+Query strings are left out by default: they often carry tokens (password reset
+links, signed URLs, API keys), and access logs travel further than the proxy.
+``luma_log_query=true`` (``--log-query``) puts them in.
+
+Streamed bodies (server-sent events, chunked uploads, anything over
+``stream_large_bodies``) are counted by a pass-through callable on ``.stream``
+(wrapping another addon's, if set); nothing reads or keeps them.
+
+The line is built with one pre-configured ``json`` encoder call (or a few
+f-strings for text) and written to stdout with one ``write`` and one ``flush``
+by ``LineWriter``, not through ``logging`` (a ``LogRecord`` costs more than
+the line). The proxy's other log records stay where the logging setup puts
+them; ``configure_logging("json")`` makes them JSON lines on stdout as well.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from mitmproxy import ctx, exceptions, http
+
+from .flowinfo import client_ip, error_status, project_of, service_host
+from .requestid import METADATA as REQUEST_ID
+
+LOG_FORMATS = ("text", "json")
+ENV_LOG_FORMAT = "LUMA_PROXY_LOG_FORMAT"
+LOGGED = "luma_logged"
+MAX_PATH = 2048
+MAX_USER_AGENT = 512
+MAX_HOST = 256
+MAX_ERROR = 512
+
+logger = logging.getLogger("luma_proxy")
+
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+_PLAIN = re.compile(r"[\w.:/@+=,;~%&?!*()'\[\]$-]+", re.ASCII)
+
+
+def default_log_format() -> str:
+    """``$LUMA_PROXY_LOG_FORMAT`` if it is valid, else ``text``."""
+    value = os.environ.get(ENV_LOG_FORMAT, "text").strip().lower()
+    if value not in LOG_FORMATS:
+        logger.warning("ignoring %s=%r: expected text or json", ENV_LOG_FORMAT, value)
+        return "text"
+    return value
+
+
+@functools.lru_cache(maxsize=4)
+def _second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+def iso_utc(timestamp: float) -> str:
+    """``2025-01-02T03:04:05.678Z``; the seconds part is formatted once per second."""
+    second = int(timestamp)
+    return f"{_second(second)}.{int((timestamp - second) * 1000):03d}Z"
+
+
+class ByteCounter:
+    """A ``.stream`` callable that counts the body bytes coming through.
+
+    Wraps another addon's stream callable, if there was one (the body size
+    limit's counter on chunked uploads), and counts what arrives, before it.
+    """
+
+    __slots__ = ("count", "inner")
+
+    def __init__(self, inner: Callable[[bytes], Any] | None = None) -> None:
+        self.count = 0
+        self.inner = inner
+
+    def __call__(self, data: bytes) -> Any:
+        self.count += len(data)
+        return data if self.inner is None else self.inner(data)
+
+
+def count_stream(message: http.Message) -> None:
+    """Count a streamed body: ``stream = True`` or another addon's callable gets a counter."""
+    stream = message.stream
+    if stream is True:
+        message.stream = ByteCounter()
+    elif callable(stream) and not isinstance(stream, ByteCounter):
+        message.stream = ByteCounter(stream)
+
+
+def body_bytes(message: http.Message | None) -> int:
+    if message is None:
+        return 0
+    if isinstance(message.stream, ByteCounter):
+        return message.stream.count
+    content = message.raw_content
+    return len(content) if content else 0
+
+
+def clip(value: str, limit: int) -> str:
+    return value if len(value) <= limit else value[:limit] + "..."
+
+
+def access_entry(
+    flow: http.HTTPFlow,
+    status: int,
+    now: float,
+    router: Any | None = None,
+    with_query: bool = False,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """The fields of one access line (see the module docstring)."""
+    request = flow.request
+    path = request.path if with_query else request.path.partition("?")[0]
+    service = service_host(flow, router)
+    metadata = flow.metadata
+    entry: dict[str, Any] = {
+        "time": iso_utc(now),
+        "level": "info",
+        "msg": "request",
+        "host": clip(request.host_header or "", MAX_HOST),
+        "method": request.method,
+        "path": clip(path, MAX_PATH),
+        "status": status,
+        "duration_ms": round((now - request.timestamp_start) * 1000, 3),
+        "bytes_in": body_bytes(request),
+        "bytes_out": body_bytes(flow.response),
+        "service": service,
+        "project": project_of(service, router),
+        "container_ip": metadata.get("luma_ip", ""),
+        "request_id": metadata.get(REQUEST_ID, ""),
+        "client": client_ip(flow),
+        "user_agent": clip(request.headers.get("user-agent", ""), MAX_USER_AGENT),
+    }
+    if error:
+        entry["error"] = clip(error, MAX_ERROR)
+    return entry
+
+
+def render_json(entry: dict[str, Any]) -> str:
+    return _encode(entry)
+
+
+def _text(value: str) -> str:
+    """As is when it is plain, JSON-quoted otherwise (spaces, quotes, control characters)."""
+    if not value:
+        return "-"
+    return value if _PLAIN.fullmatch(value) else _encode(value)
+
+
+def render_text(e: dict[str, Any]) -> str:
+    line = (
+        f"{e['time']} {e['status']} {_text(e['method'])} {_text(e['host'])} {_text(e['path'])} "
+        f"{e['duration_ms']}ms in={e['bytes_in']} out={e['bytes_out']} "
+        f"service={_text(e['service'])} project={_text(e['project'])} "
+        f"ip={_text(e['container_ip'])} id={_text(e['request_id'])} "
+        f"client={_text(e['client'])} ua={_text(e['user_agent'])}"
+    )
+    if "error" in e:
+        line += f" error={_text(e['error'])}"
+    return line
+
+
+RENDERERS = {"text": render_text, "json": render_json}
+
+
+class LineWriter:
+    """Writes one line with one ``write`` and one ``flush`` (one syscall when piped).
+
+    Not through ``logging``: building a ``LogRecord`` (caller lookup, thread and
+    process names) costs several times more than the line itself. ``stream=None``
+    means whatever ``sys.stdout`` is at the time of writing. A broken stdout is
+    reported once and never fails the request.
+    """
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream
+        self.failed = False
+
+    def __call__(self, line: str) -> None:
+        stream = self.stream if self.stream is not None else sys.stdout
+        try:
+            stream.write(line + "\n")
+            stream.flush()
+        except (OSError, ValueError) as e:  # EPIPE, closed file
+            if not self.failed:
+                self.failed = True
+                logger.warning("cannot write the access log: %s", e)
+
+
+class JsonFormatter(logging.Formatter):
+    """Any log record as one JSON line: time, level, logger, msg (and exc, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": iso_utc(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exc"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return _encode(entry)
+
+
+def configure_logging(fmt: str, stream: TextIO | None = None) -> None:
+    """For ``json``: every log record, luma-proxy's and mitmproxy's, as one JSON line on stdout.
+
+    Call it after the process's logging setup (``server.setup_logging()``): it
+    replaces the root logger's handlers and keeps the levels. ``text`` leaves
+    that setup as it is. The access log has its own writer either way.
+    """
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"invalid log format {fmt!r}: expected text or json")
+    if fmt != "json":
+        return
+    handler = logging.StreamHandler(stream if stream is not None else sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    logging.getLogger().handlers[:] = [handler]
+
+
+class AccessLog:
+    """Writes one access line per request. Runs after the routing addon."""
+
+    def __init__(self, write: Callable[[str], None] | None = None) -> None:
+        self.render = render_text
+        self.with_query = False
+        self.write = write or LineWriter()
+        self._router: Any | None = None
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "luma_log_format", str, default_log_format(),
+            "Access log (stdout) format: text or json; env LUMA_PROXY_LOG_FORMAT.",
+            choices=LOG_FORMATS,
+        )
+        loader.add_option(
+            "luma_log_query", bool, False,
+            "Log the query string of each request (it may carry tokens).",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "luma_log_format" in updated:
+            fmt = ctx.options.luma_log_format
+            if fmt not in RENDERERS:
+                raise exceptions.OptionsError(f"luma_log_format must be text or json, not {fmt!r}")
+            self.render = RENDERERS[fmt]
+        if "luma_log_query" in updated:
+            self.with_query = ctx.options.luma_log_query
+
+    def running(self) -> None:
+        self._router = None
+
+    def router(self) -> Any | None:
+        if self._router is None:
+            self._router = ctx.master.addons.get("lumaproxy")
+        return self._router
+
+    # -------------------------------------------------------------- hot path
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        count_stream(flow.request)  # the routing addon streams chunked uploads
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        assert flow.response is not None
+        count_stream(flow.response)  # SSE, unsized and large bodies
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        assert flow.response is not None
+        self.log(flow, flow.response.status_code)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.log(flow, error_status(flow), flow.error.msg if flow.error else "error")
+
+    def log(self, flow: http.HTTPFlow, status: int, error: str | None = None) -> None:
+        if flow.metadata.get(LOGGED):
+            return
+        flow.metadata[LOGGED] = True
+        entry = access_entry(flow, status, time.time(), self.router(), self.with_query, error)
+        self.write(self.render(entry))

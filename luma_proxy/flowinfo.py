@@ -1,0 +1,76 @@
+"""Facts about a finished flow that the access log and the metrics both report.
+
+Pure functions of the flow (and of the routing addon's host table): which
+service a request belonged to, and which status the client was given, also
+when no response object exists (upstream connect failure, client gone).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mitmproxy import http
+
+# nginx's code for "the client closed the connection before the answer".
+CLIENT_CLOSED = 499
+# What mitmproxy answers when the upstream fails (refused, timeout, bad response).
+UPSTREAM_FAILED = 502
+TOO_LARGE = 413
+
+
+def service_host(flow: http.HTTPFlow, router: Any | None) -> str:
+    """The canonical host of the service this request was for; "" if none.
+
+    Routed flows carry it in ``flow.metadata["luma_service"]``. Flows the
+    routing addon answered itself (503 for an unhealthy service) are looked up
+    again in its host table, so they count for their service too. Unknown hosts
+    give "", which keeps label and log values bounded by the deployed hosts.
+    """
+    host = flow.metadata.get("luma_service")
+    if host:
+        return host
+    table = getattr(router, "table", None)
+    if table is None:
+        return ""
+    found = table.lookup(flow.request.host_header)
+    return getattr(found, "host", "") or ""
+
+
+def project_of(host: str, router: Any | None) -> str:
+    if not host:
+        return ""
+    table = getattr(router, "table", None)
+    service = table.services.get(host) if table is not None else None
+    return service.project if service is not None else ""
+
+
+def error_status(flow: http.HTTPFlow) -> int:
+    """The status the client saw for a flow that ended in the ``error`` hook.
+
+    A response whose headers were already sent (a stream cut short) keeps its
+    status. Otherwise: the client went away (499), the request was too large
+    (413), or the upstream failed: mitmproxy's own 502 page.
+    """
+    if flow.response is not None:
+        return flow.response.status_code
+    message = (flow.error.msg if flow.error else "").lower()
+    if "client disconnected" in message or "by client" in message:
+        return CLIENT_CLOSED
+    if message.startswith("request body exceeds"):
+        return TOO_LARGE
+    return UPSTREAM_FAILED
+
+
+def status_class(status: int) -> str:
+    """``200`` -> ``"2xx"``; anything outside 100-599 is ``"other"``."""
+    if 100 <= status < 600:
+        return f"{status // 100}xx"
+    return "other"
+
+
+def client_ip(flow: http.HTTPFlow) -> str:
+    peer = flow.client_conn.peername
+    if not peer:
+        return ""
+    ip = str(peer[0])
+    return ip.removeprefix("::ffff:")

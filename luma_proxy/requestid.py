@@ -1,0 +1,60 @@
+"""``X-Request-ID``: one id per request, seen by the container, the client and the log.
+
+A client's own id is kept when it is sane (1-200 characters of
+``[A-Za-z0-9._:@/+=-]``, sent once); anything else is replaced by a fresh
+random 32-hex-digit id, so a hostile value never reaches a container's logs or ours. The id
+is set on the request before it goes upstream, kept in
+``flow.metadata["luma_request_id"]`` for the other addons, and returned on the
+response, the proxy's own 404/503 pages included.
+
+Must come before the routing addon in the addon list.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from mitmproxy import http
+
+HEADER = "X-Request-ID"
+METADATA = "luma_request_id"
+_SANE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,200}")
+
+
+def is_sane(value: str) -> bool:
+    return _SANE.fullmatch(value) is not None
+
+
+def new_request_id() -> str:
+    """128 random bits as 32 hex digits, like a uuid4 hex (uuid.uuid4() is 5x slower)."""
+    return os.urandom(16).hex()
+
+
+def choose_request_id(sent: list[str]) -> str:
+    """The client's id if it sent exactly one sane one, else a new one."""
+    if len(sent) == 1 and is_sane(sent[0]):
+        return sent[0]
+    return new_request_id()
+
+
+class RequestId:
+    """Gives every request an ``X-Request-ID`` and returns it on the response."""
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        headers = flow.request.headers
+        sent = headers.get_all(HEADER)
+        request_id = choose_request_id(sent)
+        if sent != [request_id]:
+            headers[HEADER] = request_id  # replaces every copy the client sent
+        flow.metadata[METADATA] = request_id
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Before the headers go out, streamed or not.
+
+        mitmproxy also runs this hook for a response an addon set in
+        ``requestheaders``/``request`` (the proxy's own 404/503 pages, redirects).
+        """
+        request_id = flow.metadata.get(METADATA)
+        if request_id and flow.response is not None:
+            flow.response.headers[HEADER] = request_id

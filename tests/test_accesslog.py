@@ -1,0 +1,232 @@
+"""The access log: one line per request, its fields, formats, and the JSON log formatter."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mitmproxy import exceptions, flow, http
+from mitmproxy.test import taddons
+
+from luma_proxy.accesslog import (
+    AccessLog,
+    ByteCounter,
+    JsonFormatter,
+    LineWriter,
+    configure_logging,
+    default_log_format,
+    iso_utc,
+    render_text,
+)
+from luma_proxy.addon import LumaProxy
+from luma_proxy.flowinfo import error_status, status_class
+from luma_proxy.requestid import RequestId
+from tests.obs_util import call, flow_for, through, write_state
+
+
+@pytest.fixture
+def out() -> io.StringIO:
+    return io.StringIO()
+
+
+def lines(stream: io.StringIO) -> list[str]:
+    return stream.getvalue().splitlines()
+
+
+@pytest.fixture
+def chain(tmp_path: Path, out: io.StringIO) -> Iterator[tuple[list, taddons.context]]:
+    """RequestId, LumaProxy, AccessLog, as all_addons() orders them, with a state file."""
+    addons = [RequestId(), LumaProxy(), AccessLog(LineWriter(out))]
+    with taddons.context(*addons) as tctx:
+        tctx.configure(addons[1], luma_state=str(write_state(tmp_path / "state.json")))
+        tctx.configure(addons[2], luma_log_format="json")
+        yield addons, tctx
+
+
+def test_iso_utc() -> None:
+    assert iso_utc(0) == "1970-01-01T00:00:00.000Z"
+    assert iso_utc(1_700_000_000.25) == "2023-11-14T22:13:20.250Z"
+    assert iso_utc(1_700_000_000.999) == "2023-11-14T22:13:20.999Z"
+
+
+async def test_routed_request_gives_one_json_line_with_every_field(chain, out) -> None:
+    addons, _ = chain
+    f = flow_for("Blog.Test", "/a/b?token=secret", headers={"User-Agent": "probe/1.0 (x)",
+                                                            "X-Request-ID": "rid-1"},
+                 method="POST", body=b"12345")
+    await through(addons, f, http.Response.make(201, b"created!", {"Content-Length": "8"}))
+    await call(addons, "error", f)  # a late error hook must not add a second line
+    (line,) = lines(out)
+    entry = json.loads(line)
+    assert entry == {
+        "time": entry["time"], "level": "info", "msg": "request",
+        "host": "Blog.Test", "method": "POST", "path": "/a/b", "status": 201,
+        "duration_ms": entry["duration_ms"], "bytes_in": 5, "bytes_out": 8,
+        "service": "blog.test", "project": "p", "container_ip": "127.0.0.9",
+        "request_id": "rid-1", "client": "203.0.113.7", "user_agent": "probe/1.0 (x)",
+    }
+    assert entry["time"].endswith("Z") and 0 <= entry["duration_ms"] < 5000
+    assert "secret" not in line
+
+
+async def test_query_string_only_when_asked(chain, out) -> None:
+    addons, tctx = chain
+    tctx.configure(addons[2], luma_log_query=True)
+    await through(addons, flow_for("blog.test", "/reset?token=secret"))
+    assert json.loads(lines(out)[0])["path"] == "/reset?token=secret"
+
+
+async def test_proxys_own_answers_are_logged(chain, out) -> None:
+    addons, _ = chain
+    await through(addons, flow_for("nope.test"))
+    await through(addons, flow_for("down.test"))
+    unknown, down = (json.loads(line) for line in lines(out))
+    assert (unknown["status"], unknown["service"], unknown["container_ip"]) == (404, "", "")
+    assert unknown["request_id"] and unknown["bytes_out"] > 0
+    assert (down["status"], down["service"], down["project"]) == (503, "down.test", "q")
+
+
+async def test_errors_are_logged_once_with_the_status_the_client_saw(chain, out) -> None:
+    addons, _ = chain
+    f = flow_for("blog.test")
+    await call(addons, "requestheaders", f)
+    f.error = flow.Error("Connect call failed ('127.0.0.9', 3000)")
+    await call(addons, "error", f)
+    await call(addons, "error", f)
+    (line,) = lines(out)
+    entry = json.loads(line)
+    assert (entry["status"], entry["container_ip"]) == (502, "127.0.0.9")
+    assert entry["error"].startswith("Connect call failed")
+
+
+def test_error_status() -> None:
+    f = flow_for("blog.test")
+    f.error = flow.Error("Client disconnected.")
+    assert error_status(f) == 499
+    f.error = flow.Error("stream reset by client (CANCEL)")
+    assert error_status(f) == 499
+    f.error = flow.Error("server closed connection")
+    assert error_status(f) == 502
+    f.response = http.Response.make(200)  # headers already sent: a stream cut short
+    assert error_status(f) == 200
+
+
+def test_status_class() -> None:
+    assert [status_class(s) for s in (101, 200, 304, 404, 499, 503, 42)] == [
+        "1xx", "2xx", "3xx", "4xx", "4xx", "5xx", "other"]
+
+
+async def test_streamed_bodies_are_counted_not_read(chain, out) -> None:
+    addons, _ = chain
+    f = flow_for("blog.test")
+    await call(addons, "requestheaders", f)
+    seen = []
+    f.request.stream = lambda chunk: seen.append(chunk) or chunk.upper()  # e.g. a size limit
+    await call(addons[2:], "requestheaders", f)
+    await call(addons[2:], "requestheaders", f)  # wrapped once only
+    assert isinstance(f.request.stream, ByteCounter) and not isinstance(
+        f.request.stream.inner, ByteCounter)
+    for chunk in (b"abc", b"de", b""):
+        assert f.request.stream(chunk) == chunk.upper()
+    assert seen == [b"abc", b"de", b""]
+    f.request.data.content = None
+    f.response = http.Response.make(200, b"", {"Content-Type": "text/event-stream"})
+    await call(addons, "responseheaders", f)  # the routing addon sets stream = True
+    assert isinstance(f.response.stream, ByteCounter)
+    for chunk in (b"data: 1\n\n", b"data: 2\n\n", b""):
+        f.response.stream(chunk)
+    f.response.data.content = None  # nothing was kept
+    await call(addons, "response", f)
+    entry = json.loads(lines(out)[0])
+    assert (entry["bytes_in"], entry["bytes_out"]) == (5, 18)
+
+
+async def test_text_format_is_one_line_and_quotes_what_needs_it(chain, out) -> None:
+    addons, tctx = chain
+    tctx.configure(addons[2], luma_log_format="text")
+    f = flow_for("blog.test", "/x", headers={"User-Agent": 'evil\n"agent" 1.0'})
+    await through(addons, f)
+    (line,) = lines(out)
+    assert line.split()[1:5] == ["200", "GET", "blog.test", "/x"]
+    assert " service=blog.test project=p ip=127.0.0.9 " in line
+    assert 'ua="evil\\n\\"agent\\" 1.0"' in line
+
+
+def test_text_rendering_of_empty_values() -> None:
+    entry = {"time": "T", "status": 404, "method": "GET", "host": "", "path": "/",
+             "duration_ms": 0.1, "bytes_in": 0, "bytes_out": 9, "service": "", "project": "",
+             "container_ip": "", "request_id": "r", "client": "1.2.3.4", "user_agent": "",
+             "error": "boom x"}
+    assert render_text(entry) == ('T 404 GET - / 0.1ms in=0 out=9 service=- project=- ip=- id=r '
+                                  'client=1.2.3.4 ua=- error="boom x"')
+
+
+def test_bad_format_is_refused() -> None:
+    addon = AccessLog()
+    with taddons.context(addon) as tctx, pytest.raises(exceptions.OptionsError):
+        tctx.configure(addon, luma_log_format="xml")
+
+
+def test_format_default_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LUMA_PROXY_LOG_FORMAT", raising=False)
+    assert default_log_format() == "text"
+    monkeypatch.setenv("LUMA_PROXY_LOG_FORMAT", "JSON")
+    assert default_log_format() == "json"
+    monkeypatch.setenv("LUMA_PROXY_LOG_FORMAT", "yaml")
+    assert default_log_format() == "text"
+
+
+def test_writer_goes_to_stdout_one_write_and_survives_a_broken_pipe(
+        capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    assert isinstance(AccessLog().write, LineWriter)
+    LineWriter()("first line")
+    assert capsys.readouterr().out == "first line\n"
+
+    class Broken(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            Broken.writes += 1
+            raise BrokenPipeError("EPIPE")
+
+    writer = LineWriter(Broken())
+    writer("a")
+    writer("b")
+    assert Broken.writes == 2
+    assert caplog.text.count("cannot write the access log") == 1
+
+
+def test_json_formatter_renders_any_record_as_one_line() -> None:
+    try:
+        raise ValueError("bad\nthing")
+    except ValueError:
+        record = logging.getLogger("luma_proxy").makeRecord(
+            "luma_proxy", logging.WARNING, __file__, 1, "health: %s is %s",
+            ("blog.test", "unhealthy"), sys.exc_info())
+    text = JsonFormatter().format(record)
+    assert "\n" not in text
+    entry = json.loads(text)
+    assert entry["level"] == "warning" and entry["logger"] == "luma_proxy"
+    assert entry["msg"] == "health: blog.test is unhealthy"
+    assert "ValueError: bad\nthing" in entry["exc"] and entry["time"].endswith("Z")
+
+
+def test_configure_logging_json_swaps_the_root_handler() -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    stream = io.StringIO()
+    try:
+        configure_logging("text", stream)
+        assert root.handlers == saved
+        configure_logging("json", stream)
+        logging.getLogger("luma_proxy").error("cannot save health: %s", "disk full")
+    finally:
+        root.handlers[:] = saved
+    assert json.loads(stream.getvalue())["msg"] == "cannot save health: disk full"
+    with pytest.raises(ValueError):
+        configure_logging("xml")
