@@ -40,6 +40,8 @@ ENGINE_OPTIONS: dict[str, Any] = {
     "onboarding": False,  # would answer Host: mitm.it itself
     "stream_large_bodies": "1m",  # big bodies pass through instead of sitting in memory
 }
+# mitmproxy cancels a pending upstream connect with this message when the client leaves.
+CLIENT_GONE = "client disconnected"
 # Where requests would go if the addon ever failed to route one: nothing listens there.
 DUMMY_REVERSE = "reverse:http://127.0.0.1:1/"
 
@@ -63,12 +65,10 @@ class LumaProxy:
         self.store: Store | None = None
         self.settings = Settings()
         self.trusted: tuple[Network, ...] = ()
-        self.connect_timeout = 5.0
         self.checker: HealthChecker | None = None
         self._signature: object = None
         self._last_error: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._connect_timers: dict[str, asyncio.TimerHandle] = {}
         self._leader_fd: int | None = None
         self._kick = asyncio.Event()
 
@@ -89,10 +89,6 @@ class LumaProxy:
         )
         loader.add_option(
             "luma_health_timeout", float, 5.0, "Timeout of one health check request."
-        )
-        loader.add_option(
-            "luma_connect_timeout", float, env_float("LUMA_PROXY_CONNECT_TIMEOUT", 5.0),
-            "Timeout for connecting to a container.",
         )
         loader.add_option(
             "luma_trusted_proxies", str, os.environ.get("LUMA_PROXY_TRUSTED_PROXIES", ""),
@@ -126,10 +122,6 @@ class LumaProxy:
                 raise exceptions.OptionsError(str(e)) from None
         if "luma_health_interval" in updated and opts.luma_health_interval <= 0:
             raise exceptions.OptionsError("luma_health_interval must be > 0")
-        if "luma_connect_timeout" in updated:
-            if opts.luma_connect_timeout <= 0:
-                raise exceptions.OptionsError("luma_connect_timeout must be > 0")
-            self.connect_timeout = opts.luma_connect_timeout
         if "luma_state" in updated:
             self.store = Store(opts.luma_state)
             self._signature = None
@@ -188,7 +180,7 @@ class LumaProxy:
                 health[host] = mine
         self.health = health
         self.table.replace(services)
-        self.resolver.forget({s.alias for s in services.values()})
+        self.resolver.forget({self.table.target(s)[0] for s in services.values()})
         if self.checker:
             self.checker.forget(set(services))
         self._kick.set()
@@ -278,6 +270,11 @@ class LumaProxy:
         except Exception:  # fail closed: never let an unrouted request reach the dummy target
             logger.exception("routing failed for %s", flow.request.host_header)
             flow.response = pages.page(500)
+        if flow.response is not None and flow.request.stream:
+            # Answered here (404, 503, redirect...) while a large body is still coming:
+            # mitmproxy can neither stream it nowhere nor answer before reading it all
+            # into memory. Close instead; small bodies are read and answered normally.
+            flow.kill()
 
     async def _route(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:  # answered by an addon before us (ACME, redirect)
@@ -287,6 +284,13 @@ class LumaProxy:
             flow.response = pages.page(400)
             return
         raw_host = request.host_header
+        if request.authority and "host" in request.headers and self.table.canonical(
+            request.authority
+        ) != self.table.canonical(request.headers["host"]):
+            # Absolute-form URL or HTTP/2 :authority naming another host than Host:
+            # refuse rather than pick one (request smuggling, cache poisoning).
+            flow.response = pages.page(400)
+            return
         found = self.table.lookup(raw_host)
         if isinstance(found, Reject):
             flow.response = pages.page(found.status)
@@ -296,7 +300,7 @@ class LumaProxy:
         if (reject := admit(health)) is not None:
             flow.response = pages.page(reject.status)
             return
-        alias, port = service.alias, service.port
+        alias, port = self.table.target(service)
         ips = self.resolver.cached(alias)
         if ips is None:
             ips = await self.resolver.resolve(alias)
@@ -315,8 +319,6 @@ class LumaProxy:
         request.host_header = raw_host  # the setters above rewrote it
         flow.metadata["luma_service"] = service.host
         flow.metadata["luma_ip"] = ip
-        if request.headers.get("transfer-encoding", "").lower() == "chunked":
-            request.stream = True
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Stream what has no length (SSE, long polls) instead of buffering it."""
@@ -328,28 +330,14 @@ class LumaProxy:
             response.stream = True
 
     # --------------------------------------------------- upstream connections
-    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        """Bound the connect: asyncio would wait for the kernel (minutes)."""
-        task = asyncio.current_task()
-        if task is None:
-            return
-        server = data.server
-        self._connect_timers[server.id] = asyncio.get_running_loop().call_later(
-            self.connect_timeout, task.cancel
-        )
-
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        if (timer := self._connect_timers.pop(data.server.id, None)) is not None:
-            timer.cancel()
         if data.server.address:
             self.balancer.restore(data.server.address[0], data.server.address[1])
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
         """Passive ejection: an IP that refused or timed out gets no new requests for a while."""
-        if (timer := self._connect_timers.pop(data.server.id, None)) is not None:
-            timer.cancel()
-        if not data.server.address:
-            return
+        if not data.server.address or data.server.error == CLIENT_GONE:
+            return  # the client left while we connected: that says nothing about the container
         ip, port = data.server.address[0], data.server.address[1]
         delay = self.balancer.eject(ip, port)
         logger.warning("upstream %s:%s failed to connect (%s); out of rotation for %.0fs",
@@ -361,7 +349,14 @@ class LumaProxy:
 
 def all_addons() -> list[Any]:
     """Everything luma-proxy adds to mitmproxy, in hook order."""
+    from .accesslog import AccessLog
+    from .drain import Drain
+    from .limits import Limits
+    from .metrics import Metrics
+    from .requestid import RequestId
+    from .timeouts import Timeouts
     from .tls import Https
 
     router = LumaProxy()
-    return [Https(router), router]
+    return [RequestId(), Limits(), Https(router), router, Timeouts(), AccessLog(), Metrics(),
+            Drain()]

@@ -8,7 +8,6 @@ gives one line on stderr, a non-zero exit, and an untouched state file.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import time
@@ -19,17 +18,18 @@ from typing import Any
 
 import click
 
-from .certificates import (
-    certs_dir,
-    check_pair,
-    directory_url,
-    load_pair,
-    read_status,
-    status_line,
-    store_pair,
+from .models import (
+    Service,
+    State,
+    normalize_host,
+    now,
+    one_line,
+    parse_health_path,
+    parse_name,
+    parse_target,
 )
-from .models import Service, State, normalize_host, now, parse_health_path, parse_name, parse_target
 from .registry import RegistryError, Store, default_state_path
+from .workers import workers_option
 
 TRUE = ("true", "1", "yes", "on")
 FALSE = ("false", "0", "no", "off")
@@ -140,6 +140,8 @@ def deploy(host: str, target: str, project: str, health_path: str, app: str, ssl
         fields = {"name": app or alias, "host": host, "target": f"{alias}:{port}",
                   "project": project, "app": app, "health_path": health_path, "ssl": ssl}
         if custom:
+            from .certificates import certs_dir, store_pair
+
             fields["cert_source"] = "custom"
             # Under the lock, so the files and the state change together.
             store_pair(certs_dir(state_path), host, *custom)
@@ -163,6 +165,8 @@ def read_custom_pair(host: str, cert: str | None, key: str | None) -> tuple[byte
     """Read and check a --tls-cert/--tls-key pair before anything is written."""
     if cert is None and key is None:
         return None
+    from .certificates import check_pair  # cryptography: only imported when needed
+
     if cert is None or key is None:
         raise CliError("--tls-cert and --tls-key go together")
     try:
@@ -280,6 +284,8 @@ def status(ctx: click.Context, as_json: bool, state_path: str) -> None:
 @state_option
 def set_staging(enabled: str, state_path: str) -> None:
     """Use Let's Encrypt's staging server (true) or production (false) for new certificates."""
+    from .certificates import directory_url
+
     value = parse_bool(enabled, "--enabled")
 
     def change(state: State) -> None:
@@ -296,6 +302,8 @@ def set_staging(enabled: str, state_path: str) -> None:
 @state_option
 def cert_status(host: str | None, as_json: bool, state_path: str) -> None:
     """Certificate state of each HTTPS host: active, pending or failed, and expiry."""
+    from .certificates import certs_dir, load_pair, read_status, status_line
+
     state = read(store_for(state_path))
     services = sorted(state.services.values(), key=lambda s: s.host)
     if host is not None:
@@ -347,6 +355,8 @@ def cert_renew(host: str, wait: float, state_path: str) -> None:
         service.renew_requested_at = asked
 
     update(store_for(state_path), change)
+    from .certificates import certs_dir, read_status
+
     root = certs_dir(state_path)
     deadline = time.monotonic() + wait
     while wait and time.monotonic() < deadline:
@@ -376,10 +386,36 @@ def cert_renew(host: str, wait: float, state_path: str) -> None:
 @click.option("--dns", default=None, help="DNS server for aliases (IP:PORT); env LUMA_PROXY_DNS.")
 @click.option("--health-interval", type=click.FloatRange(min=0.01), default=None,
               help="Seconds between health checks (default 30; env LUMA_PROXY_HEALTH_INTERVAL).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+              help="Access log and log lines: text or json (env LUMA_PROXY_LOG_FORMAT).")
+@click.option("--log-query/--no-log-query", default=None,
+              help="Put query strings in the access log (off: they may carry tokens).")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus metrics on this port (default 0: off).")
+@click.option("--metrics-host", default=None, help="Address of --metrics-port (default 127.0.0.1).")
+@click.option("--workers", default="1", show_default=True, metavar="N|auto",
+              callback=workers_option,
+              help="Processes sharing the ports (SO_REUSEPORT); 0 or auto: one per core.")
+@click.option("--worker-index", type=int, default=None, hidden=True)  # set by the supervisor
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=None,
+              help="On SIGTERM, seconds to let in-flight requests finish (default 30).")
+@click.option("--trusted-proxies", default=None, metavar="CIDR,...",
+              help="Peers whose X-Forwarded-* headers are kept (default: none).")
+@click.option("--max-header-size", default=None, help="Largest request head (default 64k).")
+@click.option("--max-body-size", default=None, help="Largest request body (default 1g).")
+@click.option("--connect-timeout", type=click.FloatRange(min=0.001), default=None,
+              help="Seconds to connect to a container (default 5).")
+@click.option("--response-timeout", type=click.FloatRange(min=0.001), default=None,
+              help="Seconds for a container's response headers (default 60).")
+@click.option("--header-timeout", type=click.FloatRange(min=0.001), default=None,
+              help="Seconds for a client's request head / idle keep-alive (default 30).")
 @state_option
 def run(http_port: int, https_port: int, acme_directory: str | None, acme_email: str | None,
         acme_ca_bundle: str | None, listen_host: str, dns: str | None,
-        health_interval: float | None, state_path: str) -> None:
+        health_interval: float | None, state_path: str, log_format: str | None = None,
+        log_query: bool | None = None, metrics_port: int | None = None,
+        metrics_host: str | None = None, workers: int = 1,
+        worker_index: int | None = None, **limits: Any) -> None:
     """Serve: route requests on the HTTP (and HTTPS) port by Host."""
     from .server import RunConfig, serve, setup_logging
 
@@ -392,10 +428,26 @@ def run(http_port: int, https_port: int, acme_directory: str | None, acme_email:
         opts["luma_dns"] = dns
     if health_interval is not None:
         opts["luma_health_interval"] = health_interval
+    for name, value in (("luma_log_format", log_format), ("luma_log_query", log_query),
+                        ("luma_metrics_port", metrics_port), ("luma_metrics_host", metrics_host)):
+        if value is not None:
+            opts[name] = value
+    for flag, value in limits.items():  # --drain-timeout -> luma_drain_timeout, ...
+        if value is not None:
+            opts[f"luma_{flag}"] = value
     setup_logging()
+    from .accesslog import configure_logging, default_log_format
+
+    configure_logging(log_format or default_log_format())  # json: every log line as JSON
     config = RunConfig(listen_host=listen_host, http_port=http_port, https_port=https_port,
-                       options=opts)
+                       options=opts, worker_index=worker_index)
+    if workers > 1 and worker_index is None:
+        from .workers import supervise
+
+        sys.exit(supervise(config, workers, click.get_current_context()))
     try:
+        import asyncio
+
         code = asyncio.run(serve(config))
     except Exception as e:  # options errors and the like: one line, not a trace
         raise CliError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
@@ -412,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         click.echo("Aborted.", err=True)
         sys.exit(1)
     except click.ClickException as e:
-        message = e.format_message().replace("\n", " ")
+        message = one_line(e.format_message().replace("\n", " "))
         if isinstance(e, click.UsageError) and e.ctx is not None:
             message += f" (see '{e.ctx.command_path} --help')"
         click.echo(f"Error: {message}", err=True)

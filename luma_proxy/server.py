@@ -28,6 +28,7 @@ class RunConfig:
     http_port: int = 80
     https_port: int = 0  # 0: no HTTPS listener
     options: dict[str, Any] = field(default_factory=dict)
+    worker_index: int | None = None  # set in the workers of `run --workers N` (workers.py)
 
 
 def lean_addons(ours: list[Any]) -> list[Any]:
@@ -60,7 +61,19 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.getLogger("luma_proxy").setLevel(level)
 
 
+async def graceful_stop(lean: master.Master) -> None:
+    drain = lean.addons.get("drain")
+    try:
+        if drain is not None:
+            await drain.drain()
+    finally:
+        lean.shutdown()
+
+
 async def serve(config: RunConfig) -> int:
+    if config.worker_index is not None:  # one of N processes on the same ports
+        from .workers import enter_worker
+        enter_worker(config.worker_index)
     opts = options.Options()
     lean = master.Master(opts)
     lean.addons.add(*lean_addons(all_addons()))
@@ -69,8 +82,17 @@ async def serve(config: RunConfig) -> int:
     # addon about every option once so that defaults (from env) take effect.
     lean.addons.trigger(hooks.ConfigureHook(set(opts.keys())))
     loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+
+    def on_signal() -> None:
+        """First signal: drain gracefully; a second one: stop now."""
+        if stopping:
+            lean.shutdown()
+            return
+        stopping.append(asyncio.create_task(graceful_stop(lean)))
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lean.shutdown)
+        loop.add_signal_handler(sig, on_signal)
     run = asyncio.create_task(lean.run())
     ps = lean.addons.get("proxyserver")
     # Bringing up the listeners happens inside run(); a failure is only logged there.
@@ -87,5 +109,11 @@ async def serve(config: RunConfig) -> int:
         return 1
     addrs = ", ".join(f"{h}:{p}" for s in ps.servers for h, p, *_ in s.listen_addrs)
     logger.info("listening on %s", addrs)
+    if config.worker_index is not None:
+        from .workers import worker_listening
+        if not worker_listening(ps.servers):  # checks SO_REUSEPORT, tells the supervisor
+            lean.shutdown()
+            await run
+            return 1
     await run
     return 0

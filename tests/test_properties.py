@@ -128,7 +128,7 @@ def test_fifty_concurrent_cli_processes_end_with_exactly_the_expected_services(
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for h in initial]
     assert len(procs) == 50
     for p in procs:
-        _, err = p.communicate(timeout=120)
+        _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
     assert sorted(Store(path).read().services) == sorted(new)
 

@@ -1,0 +1,97 @@
+"""Graceful shutdown: stop accepting, let in-flight requests finish, close idle connections.
+
+On SIGTERM the listeners close first (new connections are refused, so a
+restarted proxy or a sibling worker takes them), then every keep-alive
+connection is closed as soon as it has nothing in flight, responses sent
+meanwhile carry ``Connection: close``, and the process exits once no
+connection is left or the drain timeout has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter
+from typing import Any
+
+from mitmproxy import connection, ctx, http
+
+logger = logging.getLogger("luma_proxy")
+
+POLL = 0.05
+
+
+def env_seconds(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+class Drain:
+    def __init__(self) -> None:
+        self.in_flight: Counter[str] = Counter()  # client connection id -> open flows
+        self.draining = False
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "luma_drain_timeout", float, env_seconds("LUMA_PROXY_DRAIN_TIMEOUT", 30.0),
+            "On SIGTERM, seconds to let in-flight requests finish before exiting.",
+        )
+
+    # ------------------------------------------------------------ bookkeeping
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self.in_flight[flow.client_conn.id] += 1
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if self.draining and flow.response is not None and flow.websocket is None:
+            flow.response.headers["Connection"] = "close"
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is None:  # an open WebSocket stays in flight until it ends
+            self._done(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._done(flow)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self._done(flow)
+
+    def _done(self, flow: http.HTTPFlow) -> None:
+        client = flow.client_conn.id
+        if self.in_flight[client] > 1:
+            self.in_flight[client] -= 1
+        else:
+            self.in_flight.pop(client, None)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.in_flight.pop(client.id, None)
+
+    # --------------------------------------------------------------- shutdown
+    async def drain(self) -> bool:
+        """Stop listening and wait for connections to finish; True if all did in time."""
+        self.draining = True
+        timeout = ctx.options.luma_drain_timeout
+        proxyserver = ctx.master.addons.get("proxyserver")
+        for server in list(proxyserver.servers):
+            await server.stop()
+        logger.info("draining %d connection(s), up to %gs", len(proxyserver.connections), timeout)
+        deadline = time.monotonic() + timeout
+        while proxyserver.connections and time.monotonic() < deadline:
+            for client_id, handler in list(proxyserver.connections.items()):
+                if not self.in_flight.get(client_id):
+                    self._close(handler)
+            await asyncio.sleep(POLL)
+        left = len(proxyserver.connections)
+        if left:
+            logger.warning("drain timeout: closing %d connection(s) with requests in flight",
+                           left)
+        return left == 0
+
+    @staticmethod
+    def _close(handler: Any) -> None:
+        io = handler.transports.get(handler.client)
+        if io is not None and io.handler is not None and not io.handler.done():
+            io.handler.cancel("shutting down")
