@@ -16,6 +16,7 @@ CLIENT_CLOSED = 499
 # What mitmproxy answers when the upstream fails (refused, timeout, bad response).
 UPSTREAM_FAILED = 502
 TOO_LARGE = 413
+BAD_REQUEST = 400
 
 
 def service_host(flow: http.HTTPFlow, router: Any | None) -> str:
@@ -58,6 +59,8 @@ def error_status(flow: http.HTTPFlow) -> int:
         return CLIENT_CLOSED
     if message.startswith("request body exceeds"):
         return TOO_LARGE
+    if "from client" in message:  # mitmproxy refused a malformed or smuggling request
+        return BAD_REQUEST
     return UPSTREAM_FAILED
 
 

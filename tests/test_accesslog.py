@@ -112,6 +112,9 @@ def test_error_status() -> None:
     assert error_status(f) == 499
     f.error = flow.Error("server closed connection")
     assert error_status(f) == 502
+    f.error = flow.Error("Received multiple content-length headers: [b'4', b'40'] from client, "
+                         "refusing to prevent request smuggling attacks.")
+    assert error_status(f) == 400  # what mitmproxy answered the client, not an upstream fault
     f.response = http.Response.make(200)  # headers already sent: a stream cut short
     assert error_status(f) == 200
 
