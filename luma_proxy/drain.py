@@ -11,23 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import Counter
 from typing import Any
 
 from mitmproxy import connection, ctx, http
 
+from .environ import env_float
+
 logger = logging.getLogger("luma_proxy")
 
 POLL = 0.05
-
-
-def env_seconds(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        return default
 
 
 class Drain:
@@ -37,7 +31,7 @@ class Drain:
 
     def load(self, loader: Any) -> None:
         loader.add_option(
-            "luma_drain_timeout", float, env_seconds("LUMA_PROXY_DRAIN_TIMEOUT", 30.0),
+            "luma_drain_timeout", float, env_float("LUMA_PROXY_DRAIN_TIMEOUT", 30.0),
             "On SIGTERM, seconds to let in-flight requests finish before exiting.",
         )
 

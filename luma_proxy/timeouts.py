@@ -10,22 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.proxy import server_hooks
 
+from .environ import env_float
+
 logger = logging.getLogger("luma_proxy")
 
 STREAM_ABOVE = 1024 * 1024  # the addon's stream_large_bodies
-
-
-def env_seconds(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        return default
 
 
 class Timeouts:
@@ -37,15 +31,15 @@ class Timeouts:
 
     def load(self, loader: Any) -> None:
         loader.add_option(
-            "luma_connect_timeout", float, env_seconds("LUMA_PROXY_CONNECT_TIMEOUT", 5.0),
+            "luma_connect_timeout", float, env_float("LUMA_PROXY_CONNECT_TIMEOUT", 5.0),
             "Seconds to connect to a container before giving up (502, IP ejected).",
         )
         loader.add_option(
-            "luma_response_timeout", float, env_seconds("LUMA_PROXY_RESPONSE_TIMEOUT", 60.0),
+            "luma_response_timeout", float, env_float("LUMA_PROXY_RESPONSE_TIMEOUT", 60.0),
             "Seconds a container may take to send response headers after the request (502).",
         )
         loader.add_option(
-            "luma_header_timeout", float, env_seconds("LUMA_PROXY_HEADER_TIMEOUT", 30.0),
+            "luma_header_timeout", float, env_float("LUMA_PROXY_HEADER_TIMEOUT", 30.0),
             "Seconds a client has to send a complete request head, on a new connection or "
             "after the previous response (slow clients, idle keep-alive).",
         )

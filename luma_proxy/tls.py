@@ -21,7 +21,8 @@ from mitmproxy import ctx, http, tls
 
 from . import certificates as c
 from .acme_client import AcmeError, AcmeIssuer, backoff_delay
-from .addon import LumaProxy, env_float
+from .addon import LumaProxy
+from .environ import env_float
 from .models import Service
 
 logger = logging.getLogger("luma_proxy.tls")

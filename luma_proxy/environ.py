@@ -1,0 +1,24 @@
+"""Option defaults from ``LUMA_PROXY_*`` environment variables.
+
+Every addon option can be set from the environment, so that the same settings
+work under ``luma-proxy run``, ``mitmdump -s`` and inside the Docker image.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger("luma_proxy")
+
+
+def env_float(name: str, default: float) -> float:
+    """The variable as a number; a malformed value is ignored (and said so), not fatal."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        logger.warning("ignoring %s=%r: not a number", name, raw)
+        return default
