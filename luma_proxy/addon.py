@@ -21,6 +21,7 @@ from mitmproxy.proxy import server_hooks
 
 from . import pages
 from .balancer import Balancer
+from .environ import env_float
 from .forwarding import Network, parse_trusted_proxies, set_forwarding_headers
 from .health import HealthChecker, unhealthy_ips
 from .models import Health, Service, Settings
@@ -44,14 +45,6 @@ ENGINE_OPTIONS: dict[str, Any] = {
 CLIENT_GONE = "client disconnected"
 # Where requests would go if the addon ever failed to route one: nothing listens there.
 DUMMY_REVERSE = "reverse:http://127.0.0.1:1/"
-
-
-def env_float(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        logger.warning("ignoring %s=%r: not a number", name, os.environ.get(name))
-        return default
 
 
 class LumaProxy:
