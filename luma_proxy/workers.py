@@ -483,18 +483,13 @@ class Supervisor:
                 print(f"luma-proxy: {e}", file=sys.stderr)
                 self._stop(signal.SIGTERM, quiet=True)
                 return 1
-            now = time.monotonic()
-            for slot in self.slots:
-                if slot.proc is None and slot.restart_at is not None and slot.restart_at <= now \
-                        and not self.signals:
-                    self._spawn(slot)
 
     def _await_ready(self, slots: list[Slot]) -> None:
         """Wait until these workers listen; raise StartFailed if one exits."""
         while not all(s.ready for s in slots):
             if self.signals:
                 raise _Stopping(self.signals.pop(0))
-            self._tick(1.0, starting=True)
+            self._tick(min(1.0, self._next_timeout()), starting=True)
 
     def _open_gate(self) -> None:
         """Worker 0 listens: the others may apply options and bind (restarts need no turn)."""
@@ -546,6 +541,11 @@ class Supervisor:
             if slot.proc is not None and (code := slot.proc.poll()) is not None:
                 self._read(slot)  # a "ready" sent just before exiting
                 self._exited(slot, code, starting)
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.proc is None and slot.restart_at is not None and slot.restart_at <= now \
+                    and not self.signals:
+                self._spawn(slot)
 
     def _read(self, slot: Slot) -> None:
         if slot.channel is None:
@@ -577,7 +577,7 @@ class Supervisor:
         self._close_channel(slot)
         slot.proc, slot.ready, slot.last_code = None, False, code
         self.on_exit(pid)
-        if starting:
+        if starting and not was_ready:
             # Exit code 1: the worker printed its reason (a CLI error, "cannot listen").
             raise StartFailed("" if code == 1 else
                               f"worker {slot.index} {describe_exit(code)} before listening")
