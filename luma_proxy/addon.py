@@ -332,9 +332,15 @@ class LumaProxy:
         if not data.server.address or data.server.error == CLIENT_GONE:
             return  # the client left while we connected: that says nothing about the container
         ip, port = data.server.address[0], data.server.address[1]
+        self.resolver.expire_ip(ip)
         delay = self.balancer.eject(ip, port)
         logger.warning("upstream %s:%s failed to connect (%s); out of rotation for %.0fs",
                        ip, port, data.server.error, delay)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        """The container failed mid-request (reset, died): ask DNS again before the TTL."""
+        if flow.response is None and (ip := flow.metadata.get("luma_ip")):
+            self.resolver.expire_ip(ip)
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.balancer.release(client.id)

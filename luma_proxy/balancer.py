@@ -66,6 +66,10 @@ class Balancer:
         """Take ``ip:port`` out of rotation; repeated failures back off longer."""
         now = time.monotonic() if now is None else now
         previous = self._ejected.get((ip, port))
+        if previous is not None and previous.until > now:
+            # Connects already under way when the IP died fail in the same burst:
+            # one failure, not several strikes (else a restarted replica waits 30 s).
+            return previous.until - now
         strikes = previous.strikes + 1 if previous else 1
         delay = min(EJECT_BASE * 2 ** (strikes - 1), EJECT_MAX)
         self._ejected[(ip, port)] = _Ejection(now + delay, strikes)

@@ -161,6 +161,17 @@ class Resolver:
         self._cache[alias] = _Entry(answer, time.monotonic() + self.ttl)
         return answer
 
+    def expire_ip(self, ip: str) -> None:
+        """A container at ``ip`` failed: answers holding it are asked again on next use.
+
+        After a container dies its alias's answer has usually changed already;
+        re-asking at once, instead of at the end of the TTL, stops routing more
+        requests to it. The old answer stays as the fallback if DNS fails.
+        """
+        for entry in self._cache.values():
+            if ip in entry.ips:
+                entry.expires = 0.0
+
     def forget(self, keep: set[str]) -> None:
         """Drop cache entries of aliases no longer routed (bounded memory)."""
         for alias in [a for a in self._cache if a not in keep]:

@@ -108,14 +108,28 @@ def test_ejection_expires() -> None:
 
 def test_ejection_backoff_grows_and_is_capped() -> None:
     b = Balancer()
-    delays = [b.eject("10.0.0.1", 3000, now=T0 + i) for i in range(8)]
+    delays, t = [], T0
+    for _ in range(8):  # each failure comes when the previous ejection has run out
+        delay = b.eject("10.0.0.1", 3000, now=t)
+        delays.append(delay)
+        t += delay
     assert delays[:4] == [EJECT_BASE, 2 * EJECT_BASE, 4 * EJECT_BASE, 8 * EJECT_BASE]
     assert delays == sorted(delays)
-    assert max(delays) == EJECT_MAX
     assert delays[-1] == EJECT_MAX
-    # The last strike (at T0 + 7) ejects until T0 + 7 + EJECT_MAX.
-    assert b.is_ejected("10.0.0.1", 3000, now=T0 + 7 + EJECT_MAX - 0.01)
-    assert not b.is_ejected("10.0.0.1", 3000, now=T0 + 7 + EJECT_MAX)
+    last = t - delays[-1]
+    assert b.is_ejected("10.0.0.1", 3000, now=last + EJECT_MAX - 0.01)
+    assert not b.is_ejected("10.0.0.1", 3000, now=last + EJECT_MAX)
+
+
+def test_a_burst_of_failures_is_one_strike() -> None:
+    """Connects under way when an IP dies all fail at once: that is one failure."""
+    b = Balancer()
+    burst = [b.eject("10.0.0.1", 3000, now=T0 + i * 0.001) for i in range(5)]
+    assert burst[0] == EJECT_BASE
+    assert all(d <= EJECT_BASE for d in burst)
+    assert not b.is_ejected("10.0.0.1", 3000, now=T0 + EJECT_BASE)
+    # The next failure after the ejection ran out is the second strike.
+    assert b.eject("10.0.0.1", 3000, now=T0 + EJECT_BASE) == 2 * EJECT_BASE
 
 
 def test_restore_resets_strikes() -> None:

@@ -224,3 +224,20 @@ def test_cached_respects_now(dns: FakeDockerDNS) -> None:
     assert r.cached("blog", now=time.monotonic() + 9) == ("127.0.0.2",)
     assert r.cached("blog", now=time.monotonic() + 11) is None
     assert r.cached("other") is None
+
+
+def test_expire_ip_asks_again_before_the_ttl(dns: FakeDockerDNS) -> None:
+    dns.set_alias("blog", ["127.0.0.2", "127.0.0.3"])
+    dns.set_alias("shop", ["127.0.0.4"])
+    r = resolver(dns, ttl=60)
+
+    async def scenario() -> None:
+        await r.resolve("blog")
+        await r.resolve("shop")
+        dns.set_alias("blog", ["127.0.0.3"])  # .2 died and left the alias
+        r.expire_ip("127.0.0.2")
+        assert r.cached("blog") is None  # asked again on next use, not in 60 s
+        assert r.cached("shop") == ("127.0.0.4",)  # other aliases keep their answer
+        assert await r.resolve("blog") == ("127.0.0.3",)
+
+    asyncio.run(scenario())
