@@ -56,9 +56,35 @@ def set_forwarding_headers(
         headers.setdefault("X-Forwarded-Host", host)
         headers.setdefault("X-Real-IP", chain.split(",")[0].strip() if chain else peer_ip)
         return
-    headers["X-Forwarded-For"] = peer_ip
-    headers["X-Forwarded-Proto"] = scheme
-    headers["X-Forwarded-Host"] = host
-    headers["X-Real-IP"] = peer_ip
-    for name in ("Forwarded", "X-Forwarded-Port", "X-Forwarded-Server", "X-Client-IP"):
-        headers.pop(name, None)
+    _replace_untrusted(headers, (peer_ip, scheme, host, peer_ip))
+
+
+_SET = tuple(n.encode() for n in FORWARDING_HEADERS)
+_SET_LOWER = tuple(n.lower() for n in _SET)
+_DROPPED = frozenset(
+    (b"forwarded", b"x-forwarded-port", b"x-forwarded-server", b"x-client-ip", *_SET_LOWER)
+)
+
+
+def _replace_untrusted(headers: http.Headers, values: tuple[str, str, str, str]) -> None:
+    """Set the four headers and drop the spoofable rest, in one pass over the fields.
+
+    Same result as ``headers[name] = value`` for each of ``FORWARDING_HEADERS`` followed by
+    ``headers.pop(name, None)`` for each dropped one (the first copy of a header keeps its
+    place and spelling, later copies go, absent ones are appended in order), without the
+    eight scans over every header that those cost per request.
+    """
+    pending = {
+        lower: value.encode("utf-8", "surrogateescape")
+        for lower, value in zip(_SET_LOWER, values, strict=True)
+    }
+    fields = []
+    for field in headers.fields:
+        lower = field[0].lower()
+        if lower in pending:
+            fields.append((field[0], pending.pop(lower)))
+        elif lower not in _DROPPED:
+            fields.append(field)
+    fields += [(name, pending[lower]) for name, lower in zip(_SET, _SET_LOWER, strict=True)
+               if lower in pending]
+    headers.fields = tuple(fields)

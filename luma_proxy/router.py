@@ -32,9 +32,27 @@ class HostTable:
     def __init__(self, services: dict[str, Service] | None = None) -> None:
         self.services: dict[str, Service] = services or {}
         self._canonical: dict[str, str | None] = {}
+        self._targets: dict[str, tuple[str, int]] = {}
 
     def replace(self, services: dict[str, Service]) -> None:
         self.services = services
+        self._targets = {}
+
+    def target(self, service: Service) -> tuple[str, int]:
+        """``(service.alias, service.port)``, split once per service and view, not per request.
+
+        ``service.target`` was validated into ``alias:port`` / ``[v6]:port`` form, so a
+        split gives what ``parse_target`` would, at a fraction of the cost (10,000 services).
+        """
+        try:
+            return self._targets[service.host]
+        except KeyError:
+            pass
+        alias, _, port = service.target.rpartition(":")
+        if alias.startswith("["):
+            alias = alias[1:-1]
+        target = self._targets[service.host] = (alias, int(port))
+        return target
 
     def canonical(self, raw: str) -> str | None:
         try:

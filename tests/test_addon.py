@@ -125,3 +125,20 @@ def test_sse_and_unsized_responses_are_streamed() -> None:
         f.response.headers["content-length"] = "10"
         addon.responseheaders(f)
         assert not f.response.stream
+
+
+def test_client_leaving_during_connect_does_not_eject_the_container() -> None:
+    """mitmproxy cancels a pending upstream connect when the client goes away; the
+    container did nothing wrong, so it must stay in rotation (a refusal still ejects)."""
+    from mitmproxy.proxy import server_hooks
+    from mitmproxy.test import tflow as tf
+
+    addon = LumaProxy()
+    client, server = tf.tclient_conn(), tf.tserver_conn()
+    server.address = ("127.0.0.9", 3000)
+    server.error = "client disconnected"
+    addon.server_connect_error(server_hooks.ServerConnectionHookData(server=server, client=client))
+    assert not addon.balancer.is_ejected("127.0.0.9", 3000)
+    server.error = "Connection refused"
+    addon.server_connect_error(server_hooks.ServerConnectionHookData(server=server, client=client))
+    assert addon.balancer.is_ejected("127.0.0.9", 3000)

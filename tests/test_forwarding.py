@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from mitmproxy import http
 
 from luma_proxy.forwarding import is_trusted, parse_trusted_proxies, set_forwarding_headers
@@ -146,3 +148,29 @@ def test_parse_trusted_proxies_errors(value: str) -> None:
     with pytest.raises(ValueError, match="invalid trusted proxy") as info:
         parse_trusted_proxies(value)
     assert "\n" not in str(info.value)
+
+
+def _reference_untrusted(h: http.Headers, peer: str, scheme: str, host: str) -> None:
+    """The straightforward version the one-pass implementation must equal."""
+    h["X-Forwarded-For"] = peer
+    h["X-Forwarded-Proto"] = scheme
+    h["X-Forwarded-Host"] = host
+    h["X-Real-IP"] = peer
+    for name in ("Forwarded", "X-Forwarded-Port", "X-Forwarded-Server", "X-Client-IP"):
+        h.pop(name, None)
+
+
+_NAMES = ["Host", "Accept", "X-Forwarded-For", "x-forwarded-for", "X-FORWARDED-PROTO",
+          "X-Forwarded-Host", "X-Real-Ip", "Forwarded", "x-forwarded-port",
+          "X-Forwarded-Server", "X-Client-IP", "Cookie", "X-Request-ID"]
+
+
+@given(st.lists(st.tuples(st.sampled_from(_NAMES), st.text(max_size=8)), max_size=12),
+       st.sampled_from(["http", "https"]), st.text(min_size=1, max_size=12))
+def test_one_pass_equals_reference(pairs: list[tuple[str, str]], scheme: str,
+                                   host: str) -> None:
+    fields = [(k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in pairs]
+    ours, reference = http.Headers(fields), http.Headers(fields)
+    set_forwarding_headers(ours, "203.0.113.9", scheme, host)
+    _reference_untrusted(reference, "203.0.113.9", scheme, host)
+    assert ours.fields == reference.fields

@@ -85,3 +85,20 @@ def test_admit() -> None:
     assert admit(Health(healthy=False)) == Reject(503, "service unhealthy")
     # One dead container does not refuse the service.
     assert admit(Health(healthy=True, containers={"10.0.0.1": False, "10.0.0.2": True})) is None
+
+
+def test_target_is_parsed_once_per_view() -> None:
+    table = HostTable({"blog.com": svc("blog.com")})
+    service = table.services["blog.com"]
+    assert table.target(service) == (service.alias, service.port)
+    assert table.target(service) is table.target(service)
+    moved = service.model_copy(update={"target": "other:4000"})
+    table.replace({"blog.com": moved})
+    assert table.target(moved) == ("other", 4000)
+
+
+@pytest.mark.parametrize("target", ["blog:3000", "Blog.Internal:80", "10.0.0.7:8080",
+                                    "[fd00::7]:3000", "[::1]:1"])
+def test_target_split_matches_the_model(target: str) -> None:
+    service = Service(name="x", host="blog.com", target=target, project="p")
+    assert HostTable({"blog.com": service}).target(service) == (service.alias, service.port)
