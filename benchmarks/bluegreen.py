@@ -11,13 +11,10 @@ the host registered through the CLI) with the harness in
   flow (start green, /up per IP, move the alias, wait, SIGTERM blue) runs
   ``--switches`` times, alternating colours. Any non-2xx answer or connection
   error is a failed request.
-* ``--harsh``: the same load, with the old colour SIGKILLed instead of stopped:
-  right after the switch; while it is still in the alias next to green; and
-  (for reference) the wrong order, killed while it alone carries the alias.
-
-``--variant proposed`` runs the proxy with the change proposed in
-docs/zero-downtime.md (a failed container connection expires the cached alias
-answers holding its IP), applied by monkeypatching, to measure what it buys.
+* ``--harsh``: the same load, with the old colour stopped the wrong way: SIGTERM
+  without the drain wait; ``docker stop`` while still in the alias next to green;
+  SIGKILL right after the switch; SIGKILL while still in the alias next to green;
+  and (for reference) the wrong order, killed while it alone carries the alias.
 """
 
 from __future__ import annotations
@@ -32,7 +29,6 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -49,7 +45,6 @@ from tests.e2e.bluegreen import (  # noqa: E402
     percentile,
 )
 
-PROPOSED = "_proxy-with-proposed-change"
 HARSH = {
     "no-wait": "SIGTERM (graceful) blue right after the switch, without the drain wait",
     "stop-in-alias": "`docker stop` (SIGTERM) blue while the alias answers blue + green, "
@@ -63,53 +58,13 @@ HARSH = {
 
 
 # --------------------------------------------------------------------------------------
-# The proposed product change, for --variant proposed (runs inside the proxy process)
-# --------------------------------------------------------------------------------------
-
-
-def run_proposed_proxy(argv: list[str]) -> None:
-    """``luma-proxy`` with: a refused/timed-out connect, or a request that died on its
-    container without a response, expires every cached alias answer holding that IP, so
-    the next request asks DNS again instead of trusting a stale answer for up to a TTL."""
-    from luma_proxy import addon, cli, resolver
-
-    def expire_ip(self: Any, ip: str) -> None:
-        for entry in self._cache.values():
-            if ip in entry.ips:
-                entry.expires = 0.0  # stale, but kept as the fallback if DNS fails
-
-    resolver.Resolver.expire_ip = expire_ip  # type: ignore[attr-defined]
-    connect_error = addon.LumaProxy.server_connect_error
-    previous_error = getattr(addon.LumaProxy, "error", None)
-
-    def server_connect_error(self: Any, data: Any) -> None:
-        connect_error(self, data)
-        if data.server.address:
-            self.resolver.expire_ip(data.server.address[0])
-
-    def error(self: Any, flow: Any) -> None:
-        if previous_error is not None:
-            previous_error(self, flow)
-        if flow.response is None and (ip := flow.metadata.get("luma_ip")):
-            self.resolver.expire_ip(ip)
-
-    addon.LumaProxy.server_connect_error = server_connect_error  # type: ignore[method-assign]
-    addon.LumaProxy.error = error  # type: ignore[attr-defined]
-    cli.main(argv)
-
-
-# --------------------------------------------------------------------------------------
 # Runs
 # --------------------------------------------------------------------------------------
 
 
 def deployment(args: argparse.Namespace, name: str, strategy: str = "alias") -> Deployment:
-    command: tuple[str, ...] | None = None
-    if args.variant == "proposed":
-        command = (sys.executable, str(Path(__file__).resolve()), PROPOSED, "run")
-    kw: dict[str, Any] = {"proxy_command": command} if command else {}
     return Deployment(Path(args.workdir) / name, replicas=args.replicas, drain=args.drain,
-                      strategy=strategy, **kw)
+                      strategy=strategy)
 
 
 def load_for(dep: Deployment, args: argparse.Namespace) -> LoadGenerator:
@@ -278,9 +233,6 @@ def print_harsh(results: list[tuple[str, Figures, Deployment, list[Sample]]],
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == [PROPOSED]:
-        run_proposed_proxy(argv[1:])
-        return 0
     p = argparse.ArgumentParser(prog="benchmarks/bluegreen.py", description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load (graceful run)")
     p.add_argument("--switches", type=int, default=6, help="alias switches in the graceful run")
@@ -296,8 +248,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--harsh", action="store_true", help="also run the SIGKILL cases")
     p.add_argument("--harsh-switches", type=int, default=3, help="deploys per harsh case")
     p.add_argument("--only-harsh", action="store_true", help="skip the graceful run")
-    p.add_argument("--variant", choices=("as-is", "proposed"), default="as-is",
-                   help="proposed: the proxy with the change proposed in docs/zero-downtime.md")
     p.add_argument("--workdir", default=None, help="keep proxy logs here (default: temp dir)")
     args = p.parse_args(argv)
 
@@ -306,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"## luma-proxy blue-green benchmark\n\n"
               f"`{shlex.join(['.venv/bin/python', 'benchmarks/bluegreen.py', *argv])}`\n")
         print("\n".join(machine()))
-        print(f"- proxy: `luma-proxy run` ({args.variant}), defaults "
-              f"(alias cache 1 s, health every 30 s, connect timeout 5 s)\n")
+        print("- proxy: `luma-proxy run`, defaults "
+              "(alias cache 1 s, health every 30 s, connect timeout 5 s)\n")
         ok = True
         if not args.only_harsh:
             for strategy in args.strategy:

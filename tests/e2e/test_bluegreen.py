@@ -84,7 +84,10 @@ def test_switches_under_load_lose_nothing(deployment: Deployment) -> None:
         # Every keep-alive client reached the new colour, on the connection it already had.
         assert sw.observed, sw
         assert sw.keepalive_moved == sw.keepalive_total == 20
-        assert sw.lag <= LAG_BOUND, sw
+        # No request sent later than TTL + 0.5 s after the switch reached the old colour.
+        # (The benchmark reports the response-time lag too; in a test on a shared
+        # machine that adds queueing the proxy does not control.)
+        assert sw.last_old_sent <= LAG_BOUND, sw
     assert {s.conn for s in samples if s.kind == "keepalive"} == {1}
     for sw in dep.switches:
         assert sw.old_returncodes == [0, 0]  # graceful exits, nothing left to kill
@@ -107,7 +110,7 @@ def test_retargeting_the_host_loses_nothing_either(tmp_path: Path) -> None:
         figures = analyse(samples, dep)
         assert figures.failed == 0, explain(samples, dep)
         (sw,) = figures.switches
-        assert sw.observed and sw.lag <= LAG_BOUND, sw
+        assert sw.observed and sw.last_old_sent <= LAG_BOUND, sw
         assert {s.conn for s in samples if s.kind == "keepalive"} == {1}
 
 
