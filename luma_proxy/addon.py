@@ -32,6 +32,7 @@ from .router import HostTable, Reject, admit
 logger = logging.getLogger("luma_proxy")
 
 RELOAD_POLL = 0.2
+UNHEALTHY_RECHECK = 2.0  # seconds between checks of a service that is unhealthy
 # Options of mitmproxy's own addons that routing by Host needs. Options of
 # built-ins a lean master does not load are simply absent, so each is optional.
 ENGINE_OPTIONS: dict[str, Any] = {
@@ -206,25 +207,41 @@ class LumaProxy:
         return True
 
     async def _health_loop(self) -> None:
+        """Every service each interval; new or changed ones at once; unhealthy ones often.
+
+        An unhealthy service is re-checked every ``UNHEALTHY_RECHECK`` seconds, so a
+        transient failure (a container restarting, an alias not yet attached when
+        the proxy starts) costs seconds of 503, not a whole interval.
+        """
         self.checker = HealthChecker(self.resolver, self._report, ctx.options.luma_health_timeout)
-        next_round = 0.0
+        next_round = next_recheck = 0.0
         while True:
+            interval = ctx.options.luma_health_interval
+            recheck = min(UNHEALTHY_RECHECK, interval)
             try:
                 if self.is_leader():
                     services = list(self.table.services.values())
-                    if time.monotonic() >= next_round:
-                        next_round = time.monotonic() + ctx.options.luma_health_interval
+                    now = time.monotonic()
+                    if now >= next_round:
+                        next_round, next_recheck = now + interval, now + recheck
                         await self.checker.check_all(services, self.health)
                     elif fresh := self.checker.unchecked(services):
                         await self.checker.check_all(fresh, self.health)
+                    elif now >= next_recheck:
+                        next_recheck = now + recheck
+                        failing = [s for s in services
+                                   if self.health.get(s.host, s.health).healthy is False]
+                        await self.checker.check_all(failing, self.health)
                 else:
-                    next_round = time.monotonic() + ctx.options.luma_health_interval
+                    next_round = next_recheck = time.monotonic() + interval
             except Exception:
                 logger.exception("health check round failed")
             self._kick.clear()
+            wake = next_round
+            if any(h.healthy is False for h in self.health.values()):
+                wake = min(wake, next_recheck)
             with contextlib.suppress(TimeoutError):
-                delay = max(0.05, next_round - time.monotonic())
-                await asyncio.wait_for(self._kick.wait(), delay)
+                await asyncio.wait_for(self._kick.wait(), max(0.05, wake - time.monotonic()))
 
     def _report(self, results: dict[str, tuple[tuple, Health]]) -> None:
         """Take fresh results into the view at once, then persist them."""

@@ -196,3 +196,19 @@ def test_port_in_use_is_one_line_and_nonzero(start_proxy, tmp_path):
     )
     assert result.returncode != 0
     assert "cannot listen" in result.stderr
+
+
+def test_unhealthy_service_is_rechecked_often_not_once_per_interval(
+        dns, containers, cli, start_proxy) -> None:
+    # The alias does not resolve yet when the proxy starts (the network is connected
+    # a moment later, as in a container restart): one failed check must not mean a
+    # whole interval (here 600 s) of 503.
+    port = free_port()
+    c = containers("blog-1", port=port)
+    cli("deploy", "--host", "blog.test", "--target", f"blog:{port}", "--project", "p")
+    proxy = start_proxy("run", env={"LUMA_PROXY_HEALTH_INTERVAL": "600"})
+    wait_until(lambda: proxy.get("blog.test").status == 503, timeout=10)
+    dns.set_alias("blog", [c.ip])
+    healed = time.monotonic()
+    wait_until(lambda: proxy.get("blog.test").status == 200, timeout=15)
+    assert time.monotonic() - healed < 10
