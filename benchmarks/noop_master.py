@@ -1,0 +1,73 @@
+"""The lean master of ``luma-proxy run`` with a no-op routing addon instead of luma-proxy's.
+
+The reference for "what does luma-proxy's own code cost": the same five built-in
+addons (``server.lean_addons``), the same listener specs (``server.modes``), the
+same engine options, and one addon that sends every request to a fixed upstream
+and does nothing else (no lookup, no health, no headers, no log, no metrics).
+
+    python benchmarks/noop_master.py --port 8080 --upstream 127.0.0.1:8081 \
+        [--https-port 8443 --cert PEM]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mitmproxy import hooks, http, master, options
+
+from luma_proxy.server import RunConfig, lean_addons, modes
+
+
+class NoopRoute:
+    """Route every request to one upstream; keep the Host header as sent."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        request = flow.request
+        raw_host = request.host_header
+        request.scheme = "http"
+        request.host = self.host
+        request.port = self.port
+        request.host_header = raw_host
+
+
+async def serve(args: argparse.Namespace) -> None:
+    host, _, port = args.upstream.rpartition(":")
+    opts = options.Options()
+    lean = master.Master(opts)
+    lean.addons.add(*lean_addons([NoopRoute(host, int(port))]))
+    config = RunConfig(listen_host=args.listen_host, http_port=args.port,
+                       https_port=args.https_port)
+    extra: dict[str, Any] = {"keep_host_header": True, "connection_strategy": "lazy"}
+    if args.cert:
+        extra["certs"] = [f"*={args.cert}"]
+    opts.update(mode=modes(config), **extra)
+    lean.addons.trigger(hooks.ConfigureHook(set(opts.keys())))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lean.shutdown)
+    await lean.run()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--listen-host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--https-port", type=int, default=0)
+    parser.add_argument("--upstream", required=True, help="IP:PORT every request goes to")
+    parser.add_argument("--cert", default="", help="PEM (certificate + key) for HTTPS")
+    asyncio.run(serve(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
