@@ -24,7 +24,7 @@ from .balancer import Balancer
 from .environ import env_float
 from .forwarding import Network, parse_trusted_proxies, set_forwarding_headers
 from .health import HealthChecker, unhealthy_ips
-from .models import Health, Service, Settings
+from .models import Health, Service, Settings, State
 from .registry import RegistryError, Store, default_state_path
 from .resolver import Resolver, parse_dns_server
 from .router import HostTable, Reject, admit
@@ -148,12 +148,32 @@ class LumaProxy:
         signature = self.store.signature()
         if signature == self._signature:
             return False
+        return self._take(signature, self._read())
+
+    async def reload_in_background(self) -> bool:
+        """As ``reload``, with the read and validation off the event loop.
+
+        Parsing a big registry takes long enough (about a second for 10,000
+        services) that doing it on the loop would stop all traffic meanwhile.
+        """
+        assert self.store is not None
+        signature = self.store.signature()
+        if signature == self._signature:
+            return False
+        return self._take(signature, await asyncio.to_thread(self._read))
+
+    def _read(self) -> State | RegistryError:
+        assert self.store is not None
         try:
-            state = self.store.read()
+            return self.store.read()
         except RegistryError as e:
-            if str(e) != self._last_error:
-                logger.error("keeping the last good routes: %s", e)
-                self._last_error = str(e)
+            return e
+
+    def _take(self, signature: object, state: State | RegistryError) -> bool:
+        if isinstance(state, RegistryError):
+            if str(state) != self._last_error:
+                logger.error("keeping the last good routes: %s", state)
+                self._last_error = str(state)
             return False
         self._signature = signature
         self._last_error = None
@@ -183,7 +203,7 @@ class LumaProxy:
         while True:
             await asyncio.sleep(RELOAD_POLL)
             try:
-                self.reload()
+                await self.reload_in_background()
             except Exception:  # never let the reloader die
                 logger.exception("reload failed")
 
