@@ -25,7 +25,7 @@ from .environ import env_float
 from .forwarding import Network, parse_trusted_proxies, set_forwarding_headers
 from .health import HealthChecker, unhealthy_ips
 from .models import Health, Service, Settings, State
-from .registry import RegistryError, Store, default_state_path
+from .registry import RegistryError, StateReader, Store, default_state_path
 from .resolver import Resolver, parse_dns_server
 from .router import HostTable, Reject, admit
 
@@ -57,6 +57,7 @@ class LumaProxy:
         self.balancer = Balancer()
         self.resolver = Resolver()
         self.store: Store | None = None
+        self._reader = StateReader()
         self.settings = Settings()
         self.trusted: tuple[Network, ...] = ()
         self.checker: HealthChecker | None = None
@@ -118,6 +119,7 @@ class LumaProxy:
             raise exceptions.OptionsError("luma_health_interval must be > 0")
         if "luma_state" in updated:
             self.store = Store(opts.luma_state)
+            self._reader = StateReader()
             self._signature = None
             self.reload()  # routes are in place before the first request
 
@@ -165,7 +167,7 @@ class LumaProxy:
     def _read(self) -> State | RegistryError:
         assert self.store is not None
         try:
-            return self.store.read()
+            return self.store.read(self._reader)
         except RegistryError as e:
             return e
 

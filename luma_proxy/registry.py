@@ -17,10 +17,11 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
-from .models import STATE_VERSION, State, one_line
+from .models import STATE_VERSION, Health, Service, Settings, State, one_line
 
 DEFAULT_STATE = "/var/lib/luma-proxy/state.json"
 
@@ -62,6 +63,54 @@ def parse_state(data: bytes) -> State:
     return state
 
 
+class StateReader:
+    """Parses successive versions of one state file, validating only what changed.
+
+    The running proxy re-reads the file after every change, and the file changes
+    after every health round; with 10,000 services, validating every entry each
+    time cost ~0.5 s of CPU. An entry whose desired part is unchanged keeps its
+    ``Service``; only its health is validated again, when it changed. Anything
+    unexpected falls back to ``parse_state``, which also words the errors.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[dict[str, Any], Any, Service]] = {}
+
+    def parse(self, data: bytes) -> State:
+        try:
+            state, seen = self._parse(data)
+        except Exception:
+            self._seen = {}
+            return parse_state(data)
+        self._seen = seen
+        return state
+
+    def _parse(self, data: bytes) -> tuple[State, dict[str, tuple[dict[str, Any], Any, Service]]]:
+        raw = json.loads(data)
+        if raw.get("version", STATE_VERSION) != STATE_VERSION:
+            raise ValueError("version")
+        services: dict[str, Service] = {}
+        seen = {}
+        for key, entry in raw.get("services", {}).items():
+            health_raw = entry.get("health")
+            desired = {k: v for k, v in entry.items() if k != "health"}
+            previous = self._seen.get(key)
+            if previous is not None and previous[0] == desired:
+                service = previous[2]
+                if previous[1] != health_raw:
+                    health = Health.model_validate(health_raw if health_raw is not None else {})
+                    service = service.model_copy(update={"health": health})
+            else:
+                service = Service.model_validate(entry)
+                if service.host != key:
+                    raise ValueError("key")
+            seen[key] = (desired, health_raw, service)
+            services[key] = service
+        settings = Settings.model_validate(raw.get("settings", {}))
+        return State.model_construct(version=STATE_VERSION, services=services,
+                                     settings=settings), seen
+
+
 def dump_state(state: State) -> bytes:
     return (state.model_dump_json(indent=2) + "\n").encode()
 
@@ -73,7 +122,7 @@ class Store:
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
 
-    def read(self) -> State:
+    def read(self, reader: StateReader | None = None) -> State:
         """The current state; a missing file is an empty registry."""
         try:
             data = self.path.read_bytes()
@@ -81,7 +130,7 @@ class Store:
             return State()
         except OSError as e:
             raise RegistryError(f"cannot read state file {self.path}: {e.strerror}") from None
-        return parse_state(data)
+        return reader.parse(data) if reader is not None else parse_state(data)
 
     def signature(self) -> tuple[int, int, int, int] | None:
         """Cheap change detector for the reloader: (inode, size, mtime_ns, ctime_ns)."""

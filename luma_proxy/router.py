@@ -32,11 +32,12 @@ class HostTable:
     def __init__(self, services: dict[str, Service] | None = None) -> None:
         self.services: dict[str, Service] = services or {}
         self._canonical: dict[str, str | None] = {}
-        self._targets: dict[str, tuple[str, int]] = {}
+        self._targets: dict[str, tuple[Service, str, int]] = {}
 
     def replace(self, services: dict[str, Service]) -> None:
         self.services = services
-        self._targets = {}
+        for host in [h for h in self._targets if h not in services]:
+            del self._targets[host]
 
     def target(self, service: Service) -> tuple[str, int]:
         """``(service.alias, service.port)``, split once per service and view, not per request.
@@ -44,15 +45,14 @@ class HostTable:
         ``service.target`` was validated into ``alias:port`` / ``[v6]:port`` form, so a
         split gives what ``parse_target`` would, at a fraction of the cost (10,000 services).
         """
-        try:
-            return self._targets[service.host]
-        except KeyError:
-            pass
+        cached = self._targets.get(service.host)
+        if cached is not None and cached[0] is service:  # a reload keeps unchanged services
+            return cached[1], cached[2]
         alias, _, port = service.target.rpartition(":")
         if alias.startswith("["):
             alias = alias[1:-1]
-        target = self._targets[service.host] = (alias, int(port))
-        return target
+        self._targets[service.host] = (service, alias, int(port))
+        return alias, int(port)
 
     def canonical(self, raw: str) -> str | None:
         try:

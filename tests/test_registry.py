@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import multiprocessing
 import os
@@ -365,3 +366,42 @@ def test_reader_never_sees_a_broken_file(tmp_path: Path) -> None:
         writer.join(timeout=10)
     assert reads > 50
     assert len(versions) > 5, "the writer did not actually write while we read"
+
+
+def test_state_reader_matches_parse_state_and_reuses_unchanged_services() -> None:
+    from luma_proxy.registry import StateReader
+
+    at = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+
+    def state_with(targets: dict[str, str], healthy: bool | None = None) -> State:
+        state = State()
+        for host, target in targets.items():
+            state.services[host] = Service(name="x", host=host, target=target, project="p",
+                                           created_at=at, updated_at=at)
+            state.services[host].health.healthy = healthy
+        return state
+
+    reader = StateReader()
+    first = dump_state(state_with({"a.test": "a:1", "b.test": "b:1"}))
+    one = reader.parse(first)
+    assert one == parse_state(first)
+
+    second = dump_state(state_with({"a.test": "a:1", "b.test": "b:2", "c.test": "c:1"}))
+    two = reader.parse(second)
+    assert two == parse_state(second)
+    assert two.services["a.test"] is one.services["a.test"]  # unchanged: not validated again
+    assert two.services["b.test"] is not one.services["b.test"]
+
+    third = dump_state(state_with({"a.test": "a:1", "b.test": "b:2", "c.test": "c:1"}, False))
+    three = reader.parse(third)
+    assert three == parse_state(third)
+    assert three.services["a.test"].health.healthy is False  # health changes are seen
+
+    for broken in (b"{", b'{"version": 2}', b'{"services": {"x.test": {"host": "y.test"}}}',
+                   first.replace(b'"a:1"', b'"a:0"')):
+        with pytest.raises(RegistryError) as caught:
+            reader.parse(broken)
+        with pytest.raises(RegistryError) as direct:
+            parse_state(broken)
+        assert str(caught.value) == str(direct.value)
+    assert reader.parse(third) == parse_state(third)  # and it recovers
