@@ -62,7 +62,8 @@ class LumaProxy:
         self.trusted: tuple[Network, ...] = ()
         self.checker: HealthChecker | None = None
         self._signature: object = None
-        self._last_error: str | None = None
+        self._last_error: str | None = None  # of the last reload
+        self._persist_error: str | None = None  # of the last health write
         self._tasks: list[asyncio.Task[None]] = []
         self._leader_fd: int | None = None
         self._kick = asyncio.Event()
@@ -291,9 +292,11 @@ class LumaProxy:
         try:
             await asyncio.to_thread(store.update, change)
         except RegistryError as e:
-            if str(e) != self._last_error:
+            if str(e) != self._persist_error:
                 logger.error("cannot save health: %s", e)
-                self._last_error = str(e)
+            self._persist_error = str(e)
+        else:
+            self._persist_error = None
 
     # -------------------------------------------------------------- hot path
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -378,7 +381,8 @@ class LumaProxy:
 
     def error(self, flow: http.HTTPFlow) -> None:
         """The container failed mid-request (reset, died): ask DNS again before the TTL."""
-        if flow.response is None and (ip := flow.metadata.get("luma_ip")):
+        gone = flow.error is not None and CLIENT_GONE in flow.error.msg.lower()
+        if flow.response is None and not gone and (ip := flow.metadata.get("luma_ip")):
             self.resolver.expire_ip(ip)
 
     def client_disconnected(self, client: connection.Client) -> None:
