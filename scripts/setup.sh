@@ -14,7 +14,15 @@ if ((${#need_apt[@]})); then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: installing Debian packages: ${need_apt[*]}" >&2
     apt-get update -qq
+    # Install only: no package may start a service (nginx would take port 80).
+    policy=/usr/sbin/policy-rc.d
+    made_policy=
+    if [ ! -e "$policy" ]; then
+      printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && made_policy=1
+      trap 'rm -f "$policy"' EXIT
+    fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    [ -z "$made_policy" ] || { rm -f "$policy"; trap - EXIT; }
   else
     echo "setup: please install Debian packages: ${need_apt[*]} (needs root)" >&2
   fi
