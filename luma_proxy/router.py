@@ -32,7 +32,7 @@ class HostTable:
     def __init__(self, services: dict[str, Service] | None = None) -> None:
         self.services: dict[str, Service] = services or {}
         self._canonical: dict[str, str | None] = {}
-        self._targets: dict[str, tuple[Service, str, int]] = {}
+        self._targets: dict[str, tuple[Service, tuple[str, int]]] = {}
 
     def replace(self, services: dict[str, Service]) -> None:
         self.services = services
@@ -47,12 +47,13 @@ class HostTable:
         """
         cached = self._targets.get(service.host)
         if cached is not None and cached[0] is service:  # a reload keeps unchanged services
-            return cached[1], cached[2]
+            return cached[1]
         alias, _, port = service.target.rpartition(":")
         if alias.startswith("["):
             alias = alias[1:-1]
-        self._targets[service.host] = (service, alias, int(port))
-        return alias, int(port)
+        target = (alias, int(port))
+        self._targets[service.host] = (service, target)
+        return target
 
     def canonical(self, raw: str) -> str | None:
         try:

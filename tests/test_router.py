@@ -102,3 +102,13 @@ def test_target_is_parsed_once_per_view() -> None:
 def test_target_split_matches_the_model(target: str) -> None:
     service = Service(name="x", host="blog.com", target=target, project="p")
     assert HostTable({"blog.com": service}).target(service) == (service.alias, service.port)
+
+
+def test_a_reload_keeps_targets_of_unchanged_services() -> None:
+    table = HostTable({"blog.com": svc("blog.com"), "shop.com": svc("shop.com")})
+    blog, shop = table.services["blog.com"], table.services["shop.com"]
+    first = table.target(blog)
+    table.replace({"blog.com": blog})  # shop.com removed, blog.com the same object
+    assert table.target(blog) is first
+    assert "shop.com" not in table._targets
+    assert table.target(shop) == (shop.alias, shop.port)
