@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Self
 
+from tests.e2e.conftest import Proxy
 from tests.e2e.docker_double import (
     FakeDockerDNS,
     free_port,
@@ -85,25 +86,7 @@ flight then is finished by its graceful shutdown anyway.
 # --------------------------------------------------------------------------------------
 
 
-@dataclass
-class ProxyProcess:
-    proc: subprocess.Popen[bytes]
-    port: int
-    state: Path
-    log: Path
-
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+# The proxy process is tests.e2e.conftest.Proxy (its `logs` and `stop`).
 
 
 def get(
@@ -242,7 +225,7 @@ class Deployment:
         self.strategy = strategy
         self.port = 0
         self.dns = FakeDockerDNS()
-        self.proxy: ProxyProcess | None = None
+        self.proxy: Proxy | None = None
         self.live: Generation | None = None
         self.generations: list[Generation] = []
         self.switches: list[Switch] = []
@@ -317,7 +300,7 @@ class Deployment:
         env.update(self.proxy_env)
         return env
 
-    def _start_proxy(self) -> ProxyProcess:
+    def _start_proxy(self) -> Proxy:
         port = free_port()
         log = self.workdir / "proxy.log"
         cmd = [*self.proxy_command, "--http-port", str(port), "--listen-host", "127.0.0.1",
@@ -325,7 +308,7 @@ class Deployment:
         with log.open("wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                     env=self._env(), cwd=self.workdir)
-        proxy = ProxyProcess(proc, port, self.state, log)
+        proxy = Proxy(proc, port, self.state, log)
         try:
             wait_for_port("127.0.0.1", port, timeout=20)
         except Exception:
