@@ -17,6 +17,7 @@ from typing import Any
 
 from mitmproxy import connection, ctx, http
 
+from .connections import close
 from .environ import env_float
 
 logger = logging.getLogger("luma_proxy")
@@ -76,16 +77,10 @@ class Drain:
         while proxyserver.connections and time.monotonic() < deadline:
             for client_id, handler in list(proxyserver.connections.items()):
                 if not self.in_flight.get(client_id):
-                    self._close(handler)
+                    close(handler, None, "shutting down")
             await asyncio.sleep(POLL)
         left = len(proxyserver.connections)
         if left:
             logger.warning("drain timeout: closing %d connection(s) with requests in flight",
                            left)
         return left == 0
-
-    @staticmethod
-    def _close(handler: Any) -> None:
-        io = handler.transports.get(handler.client)
-        if io is not None and io.handler is not None and not io.handler.done():
-            io.handler.cancel("shutting down")

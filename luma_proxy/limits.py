@@ -22,6 +22,7 @@ from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.utils import human
 
 from . import pages
+from .connections import close_for_client
 
 logger = logging.getLogger("luma_proxy")
 
@@ -145,10 +146,6 @@ def _drop_client(flow: http.HTTPFlow) -> None:
     """A chunked body went over the limit mid-stream: nothing more of it goes upstream."""
     logger.warning("request body from %s over the limit; closing", flow.client_conn.peername[0])
 
-    def close() -> None:
-        proxyserver = ctx.master.addons.get("proxyserver")
-        handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
-        if handler is not None and (io := handler.transports.get(handler.client)) and io.handler:
-            io.handler.cancel("request body too large")
-
-    asyncio.get_running_loop().call_soon(close)
+    asyncio.get_running_loop().call_soon(
+        close_for_client, flow.client_conn.id, None, "request body too large"
+    )

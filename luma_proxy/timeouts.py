@@ -15,6 +15,7 @@ from typing import Any
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.proxy import server_hooks
 
+from .connections import close_for_client
 from .environ import env_float
 
 logger = logging.getLogger("luma_proxy")
@@ -65,17 +66,11 @@ class Timeouts:
     def _fire(self, key: tuple[str, str], client_id: str, target: Any) -> None:
         """Cancel the task that reads ``target`` (a connection, or a flow's server side)."""
         self._timers.pop(key, None)
-        proxyserver = ctx.master.addons.get("proxyserver")
-        handler = proxyserver.connections.get(client_id) if proxyserver else None
-        if handler is None:
-            return
         if isinstance(target, http.HTTPFlow):
             target = target.server_conn
-        io = handler.transports.get(target if target is not None else handler.client)
-        if io is not None and io.handler is not None and not io.handler.done():
+        if close_for_client(client_id, target, f"{key[0]} timeout"):
             logger.info("%s timeout: closing %s", key[0], "client" if target is None else
                         "upstream connection")
-            io.handler.cancel(f"{key[0]} timeout")
 
     # ------------------------------------------------------------- clients
     def client_connected(self, client: connection.Client) -> None:

@@ -1,0 +1,28 @@
+"""Closing one of mitmproxy's live connections from an addon.
+
+mitmproxy offers no API for it; its own inactivity watchdog cancels the task
+that reads the connection, and so do the timeouts, the body limit and the
+graceful drain here, through these two functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mitmproxy import connection, ctx
+
+
+def close(handler: Any, conn: connection.Connection | None, reason: str) -> bool:
+    """Cancel the task reading ``conn`` (default: the client) of one connection handler."""
+    io = handler.transports.get(conn if conn is not None else handler.client)
+    if io is None or io.handler is None or io.handler.done():
+        return False
+    io.handler.cancel(reason)
+    return True
+
+
+def close_for_client(client_id: str, conn: connection.Connection | None, reason: str) -> bool:
+    """As ``close``, finding the handler by the client connection's id."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = proxyserver.connections.get(client_id) if proxyserver else None
+    return handler is not None and close(handler, conn, reason)
