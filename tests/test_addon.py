@@ -7,34 +7,15 @@ from pathlib import Path
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.addons import proxyserver
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import taddons, tflow
 
 from luma_proxy.addon import LumaProxy
-from luma_proxy.models import Health, Service, State
-from luma_proxy.registry import Store
-
-
-def flow_for(host: str, path: str = "/", headers: dict[str, str] | None = None):
-    f = tflow.tflow()
-    f.request = tutils.treq(host="127.0.0.1", port=80, path=path.encode(),
-                            headers=((b"host", host.encode()),))
-    for k, v in (headers or {}).items():
-        f.request.headers[k] = v
-    f.client_conn.peername = ("203.0.113.7", 5555)
-    return f
+from tests.obs_util import flow_for, write_state
 
 
 @pytest.fixture
 def state(tmp_path: Path) -> Path:
-    path = tmp_path / "state.json"
-
-    def add(s: State) -> None:
-        s.services["blog.test"] = Service(name="b", host="blog.test", target="127.0.0.9:3000",
-                                          project="p")
-        s.services["down.test"] = Service(name="d", host="down.test", target="127.0.0.8:3000",
-                                          project="p", health=Health(healthy=False))
-    Store(path).update(add)
-    return path
+    return write_state(tmp_path / "state.json")
 
 
 async def test_routes_to_container_ip_and_keeps_host(state: Path) -> None:
