@@ -20,9 +20,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mitmproxy import hooks, http, master, options
+from luma_proxy import startup
 
-from luma_proxy.server import RunConfig, lean_addons, modes
+startup.skip_builtin_addon_registry()  # as `luma-proxy run` does, before mitmproxy is imported
+
+from mitmproxy import hooks, http, master, options  # noqa: E402
+
+from luma_proxy import engine  # noqa: E402
+from luma_proxy.server import RunConfig, lean_addons, modes  # noqa: E402
 
 
 class NoopRoute:
@@ -45,6 +50,8 @@ async def serve(args: argparse.Namespace) -> None:
     host, _, port = args.upstream.rpartition(":")
     opts = options.Options()
     lean = master.Master(opts)
+    if not args.mitmproxy_dispatch:
+        engine.install(lean)
     lean.addons.add(*lean_addons([NoopRoute(host, int(port))]))
     config = RunConfig(listen_host=args.listen_host, http_port=args.port,
                        https_port=args.https_port)
@@ -65,6 +72,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--https-port", type=int, default=0)
     parser.add_argument("--upstream", required=True, help="IP:PORT every request goes to")
+    parser.add_argument("--mitmproxy-dispatch", action="store_true",
+                        help="keep mitmproxy's AddonManager instead of luma_proxy.engine's")
     parser.add_argument("--cert", default="", help="PEM (certificate + key) for HTTPS")
     asyncio.run(serve(parser.parse_args()))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 from mitmproxy import hooks, master, options
 from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
 
+from . import engine
 from .addon import all_addons
 
 logger = logging.getLogger("luma_proxy")
@@ -76,6 +78,8 @@ async def serve(config: RunConfig) -> int:
         enter_worker(config.worker_index)
     opts = options.Options()
     lean = master.Master(opts)
+    if os.environ.get("LUMA_PROXY_DISPATCH") != "mitmproxy":
+        engine.install(lean)
     lean.addons.add(*lean_addons(all_addons()))
     opts.update(mode=modes(config), luma_https_port=config.https_port, **config.options)
     # Master.addons.add() only loads; like mitmdump's script loader, tell every

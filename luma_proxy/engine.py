@@ -1,0 +1,114 @@
+"""Cheaper hook dispatch for the lean master of ``luma-proxy run``.
+
+mitmproxy's ``AddonManager`` finds the handlers of every event anew: for each
+addon it walks the addon tree, looks the hook up by name, rebuilds the event's
+arguments and enters a context manager, and after every flow event it does it
+all again for the ``update`` hook. With twelve addons that is the largest cost
+luma-proxy adds per request (docs/performance.md, "Where the time goes").
+
+``HookTable`` resolves each hook name once to the handlers that exist and keeps
+that list until the addon chain changes. Semantics are mitmproxy's: handlers run
+in chain order, an ``AddonHalt`` stops the event, ``OptionsError`` propagates,
+and any other exception is logged and skips the rest of that addon's subtree.
+mitmdump and mitmweb keep mitmproxy's own manager: their script loader can
+change the tree at any time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import types
+from collections.abc import Callable
+from typing import Any
+
+from mitmproxy import addonmanager, exceptions, flow, hooks, master
+
+# (index of the top-level addon in the chain, handler)
+Handlers = tuple[tuple[int, Callable[..., Any]], ...]
+
+
+def handlers_for(chain: list[Any], name: str) -> Handlers:
+    """Every callable ``name`` in ``chain`` and its children, in dispatch order."""
+    found: list[tuple[int, Callable[..., Any]]] = []
+    for index, top in enumerate(chain):
+        for addon in addonmanager.traverse([top]):
+            func = getattr(addon, name, None)
+            if func is None or isinstance(func, types.ModuleType):
+                continue  # mitmproxy skips modules named like hooks ("from mitmproxy import log")
+            if not callable(func):
+                raise exceptions.AddonManagerError(
+                    f"Addon handler {name} ({addon}) not callable")
+            found.append((index, func))
+    return tuple(found)
+
+
+class HookTable(addonmanager.AddonManager):
+    """An ``AddonManager`` that looks up each hook's handlers once per chain."""
+
+    def __init__(self, master: master.Master) -> None:
+        super().__init__(master)
+        self._table: dict[str, Handlers] = {}
+
+    def handlers(self, name: str) -> Handlers:
+        found = self._table.get(name)
+        if found is None:
+            found = self._table[name] = handlers_for(self.chain, name)
+        return found
+
+    def add(self, *addons: Any) -> None:
+        self._table.clear()
+        try:
+            super().add(*addons)
+        finally:
+            self._table.clear()
+
+    def remove(self, addon: Any) -> None:
+        self._table.clear()
+        try:
+            super().remove(addon)
+        finally:
+            self._table.clear()
+
+    def clear(self) -> None:
+        self._table.clear()
+        super().clear()
+        self._table.clear()
+
+    async def trigger_event(self, event: hooks.Hook) -> None:
+        found = self.handlers(event.name)
+        if not found:
+            return
+        args = event.args()
+        failed = -1  # a top-level addon whose handler raised: skip the rest of its tree
+        for index, func in found:
+            if index == failed:
+                continue
+            try:
+                result = func(*args)
+                if result is not None and inspect.isawaitable(result):
+                    await result
+            except exceptions.AddonHalt:
+                return
+            except exceptions.OptionsError:
+                raise
+            except Exception as e:
+                failed = index
+                logging.error(f"Addon error: {e}", exc_info=True)
+
+    async def handle_lifecycle(self, event: hooks.Hook) -> None:
+        await self.trigger_event(event)
+        if self.handlers("update"):
+            message = event.args()[0]
+            if isinstance(message, flow.Flow):
+                await self.trigger_event(hooks.UpdateHook([message]))
+
+
+def install(lean: master.Master) -> HookTable:
+    """Give a master without addons a ``HookTable``; returns it."""
+    old = lean.addons
+    if len(old):
+        raise RuntimeError("install the hook table before adding addons")
+    lean.options.changed.disconnect(old._configure_all)
+    table = lean.addons = HookTable(lean)
+    return table
