@@ -582,6 +582,13 @@ def start_target(env: Env, key: str, workers: int, state: Path | None = None,
         proc = env.start(key, cmd)
         t = Target(key, "bare `mitmdump -q` (reverse mode, no addon)", port, port, proc,
                    cmd=shlex.join(cmd))
+    elif key == "mitmdump-O":  # the same engine without its __debug__ checks (as luma-proxy run)
+        cmd = [sys.executable, "-O", MITMDUMP, "-q", "--mode",
+               f"reverse:http://127.0.0.1:{up}/@127.0.0.1:{port}",
+               "--certs", f"*={env.combined}", "--set", f"confdir={env.dir / 'mitm'}"]
+        proc = env.start(key, cmd)
+        t = Target(key, "bare `mitmdump -q` under `python -O`", port, port, proc,
+                   cmd=shlex.join(cmd))
     elif key == "mitmdump-luma":
         cmd = [MITMDUMP, "-q", "-s", str(ROOT / "addons" / "luma.py"), "--listen-host",
                "127.0.0.1", "-p", str(port), "--set", f"luma_state={state}",
@@ -593,7 +600,9 @@ def start_target(env: Env, key: str, workers: int, state: Path | None = None,
         cmd = [sys.executable, str(ROOT / "benchmarks" / "noop_master.py"), "--port", str(port),
                "--https-port", str(tls_port), "--upstream", f"127.0.0.1:{up}",
                "--cert", str(env.combined)]
-        proc = env.start(key, cmd)
+        # Optimized like `luma-proxy run` (luma_proxy/startup.py) unless LUMA_PROXY_OPTIMIZE=0.
+        optimize = {"PYTHONOPTIMIZE": "1"} if os.environ.get("LUMA_PROXY_OPTIMIZE") != "0" else {}
+        proc = env.start(key, cmd, env={**env.env, **optimize})
         t = Target(key, "lean master + no-op routing addon", port, tls_port, proc,
                    cmd=shlex.join(cmd))
     elif key in ("luma", "luma-workers"):
@@ -663,7 +672,8 @@ def measure(t: Target, load: Load, duration: float, env: Env) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------- throughput
-TARGET_ORDER = ["direct", "nginx", "mitmdump", "mitmdump-luma", "noop", "luma", "luma-workers"]
+TARGET_ORDER = ["direct", "nginx", "mitmdump", "mitmdump-O", "mitmdump-luma", "noop", "luma",
+                "luma-workers"]
 
 
 def throughput(env: Env, args: argparse.Namespace) -> dict[str, Any]:

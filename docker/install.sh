@@ -72,7 +72,10 @@ say "installing luma-proxy from $SRC"
 # the sources' mtimes become (COPY --from, a read-only root), and Python never
 # tries to rewrite them (the image also sets PYTHONDONTWRITEBYTECODE=1).
 say "compiling bytecode"
-"$VENV/bin/python" -m compileall -q -j 0 --invalidation-mode unchecked-hash "$VENV/lib" >/dev/null
+# Both optimization levels: the CLI runs plain, and `luma-proxy run` restarts
+# itself under PYTHONOPTIMIZE=1 (luma_proxy/startup.py).
+"$VENV/bin/python" -m compileall -q -j 0 -o 0 -o 1 --invalidation-mode unchecked-hash \
+    "$VENV/lib" >/dev/null
 
 # Caches: pip kept none (--no-cache-dir); the build copy holds setuptools'
 # build/ and *.egg-info leftovers. (The user's own ~/.cache/pip is left alone.)

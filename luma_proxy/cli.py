@@ -9,6 +9,7 @@ gives one line on stderr, a non-zero exit, and an untouched state file.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from typing import Any
 
 import click
 
+from . import startup
 from .models import (
     Service,
     State,
@@ -417,6 +419,7 @@ def run(http_port: int, https_port: int, acme_directory: str | None, acme_email:
         metrics_host: str | None = None, workers: int = 1,
         worker_index: int | None = None, **limits: Any) -> None:
     """Serve: route requests on the HTTP (and HTTPS) port by Host."""
+    startup.skip_builtin_addon_registry()
     from .server import RunConfig, serve, setup_logging
 
     opts: dict[str, Any] = {"luma_state": state_path}
@@ -456,6 +459,9 @@ def run(http_port: int, https_port: int, acme_directory: str | None, acme_email:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: click's errors as one line (``Error: ...``), not a usage block."""
+    if argv is None and startup.wants_optimized_restart(sys.argv[1:], os.environ,
+                                                        sys.flags.optimize):
+        startup.restart_optimized()
     try:
         cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -55,5 +55,9 @@ stamp=.venv/.installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   .venv/bin/python -m pip install -q -e '.[test]'
+  # `luma-proxy run` restarts itself under PYTHONOPTIMIZE=1 (luma_proxy/startup.py):
+  # pip compiled only the plain .pyc files, so add the -O ones once here rather
+  # than at every start (PYTHONDONTWRITEBYTECODE may forbid writing them later).
+  .venv/bin/python -m compileall -q -j 0 -o 1 .venv/lib >/dev/null || true
   touch "$stamp"
 fi

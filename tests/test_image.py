@@ -321,6 +321,9 @@ def test_install_sh_builds_a_working_venv_without_build_tools(tmp_path: Path) ->
     assert not direct_url.get("dir_info", {}).get("editable"), direct_url
     assert list((site / "luma_proxy" / "__pycache__").glob("cli.cpython-3*.pyc"))
     assert list((site / "mitmproxy" / "__pycache__").glob("*.pyc"))
+    # `run` restarts under PYTHONOPTIMIZE=1: the -O bytecode is there too.
+    assert list((site / "luma_proxy" / "__pycache__").glob("cli.cpython-3*.opt-1.pyc"))
+    assert list((site / "mitmproxy" / "__pycache__").glob("http.cpython-3*.opt-1.pyc"))
     assert not (venv / "bin" / "pip").exists()
     assert not list(site.glob("pip")), "pip left in the runtime venv"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from tests.e2e.conftest import request, wait_until
 from tests.e2e.docker_double import free_port
@@ -212,3 +213,20 @@ def test_unhealthy_service_is_rechecked_often_not_once_per_interval(
     healed = time.monotonic()
     wait_until(lambda: proxy.get("blog.test").status == 200, timeout=15)
     assert time.monotonic() - healed < 10
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def test_run_restarts_itself_without_debug_checks(dns, containers, cli, start_proxy):
+    """`luma-proxy run` serves from the same PID under PYTHONOPTIMIZE=1 (startup.py)."""
+    deploy_alias(dns, containers, cli, "blog.test", "blog", ["blog-blue-1"])
+    optimized = start_proxy("run")
+    assert optimized.get("blog.test").text == "blog-blue-1"
+    assert _environ(optimized.proc.pid).get("PYTHONOPTIMIZE") == "1"
+
+    plain = start_proxy("run", env={"LUMA_PROXY_OPTIMIZE": "0", "PYTHONOPTIMIZE": ""})
+    assert plain.get("blog.test").text == "blog-blue-1"
+    assert _environ(plain.proc.pid).get("PYTHONOPTIMIZE", "") == ""

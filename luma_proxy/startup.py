@@ -1,0 +1,66 @@
+"""What ``luma-proxy run`` does before it imports mitmproxy, to serve cheaper.
+
+Two things in mitmproxy cost a serving process without serving anyone:
+
+- Its ``__debug__`` checks: every ``Request``/``Response`` it builds has each
+  field type-checked (``http.MessageData.__post_init__``), and every task gets
+  debug names. Python's ``-O`` (``PYTHONOPTIMIZE=1``) turns them off, which is
+  what they are written for; ``luma-proxy run`` restarts itself that way.
+- ``mitmproxy/addons/__init__.py`` imports all ~36 built-in addons (flask,
+  ldap3, the onboarding app, ...) to offer ``default_addons()``, which the lean
+  master never calls. Importing a submodule runs that file first, so
+  ``skip_builtin_addon_registry`` registers the package without running it.
+
+``LUMA_PROXY_OPTIMIZE=0`` keeps both (mitmproxy's checks back on, for
+debugging). None of this applies under mitmdump or mitmweb.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+from collections.abc import Mapping, Sequence
+from typing import NoReturn
+
+ENV = "LUMA_PROXY_OPTIMIZE"
+
+
+def enabled(environ: Mapping[str, str]) -> bool:
+    return environ.get(ENV, "1") != "0"
+
+
+def wants_optimized_restart(args: Sequence[str], environ: Mapping[str, str],
+                            optimized: int) -> bool:
+    """Whether this command line is ``run`` and not yet under ``-O``."""
+    return bool(args) and args[0] == "run" and not optimized and enabled(environ)
+
+
+def restart_optimized() -> NoReturn:
+    """Replace this process by the same command line under ``PYTHONOPTIMIZE=1``.
+
+    Same PID, arguments and descriptors; the workers of ``--workers`` inherit
+    the variable and so start optimized without a restart of their own.
+    """
+    env = dict(os.environ, PYTHONOPTIMIZE="1")
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def skip_builtin_addon_registry(modules: dict[str, types.ModuleType] | None = None) -> bool:
+    """Register ``mitmproxy.addons`` as a bare package (its submodules still import).
+
+    Returns whether it did; it does nothing once the package is imported (in
+    mitmdump, or a test process), or when ``LUMA_PROXY_OPTIMIZE=0``.
+    """
+    modules = sys.modules if modules is None else modules
+    if "mitmproxy.addons" in modules or not enabled(os.environ):
+        return False
+    spec = importlib.util.find_spec("mitmproxy")
+    if spec is None or spec.origin is None:
+        return False
+    package = types.ModuleType("mitmproxy.addons", "mitmproxy's built-in addons (not imported)")
+    package.__path__ = [os.path.join(os.path.dirname(spec.origin), "addons")]
+    package.__package__ = "mitmproxy.addons"
+    modules["mitmproxy.addons"] = package
+    return True

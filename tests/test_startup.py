@@ -1,0 +1,45 @@
+"""luma-proxy run's start: restart under -O, and mitmproxy's addon registry left unimported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+from luma_proxy import startup
+
+
+def test_only_run_restarts_and_only_once() -> None:
+    assert startup.wants_optimized_restart(["run", "--http-port", "80"], {}, 0)
+    assert not startup.wants_optimized_restart(["run"], {}, 1)  # already optimized
+    assert not startup.wants_optimized_restart(["deploy", "--host", "a"], {}, 0)
+    assert not startup.wants_optimized_restart([], {}, 0)
+    assert not startup.wants_optimized_restart(["run"], {"LUMA_PROXY_OPTIMIZE": "0"}, 0)
+
+
+def test_registry_is_left_alone_once_imported() -> None:
+    modules: dict[str, types.ModuleType] = {"mitmproxy.addons": types.ModuleType("x")}
+    assert not startup.skip_builtin_addon_registry(modules)
+
+
+def test_submodules_import_without_the_registry() -> None:
+    code = (
+        "import sys\n"
+        "from luma_proxy import startup\n"
+        "assert startup.skip_builtin_addon_registry()\n"
+        "import mitmproxy.master\n"
+        "from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig\n"
+        "import luma_proxy.server\n"
+        "print(sorted(m for m in ('flask', 'ldap3', 'mitmproxy.addons.onboarding')"
+        " if m in sys.modules))\n"
+        "print(hasattr(sys.modules['mitmproxy.addons'], 'default_addons'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "False"]
+
+
+def test_without_the_skip_mitmproxy_imports_everything() -> None:
+    """The control for the test above: the registry is what pulls flask in."""
+    code = "import sys, mitmproxy.master; print('flask' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
