@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -75,7 +76,8 @@ def main() -> None:
     parser.add_argument("--mitmproxy-dispatch", action="store_true",
                         help="keep mitmproxy's AddonManager instead of luma_proxy.engine's")
     parser.add_argument("--cert", default="", help="PEM (certificate + key) for HTTPS")
-    asyncio.run(serve(parser.parse_args()))
+    # The same event loop as `luma-proxy run` (uvloop unless LUMA_PROXY_EVENT_LOOP=asyncio).
+    asyncio.run(serve(parser.parse_args()), loop_factory=startup.loop_factory(os.environ))
 
 
 if __name__ == "__main__":

@@ -419,6 +419,10 @@ def run(http_port: int, https_port: int, acme_directory: str | None, acme_email:
         metrics_host: str | None = None, workers: int = 1,
         worker_index: int | None = None, **limits: Any) -> None:
     """Serve: route requests on the HTTP (and HTTPS) port by Host."""
+    try:
+        loop_factory = startup.loop_factory(os.environ)
+    except ValueError as e:
+        raise CliError(str(e)) from None
     startup.skip_builtin_addon_registry()
     from .server import RunConfig, serve, setup_logging
 
@@ -451,7 +455,7 @@ def run(http_port: int, https_port: int, acme_directory: str | None, acme_email:
     try:
         import asyncio
 
-        code = asyncio.run(serve(config))
+        code = asyncio.run(serve(config), loop_factory=loop_factory)
     except Exception as e:  # options errors and the like: one line, not a trace
         raise CliError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     sys.exit(code)

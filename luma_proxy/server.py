@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,17 @@ def lean_addons(ours: list[Any]) -> list[Any]:
     """
     return [core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), *ours,
             tlsconfig.TlsConfig()]
+
+
+def lean_master(opts: options.Options, environ: Mapping[str, str]) -> master.Master:
+    """A master without addons, dispatching hooks through ``engine.HookTable``.
+
+    ``LUMA_PROXY_DISPATCH=mitmproxy`` keeps mitmproxy's own ``AddonManager``.
+    """
+    lean = master.Master(opts)
+    if environ.get("LUMA_PROXY_DISPATCH", "luma") != "mitmproxy":
+        engine.install(lean)
+    return lean
 
 
 def modes(config: RunConfig) -> list[str]:
@@ -77,9 +89,7 @@ async def serve(config: RunConfig) -> int:
         from .workers import enter_worker
         enter_worker(config.worker_index)
     opts = options.Options()
-    lean = master.Master(opts)
-    if os.environ.get("LUMA_PROXY_DISPATCH") != "mitmproxy":
-        engine.install(lean)
+    lean = lean_master(opts, os.environ)
     lean.addons.add(*lean_addons(all_addons()))
     opts.update(mode=modes(config), luma_https_port=config.https_port, **config.options)
     # Master.addons.add() only loads; like mitmdump's script loader, tell every

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import types
 
+import pytest
+
 from luma_proxy import startup
 
 
@@ -43,3 +45,13 @@ def test_without_the_skip_mitmproxy_imports_everything() -> None:
     code = "import sys, mitmproxy.master; print('flask' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_uvloop_by_default_and_asyncio_on_request() -> None:
+    import uvloop
+
+    assert startup.loop_factory({}) is uvloop.new_event_loop
+    assert startup.loop_factory({"LUMA_PROXY_EVENT_LOOP": ""}) is uvloop.new_event_loop
+    assert startup.loop_factory({"LUMA_PROXY_EVENT_LOOP": "asyncio"}) is None
+    with pytest.raises(ValueError, match="LUMA_PROXY_EVENT_LOOP must be one of uvloop, asyncio"):
+        startup.loop_factory({"LUMA_PROXY_EVENT_LOOP": "trio"})

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from pathlib import Path
 
-from tests.e2e.conftest import request, wait_until
+from tests.e2e.conftest import LUMA, request, wait_until
 from tests.e2e.docker_double import free_port
 
 
@@ -175,10 +177,6 @@ def test_keep_alive_client_is_served_repeatedly(dns, containers, cli, start_prox
 
 
 def test_port_in_use_is_one_line_and_nonzero(start_proxy, tmp_path):
-    import subprocess
-
-    from tests.e2e.conftest import LUMA
-
     proxy = start_proxy("run")
     result = subprocess.run(
         [
@@ -220,13 +218,34 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
 
 
-def test_run_restarts_itself_without_debug_checks(dns, containers, cli, start_proxy):
-    """`luma-proxy run` serves from the same PID under PYTHONOPTIMIZE=1 (startup.py)."""
+def _uses_uvloop(pid: int) -> bool:
+    return "/uvloop/" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_run_serves_optimized_on_uvloop_and_each_can_be_turned_off(dns, containers, cli,
+                                                                   start_proxy):
+    """`luma-proxy run` serves from the same PID under PYTHONOPTIMIZE=1, on uvloop (startup.py)."""
     deploy_alias(dns, containers, cli, "blog.test", "blog", ["blog-blue-1"])
     optimized = start_proxy("run")
     assert optimized.get("blog.test").text == "blog-blue-1"
     assert _environ(optimized.proc.pid).get("PYTHONOPTIMIZE") == "1"
+    assert _uses_uvloop(optimized.proc.pid)
 
-    plain = start_proxy("run", env={"LUMA_PROXY_OPTIMIZE": "0", "PYTHONOPTIMIZE": ""})
+    plain = start_proxy("run", env={"LUMA_PROXY_OPTIMIZE": "0", "PYTHONOPTIMIZE": "",
+                                    "LUMA_PROXY_DISPATCH": "mitmproxy",
+                                    "LUMA_PROXY_EVENT_LOOP": "asyncio"})
     assert plain.get("blog.test").text == "blog-blue-1"
     assert _environ(plain.proc.pid).get("PYTHONOPTIMIZE", "") == ""
+    assert not _uses_uvloop(plain.proc.pid)
+
+
+def test_run_refuses_an_unknown_event_loop(tmp_path):
+    result = subprocess.run(
+        [LUMA, "run", "--http-port", str(free_port()), "--listen-host", "127.0.0.1",
+         "--state", str(tmp_path / "x.json")],
+        capture_output=True, text=True, timeout=30,
+        env={**os.environ, "LUMA_PROXY_EVENT_LOOP": "trio"},
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "Error: LUMA_PROXY_EVENT_LOOP must be one of uvloop, asyncio, not 'trio'"]
