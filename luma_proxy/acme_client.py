@@ -10,9 +10,9 @@ message, so callers can log it and schedule a retry (`backoff_delay`) without
 knowing anything about ``acme``/``requests``/``josepy`` exception types.
 
 The pure helpers (`certificate_not_after`, `certificate_covers`,
-`key_matches_certificate`, `needs_renewal`, `backoff_delay`) are shared with
-deploy-time validation of user-supplied certificates; they raise `ValueError`
-for unparseable input and return booleans for "parsed fine, but does not fit".
+`key_matches_certificate`, `needs_renewal`, `backoff_delay`) live in
+`certinfo` and are re-exported here; the proxy imports this module only when it
+orders a certificate.
 """
 
 from __future__ import annotations
@@ -38,6 +38,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from .certinfo import (
+    backoff_delay,
+    certificate_covers,
+    certificate_not_after,
+    key_matches_certificate,
+    needs_renewal,
+)
+
 __all__ = [
     "AcmeError",
     "AcmeIssuer",
@@ -52,9 +60,6 @@ __all__ = [
 
 USER_AGENT = "luma-proxy-acme"
 ACCOUNT_KEY_BITS = 2048
-RENEW_BEFORE = datetime.timedelta(days=30)
-BACKOFF_BASE_SECONDS = 60.0
-BACKOFF_CAP_SECONDS = 3600.0
 _MAX_MESSAGE = 400
 
 _LABEL_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
@@ -535,107 +540,3 @@ def _make_csr(host: str, key: ec.EllipticCurvePrivateKey) -> bytes:
         .sign(key, hashes.SHA256())
     )
     return csr.public_bytes(serialization.Encoding.PEM)
-
-
-# --------------------------------------------------------------------------------------
-# Pure helpers
-# --------------------------------------------------------------------------------------
-
-
-def _leaf(pem: bytes) -> x509.Certificate:
-    """First certificate of a PEM bundle: by convention (and ACME's) the leaf."""
-    try:
-        certs = x509.load_pem_x509_certificates(pem)
-    except ValueError as exc:
-        raise ValueError(f"invalid PEM certificate: {exc}") from exc
-    if not certs:
-        raise ValueError("no PEM certificate found")
-    return certs[0]
-
-
-def certificate_not_after(pem: bytes) -> datetime.datetime:
-    """Expiry (timezone-aware UTC) of the leaf, i.e. the first certificate in *pem*."""
-    return _leaf(pem).not_valid_after_utc
-
-
-def certificate_covers(pem: bytes, host: str) -> bool:
-    """Does the leaf's subjectAltName cover *host*? Like browsers and Go, CN is ignored.
-
-    DNS names compare case-insensitively in IDNA form; a ``*.`` wildcard matches
-    exactly one leftmost label (``*.example.com`` covers ``a.example.com`` but not
-    ``example.com`` or ``a.b.example.com``). IP hosts match IP SAN entries.
-    """
-    try:
-        san = _leaf(pem).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return False
-    name = host.strip().rstrip(".").lower()
-    if not name:
-        return False
-    try:
-        ip = ipaddress.ip_address(name.strip("[]"))
-    except ValueError:
-        ip = None
-    if ip is not None:
-        return ip in san.get_values_for_type(x509.IPAddress)
-    try:
-        name = name.encode("idna").decode("ascii")
-    except UnicodeError:
-        return False
-    labels = name.split(".")
-    for pattern in san.get_values_for_type(x509.DNSName):
-        pattern_labels = pattern.strip().rstrip(".").lower().split(".")
-        if len(pattern_labels) != len(labels):
-            continue
-        first, *rest = pattern_labels
-        if rest != labels[1:]:
-            continue
-        if first == labels[0] or (first == "*" and rest):
-            return True
-    return False
-
-
-def key_matches_certificate(cert_pem: bytes, key_pem: bytes) -> bool:
-    """Is *key_pem* the private key of the leaf in *cert_pem*? (Catches swapped uploads.)"""
-    cert = _leaf(cert_pem)
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except TypeError as exc:  # encrypted key, no password
-        raise ValueError(f"private key cannot be used: {exc}") from exc
-    except ValueError as exc:
-        raise ValueError(f"invalid PEM private key: {exc}") from exc
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    return key.public_key().public_bytes(der, spki) == cert.public_key().public_bytes(der, spki)
-
-
-def needs_renewal(
-    not_after: datetime.datetime,
-    now: datetime.datetime,
-    before: datetime.timedelta = RENEW_BEFORE,
-) -> bool:
-    """True once *now* is within *before* of *not_after* (or past it). Naive means UTC."""
-    return _as_utc(not_after) - _as_utc(now) <= before
-
-
-def _as_utc(moment: datetime.datetime) -> datetime.datetime:
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=datetime.UTC)
-    return moment.astimezone(datetime.UTC)
-
-
-def backoff_delay(
-    attempt: int,
-    base: float = BACKOFF_BASE_SECONDS,
-    cap: float = BACKOFF_CAP_SECONDS,
-) -> float:
-    """Seconds to wait before retry number *attempt* (0-based): base·2^attempt, at most cap.
-
-    Failed issuances must back off hard: CAs rate-limit failed validations
-    (Let's Encrypt: 5 per hour per host per account).
-    """
-    if attempt <= 0:
-        return min(base, cap)
-    if attempt >= 64:  # 2**attempt would only be clamped anyway
-        return cap
-    return min(base * float(2**attempt), cap)

@@ -25,7 +25,7 @@ from cryptography.x509.oid import NameOID
 from mitmproxy import certs
 from pydantic import BaseModel
 
-from .acme_client import (
+from .certinfo import (
     RENEW_BEFORE,
     certificate_covers,
     certificate_not_after,

@@ -15,15 +15,18 @@ import datetime
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mitmproxy import ctx, http, tls
 
 from . import certificates as c
-from .acme_client import AcmeError, AcmeIssuer, backoff_delay
 from .addon import LumaProxy
+from .certinfo import backoff_delay
 from .environ import env_float
 from .models import Service
+
+if TYPE_CHECKING:
+    from .acme_client import AcmeIssuer
 
 logger = logging.getLogger("luma_proxy.tls")
 
@@ -200,6 +203,8 @@ class Https:
                 task.add_done_callback(lambda _t, h=host: self._orders.pop(h, None))
 
     def issuer(self) -> AcmeIssuer:
+        from .acme_client import AcmeIssuer  # ~6 MiB: only once a certificate is ordered
+
         assert self.root is not None
         opts = ctx.options
         staging = self.router.settings.acme_staging
@@ -214,6 +219,8 @@ class Https:
         return self._issuer
 
     async def _order(self, host: str) -> None:
+        from .acme_client import AcmeError
+
         assert self.root is not None
         root = self.root
         previous = c.read_status(root, host) or c.CertStatus()

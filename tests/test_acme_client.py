@@ -17,14 +17,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from luma_proxy.acme_client import (
-    AcmeError,
-    AcmeIssuer,
+from luma_proxy.acme_client import AcmeError, AcmeIssuer, load_or_create_account_key
+from luma_proxy.certinfo import (
     backoff_delay,
     certificate_covers,
     certificate_not_after,
     key_matches_certificate,
-    load_or_create_account_key,
     needs_renewal,
 )
 

@@ -55,3 +55,17 @@ def test_uvloop_by_default_and_asyncio_on_request() -> None:
     assert startup.loop_factory({"LUMA_PROXY_EVENT_LOOP": "asyncio"}) is None
     with pytest.raises(ValueError, match="LUMA_PROXY_EVENT_LOOP must be one of uvloop, asyncio"):
         startup.loop_factory({"LUMA_PROXY_EVENT_LOOP": "trio"})
+
+
+def test_serving_without_an_order_does_not_import_the_acme_libraries() -> None:
+    """acme/josepy (~6 MiB) load only when a certificate is ordered (tls.Https.issuer)."""
+    code = (
+        "import sys\n"
+        "from luma_proxy import startup\n"
+        "startup.skip_builtin_addon_registry()\n"
+        "import luma_proxy.server, luma_proxy.tls, luma_proxy.certificates\n"
+        "print(sorted(m for m in ('acme', 'josepy', 'luma_proxy.acme_client')"
+        " if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
