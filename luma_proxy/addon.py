@@ -348,10 +348,13 @@ class LumaProxy:
         set_forwarding_headers(
             request.headers, flow.client_conn.peername[0], scheme, raw_host or "", self.trusted
         )
-        request.scheme = "http"
-        request.host = ip
-        request.port = port
-        request.host_header = raw_host  # the setters above rewrote it
+        # Where mitmproxy connects. Set on the data itself: the public setters
+        # rewrite Host and :authority to ip:port (three header rewrites per
+        # request, undone at once); the container must see them as sent.
+        data = request.data
+        data.scheme = b"http"
+        data.host = ip
+        data.port = port
         flow.metadata["luma_service"] = service.host
         flow.metadata["luma_ip"] = ip
 
