@@ -371,8 +371,8 @@ class HealthReader:
                     entries.pop(key, None)
                     lines.pop(key, None)
                     continue
-            if stem is not None:
-                seen[stem] = (key, entry)
+            if stem is not None:  # the same tuple when known: a round allocates little
+                seen[stem] = known if known is not None and known[1] is entry else (key, entry)
             entries[key] = entry
             lines[key] = line
         self._lines, self.lines = seen, lines
