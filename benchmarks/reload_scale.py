@@ -4,7 +4,9 @@ Usage: .venv/bin/python benchmarks/reload_scale.py [--services 10000] [--runs 7]
 
 Prints a markdown table of wall times (median and max of ``--runs`` runs, each
 on a different service), in one process that holds a ``LumaProxy`` addon loaded
-with the registry, as a proxy process does:
+with the registry, as a proxy process does. The writers (the CLI, the health
+leader) run in a second process, as in production, so that their allocations
+and garbage collections are not counted in the proxy's:
 
 - the parts of a reload of the state file after one deploy: read + parse
   (``StateReader``), the diff against the routes in force, and the swap on the
@@ -16,7 +18,9 @@ with the registry, as a proxy process does:
   the event loop);
 - a health round: the leader writing every service's result to the health
   file, and then what each process pays to take them in (read + parse in a
-  thread, swap on the loop); the state file is not touched by either;
+  thread, swap on the loop), for a typical round (every ``checked_at`` moves,
+  no health changes) and for one where every service's health flips; the state
+  file is not touched by either;
 - for scale: ``orjson.loads`` of the whole state file, the full validation the
   CLI does (``parse_state``) and the CLI's whole locked read-modify-write.
 """
@@ -25,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import multiprocessing
 import os
 import platform
 import statistics
@@ -33,6 +39,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,7 +50,7 @@ from mitmproxy.test import taddons
 
 from luma_proxy.addon import LumaProxy
 from luma_proxy.models import Health, HealthEntry, Service, State
-from luma_proxy.registry import StateReader, Store, dump_state, parse_state
+from luma_proxy.registry import HealthReader, StateReader, Store, dump_state, parse_state
 
 
 def ms(seconds: float) -> str:
@@ -74,6 +81,71 @@ def machine() -> str:
             f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
+def deploy(store: Store, i: int) -> None:
+    """What ``luma-proxy deploy --host h<i>.example.com --target moved<i>:3000`` writes."""
+    host = f"h{i}.example.com"
+
+    def change(state: State) -> None:
+        state.services[host] = state.services[host].model_copy(
+            update={"target": f"moved{i}:3000"})
+
+    store.update(change)
+
+
+def health_round(store: Store, writer: HealthReader, services: dict[str, Service],
+                 clock: datetime, flip: bool, healthy: bool) -> float:
+    """The leader's write of one round's results; returns the seconds it took."""
+    since = datetime(2026, 1, 1, tzinfo=UTC)  # the last change, long ago
+    results = {h: (s.routing_key(), Health(
+        healthy=healthy, checked_at=clock, changed_at=clock if flip else since,
+        containers={f"10.0.{i % 250}.2": healthy}))
+        for i, (h, s) in enumerate(services.items())}
+
+    def change(entries: dict[str, HealthEntry]) -> None:
+        for host, (key, health) in results.items():  # what LumaProxy._persist does
+            entries[host] = HealthEntry.of(key, health)
+
+    return timed(lambda: store.update_health(change, None, writer))[0]
+
+
+def writer_process(path: str, conn: Connection) -> None:
+    """The other processes: the CLI deploying, the health leader writing its rounds.
+
+    They run apart from the measured process, as they do in production, so
+    that their allocations (and garbage collections) are not counted there.
+    """
+    store, writer = Store(path), HealthReader()
+    services: dict[str, Service] | None = None
+    while True:  # nothing runs here while the measured process works
+        command, *args = conn.recv()
+        if command == "deploy":
+            conn.send(timed(lambda: deploy(store, args[0]))[0])  # noqa: B023
+            services = None
+        elif command == "health":
+            if services is None:
+                services = store.read().services
+            conn.send(health_round(store, writer, services, *args))
+        else:
+            return
+
+
+def reader_rows(path: Path, ask: Callable[..., float], runs: int) -> list[tuple[str, str]]:
+    """The parse of one reload, with a reader that kept the previous version (as the proxy)."""
+    data = path.read_bytes()
+    reader = StateReader()
+    reader.parse(data)
+    unchanged = [timed(lambda: reader.parse(data))[0] for _ in range(runs)]
+    cli, parse = [], []
+    for i in range(runs):
+        cli.append(ask("deploy", i))
+        changed = path.read_bytes()
+        parse.append(timed(lambda: reader.parse(changed))[0])  # noqa: B023
+    return [("StateReader.parse, file unchanged", summary(unchanged)),
+            ("StateReader.parse, one service deployed", summary(parse)),
+            ("the CLI's write of that deploy (`Store.update`: lock, parse all, change, dump, "
+             "fsync, rename; another process)", summary(cli))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--services", type=int, default=10_000)
@@ -88,36 +160,25 @@ def main() -> None:
                                              target=f"app{i}:3000", project="p")
                 for i in range(n)}
     path.write_bytes(dump_state(State(services=services)))
+    del services
     data = path.read_bytes()
-    rows: list[tuple[str, str]] = [("state file", f"{len(data) / 1e6:.1f} MB, {n} services")]
+    fork = multiprocessing.get_context("fork")
+    conn, child_end = fork.Pipe()
+    helper = fork.Process(target=writer_process, args=(str(path), child_end), daemon=True)
+    helper.start()
 
+    def ask(*command: object) -> float:
+        conn.send(command)
+        return conn.recv()
+
+    rows: list[tuple[str, str]] = [("state file", f"{len(data) / 1e6:.1f} MB, {n} services")]
     rows.append(("orjson.loads of the whole state file",
                  summary([timed(lambda: orjson.loads(data))[0] for _ in range(runs)])))
     rows.append(("full validation (`parse_state`, what the CLI does)",
                  summary([timed(lambda: parse_state(data))[0] for _ in range(3)])))
 
-    def deploy(i: int) -> None:
-        host = f"h{i}.example.com"
-
-        def change(state: State) -> None:
-            state.services[host] = state.services[host].model_copy(
-                update={"target": f"moved{i}:3000"})
-
-        store.update(change)
-
-    # --- parts of one reload, with the reader the proxy keeps
-    reader = StateReader()
-    reader.parse(data)
-    rows.append(("StateReader.parse, file unchanged",
-                 summary([timed(lambda: reader.parse(data))[0] for _ in range(runs)])))
-    cli, parse = [], []
-    for i in range(runs):
-        cli.append(timed(lambda i=i: deploy(i))[0])
-        changed = path.read_bytes()
-        parse.append(timed(lambda: reader.parse(changed))[0])  # noqa: B023
-    rows.append(("StateReader.parse, one service deployed", summary(parse)))
-    rows.append(("the CLI's write of that deploy (`Store.update`: lock, parse, change, "
-                 "dump, fsync, rename)", summary(cli)))
+    rows += reader_rows(path, ask, runs)
+    gc.collect()
 
     addon = LumaProxy()
     with taddons.context(addon) as tctx:
@@ -135,7 +196,7 @@ def main() -> None:
 
         addon._take = take  # type: ignore[method-assign]
         for i in range(runs, 2 * runs):
-            deploy(i)
+            ask("deploy", i)
             seconds, changed = timed(addon.reload)
             assert changed and addon.table.services[f"h{i}.example.com"].target == \
                 f"moved{i}:3000"
@@ -149,7 +210,7 @@ def main() -> None:
         async def background() -> list[float]:
             out = []
             for i in range(2 * runs, 3 * runs):
-                deploy(i)
+                ask("deploy", i)
                 t0 = time.perf_counter()
                 await addon.reload_in_background()
                 out.append(time.perf_counter() - t0)
@@ -159,7 +220,7 @@ def main() -> None:
         rows.append(("**deploy, file written -> in the routing view, `reload_in_background()`"
                      " (thread + loop)**", f"**{summary(asyncio.run(background()))}**"))
 
-        # --- a health round: the leader writes, every process reads
+        # --- health rounds: the leader (another process) writes, this process reads
         state_before = path.read_bytes()
         health_swaps: list[float] = []
         original_take_health = addon._take_health
@@ -170,9 +231,6 @@ def main() -> None:
             return result
 
         addon._take_health = take_health  # type: ignore[method-assign]
-        leader = LumaProxy()  # the leader's writer state (it keeps the lines it wrote)
-        current = dict(addon.table.services)
-        since = datetime.now(UTC) - timedelta(hours=1)
         clock = datetime.now(UTC)
         kinds = (("typical round: every service checked, no health changed", False),
                  ("every service's health changed (all flip)", True))
@@ -182,19 +240,9 @@ def main() -> None:
             for r in range(runs + 1):  # the first one only sets the scene
                 clock += timedelta(seconds=30)
                 healthy = bool(r % 2) if flip else True
-                results = {h: (s.routing_key(), Health(
-                    healthy=healthy, checked_at=clock, changed_at=clock if flip else since,
-                    containers={f"10.0.{i % 250}.2": healthy}))
-                    for i, (h, s) in enumerate(current.items())}
-
-                def change(entries: dict[str, HealthEntry], results=results) -> None:
-                    for host, (key, health) in results.items():  # what LumaProxy._persist does
-                        entries[host] = HealthEntry.of(key, health)
-
-                write = timed(lambda change=change: store.update_health(
-                    change, None, leader._health_writer))[0]
+                write = ask("health", clock, flip, healthy)
                 swaps_before = len(health_swaps)
-                read, changed = timed(addon.reload)
+                read, _changed = timed(addon.reload)
                 assert len(health_swaps) == swaps_before + 1
                 assert addon.health["h0.example.com"].healthy is healthy
                 assert addon.health["h0.example.com"].checked_at == clock
@@ -213,6 +261,8 @@ def main() -> None:
         rows.append(("health file", f"{health_size / 1e6:.1f} MB, {n} entries"))
         rows.append(("state file rewritten by the health rounds", "no (byte-identical)"))
 
+    conn.send(("stop",))
+    helper.join(10)
     print(f"Command: `.venv/bin/python benchmarks/reload_scale.py --services {n} --runs {runs}`; "
           f"{machine()}; {started_at:%Y-%m-%d %H:%M} UTC.\n")
     print("| step | wall time, median (max) of runs |\n|---|---|")
