@@ -55,7 +55,8 @@ RUN ln -s /opt/luma-proxy/bin/luma-proxy /usr/local/bin/luma-proxy \
 # Everything the process writes lives under the volume, so the container
 # runs with --read-only (plus the volume; a --tmpfs /tmp is optional: Python
 # falls back to the working directory for temp files):
-#   LUMA_PROXY_STATE  the route registry (CLI and proxy both read/write it)
+#   LUMA_PROXY_STATE  the route registry (the CLI writes it), and next to it
+#                     the health file <state>.health.json (the proxy writes it)
 #   HOME              mitmproxy's default confdir is ~/.mitmproxy (its CA)
 #   XDG_*             any library that follows the XDG base directories
 # PYTHONDONTWRITEBYTECODE: the venv is precompiled (unchecked-hash .pyc) and

@@ -1,9 +1,14 @@
 """The mitmproxy addon: Host -> service -> alias -> container IP.
 
 The hot path (``requestheaders``) only reads the in-memory view. Background
-tasks keep that view fresh: the reloader follows the state file, the health
-checker probes every service. Works the same under ``mitmdump -s``,
-``mitmweb -s`` and ``luma-proxy run``.
+tasks keep that view fresh: the reloader follows the state file (routes) and
+the health file (observed health), the health checker probes every service.
+Works the same under ``mitmdump -s``, ``mitmweb -s`` and ``luma-proxy run``.
+
+A reload is incremental: the files are read and parsed in a thread, by readers
+that keep the objects of unchanged entries, and what changed is worked out
+there by identity; the event loop then only swaps the new routes dict in and
+touches the services (and health entries) that changed.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import fcntl
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
@@ -24,8 +30,8 @@ from .balancer import Balancer
 from .environ import env_float
 from .forwarding import Network, parse_trusted_proxies, set_forwarding_headers
 from .health import HealthChecker, unhealthy_ips
-from .models import Health, Service, Settings, State
-from .registry import RegistryError, StateReader, Store, default_state_path
+from .models import Health, HealthEntry, Service, Settings, State
+from .registry import HealthReader, RegistryError, StateReader, Store, default_state_path
 from .resolver import Resolver, parse_dns_server
 from .router import HostTable, Reject, admit
 
@@ -46,6 +52,42 @@ ENGINE_OPTIONS: dict[str, Any] = {
 CLIENT_GONE = "client disconnected"
 # Where requests would go if the addon ever failed to route one: nothing listens there.
 DUMMY_REVERSE = "reverse:http://127.0.0.1:1/"
+_UNREAD = object()  # the signature of a file not read yet
+
+
+@dataclass(slots=True)
+class Routes:
+    """A parsed state file and how it differs from the view it was compared with."""
+
+    state: State
+    base: dict[str, Service]  # the routes it was compared with
+    changed: dict[str, Service]  # new or different (by identity) services
+    removed: list[str]
+
+
+def diff_routes(state: State, base: dict[str, Service]) -> Routes:
+    services = state.services
+    return Routes(state, base, {h: s for h, s in services.items() if base.get(h) is not s},
+                  [h for h in base if h not in services])
+
+
+@dataclass(slots=True)
+class Observed:
+    """The parsed health file (or, without one, the state file's old health)."""
+
+    entries: dict[str, HealthEntry] | None  # None: there is no health file
+    # (host, service, health in force, entry): entries that may replace what is in
+    # force, worked out in the reader thread; the loop checks nothing moved since.
+    candidates: list[tuple[str, Service, Health | None, HealthEntry]] = field(
+        default_factory=list)
+
+
+def newer(entry: Health, mine: Health | None) -> bool:
+    """Whether ``entry`` should replace ``mine``: the later check wins."""
+    if mine is None:
+        return True
+    return entry.checked_at is not None and (
+        mine.checked_at is None or entry.checked_at > mine.checked_at)
 
 
 class LumaProxy:
@@ -58,11 +100,20 @@ class LumaProxy:
         self.resolver = Resolver()
         self.store: Store | None = None
         self._reader = StateReader()
+        self._health_reader = HealthReader()
+        self._health_writer = HealthReader()  # the leader's: keeps the lines it wrote
         self.settings = Settings()
         self.trusted: tuple[Network, ...] = ()
         self.checker: HealthChecker | None = None
         self._signature: object = None
+        self._health_signature: object = _UNREAD
+        # The health file's entries (or the state file's old health while there is
+        # no health file): looked up when a service changes, compared on reload.
+        self._observed: dict[str, HealthEntry] = {}
+        self._legacy: dict[str, HealthEntry] = {}
+        self._dirty: set[str] = set()  # hosts new or changed since the health loop looked
         self._last_error: str | None = None  # of the last reload
+        self._health_error: str | None = None  # of the last health file read
         self._persist_error: str | None = None  # of the last health write
         self._tasks: list[asyncio.Task[None]] = []
         self._leader_fd: int | None = None
@@ -120,9 +171,10 @@ class LumaProxy:
             raise exceptions.OptionsError("luma_health_interval must be > 0")
         if "luma_state" in updated:
             self.store = Store(opts.luma_state)
-            self._reader = StateReader()
-            self._signature = None
-            self.reload()  # routes are in place before the first request
+            self._reader, self._health_reader = StateReader(), HealthReader()
+            self._health_writer = HealthReader()
+            self._signature, self._health_signature = None, _UNREAD
+            self.reload()  # routes and stored health are in place before the first request
 
     # -------------------------------------------------------------- lifecycle
     def running(self) -> None:
@@ -146,61 +198,141 @@ class LumaProxy:
 
     # ------------------------------------------------------------- the state
     def reload(self) -> bool:
-        """Re-read the state file if it changed; keep the last good view on error."""
+        """Re-read the state and health files if they changed; keep the last good view on error."""
         assert self.store is not None
+        changed = False
         signature = self.store.signature()
-        if signature == self._signature:
-            return False
-        return self._take(signature, self._read())
+        if signature != self._signature:
+            changed = self._take(signature, self._read(self.table.services))
+        signature = self.store.health_signature()
+        if signature != self._health_signature:
+            changed = self._take_health(signature, self._read_health(self.table.services)) \
+                or changed
+        return changed
 
     async def reload_in_background(self) -> bool:
-        """As ``reload``, with the read and validation off the event loop.
+        """As ``reload``, with the reads, parsing and diffing off the event loop.
 
-        Parsing a big registry takes long enough (about a second for 10,000
-        services) that doing it on the loop would stop all traffic meanwhile.
+        Parsing a big registry takes long enough that doing it on the loop would
+        stop all traffic meanwhile; the loop only swaps in what changed.
         """
         assert self.store is not None
+        changed = False
         signature = self.store.signature()
-        if signature == self._signature:
-            return False
-        return self._take(signature, await asyncio.to_thread(self._read))
+        if signature != self._signature:
+            routes = await asyncio.to_thread(self._read, self.table.services)
+            changed = self._take(signature, routes)
+        signature = self.store.health_signature()
+        if signature != self._health_signature:
+            observed = await asyncio.to_thread(self._read_health, self.table.services)
+            changed = self._take_health(signature, observed) or changed
+        return changed
 
-    def _read(self) -> State | RegistryError:
+    def _read(self, base: dict[str, Service]) -> Routes | RegistryError:
+        """Parse the state file and diff it against ``base`` (runs in a thread)."""
         assert self.store is not None
         try:
-            return self.store.read(self._reader)
+            state = self.store.read(self._reader)
         except RegistryError as e:
             return e
+        return diff_routes(state, base)
 
-    def _take(self, signature: object, state: State | RegistryError) -> bool:
-        if isinstance(state, RegistryError):
-            if str(state) != self._last_error:
-                logger.error("keeping the last good routes: %s", state)
-                self._last_error = str(state)
+    def _take(self, signature: object, routes: Routes | RegistryError) -> bool:
+        if isinstance(routes, RegistryError):
+            if str(routes) != self._last_error:
+                logger.error("keeping the last good routes: %s", routes)
+                self._last_error = str(routes)
             return False
         self._signature = signature
         self._last_error = None
-        self.settings = state.settings
-        self.apply(state.services)
+        if routes.base is not self.table.services:  # the view moved while we parsed
+            routes = diff_routes(routes.state, self.table.services)
+        self.settings = routes.state.settings
+        self._legacy = routes.state.legacy_health
+        self._apply_changes(routes.state.services, routes.changed, routes.removed)
+        if self._health_signature is None:  # no health file: the state file's old health
+            self._take_health(None, Observed(None, self._candidates(self._legacy,
+                                                                    self.table.services)))
         return True
 
+    def _read_health(self, services: dict[str, Service]) -> Observed | RegistryError:
+        """Parse the health file and pick the entries that may change the view (in a thread)."""
+        assert self.store is not None
+        try:
+            entries = self.store.read_health(self._health_reader)
+        except RegistryError as e:
+            return e
+        return Observed(entries, self._candidates(
+            self._legacy if entries is None else entries, services))
+
+    def _candidates(self, entries: dict[str, HealthEntry], services: dict[str, Service]
+                    ) -> list[tuple[str, Service, Health | None, HealthEntry]]:
+        """Entries new since the last read that match their service and are newer than ours."""
+        known, health = self._observed, self.health
+        out = []
+        for host, entry in entries.items():
+            if known.get(host) is entry:
+                continue
+            service = services.get(host)
+            if service is None or not entry.matches(service):
+                continue
+            mine = health.get(host)
+            if newer(entry, mine):
+                out.append((host, service, mine, entry))
+        return out
+
+    def _take_health(self, signature: object, observed: Observed | RegistryError) -> bool:
+        if isinstance(observed, RegistryError):
+            if str(observed) != self._health_error:
+                logger.error("keeping the last good health: %s", observed)
+                self._health_error = str(observed)
+            self._health_signature = signature  # read again once it changes
+            return False
+        self._health_signature = signature
+        self._health_error = None
+        self._observed = self._legacy if observed.entries is None else observed.entries
+        services, health = self.table.services, self.health
+        taken = 0
+        for host, service, mine, entry in observed.candidates:
+            current, now_mine = services.get(host), health.get(host)
+            if (current is not service or now_mine is not mine) and (
+                    current is None or not entry.matches(current) or not newer(entry, now_mine)):
+                continue  # the view moved meanwhile, and the entry no longer applies
+            health[host] = entry
+            taken += 1
+        return taken > 0
+
     def apply(self, services: dict[str, Service]) -> None:
-        """Swap in a new view. Health: the newer of the file's and our own observation."""
-        health = {}
-        for host, service in services.items():
-            mine = self.health.get(host)
-            theirs = service.health
-            if mine is None or (theirs.checked_at and (
-                    mine.checked_at is None or theirs.checked_at > mine.checked_at)):
-                health[host] = theirs
-            else:
-                health[host] = mine
-        self.health = health
-        self.table.replace(services)
-        self.resolver.forget({self.table.target(s)[0] for s in services.values()})
-        if self.checker:
-            self.checker.forget(set(services))
-        self._kick.set()
+        """Swap in a whole new set of services (what changed is found by identity)."""
+        routes = diff_routes(State.model_construct(services=services), self.table.services)
+        self._apply_changes(services, routes.changed, routes.removed)
+
+    def _apply_changes(self, services: dict[str, Service], changed: dict[str, Service],
+                       removed: list[str]) -> None:
+        """Swap in ``services``, touching only the hosts that changed or left.
+
+        A service whose target, health path or ssl changed drops the health in
+        force (a new target must prove itself) unless the health file already
+        has an entry for what it is now.
+        """
+        before = self.table.services
+        unused = self.table.update(services, changed, removed)
+        for host in removed:
+            self.health.pop(host, None)
+        for host, service in changed.items():
+            old = before.get(host)
+            if old is None or old.routing_key() != service.routing_key():
+                self.health.pop(host, None)
+                entry = self._observed.get(host)
+                if entry is not None and entry.matches(service):
+                    self.health[host] = entry
+            self._dirty.add(host)
+        if unused:
+            self.resolver.discard(unused)
+        if self.checker and removed:
+            self.checker.discard(removed)
+        if changed or removed:
+            self._kick.set()
 
     async def _reload_loop(self) -> None:
         while True:
@@ -238,24 +370,38 @@ class LumaProxy:
         """
         self.checker = HealthChecker(self.resolver, self._report, ctx.options.luma_health_timeout)
         next_round = next_recheck = 0.0
+        leading = False
         while True:
             interval = ctx.options.luma_health_interval
             recheck = min(UNHEALTHY_RECHECK, interval)
             try:
                 if self.is_leader():
-                    services = list(self.table.services.values())
+                    if not leading:  # just became the leader: check everything at once
+                        leading, next_round = True, 0.0
+                    services = self.table.services
                     now = time.monotonic()
                     if now >= next_round:
                         next_round, next_recheck = now + interval, now + recheck
-                        await self.checker.check_all(services, self.health)
-                    elif fresh := self.checker.unchecked(services):
-                        await self.checker.check_all(fresh, self.health)
+                        self._dirty.clear()
+                        await self.checker.check_all(list(services.values()), self.health)
+                    elif self._dirty:
+                        hosts, self._dirty = self._dirty, set()
+                        fresh = self.checker.unchecked(
+                            [services[h] for h in hosts if h in services])
+                        try:
+                            await self.checker.check_all(fresh, self.health)
+                        except BaseException:
+                            self._dirty |= hosts
+                            raise
                     elif now >= next_recheck:
                         next_recheck = now + recheck
-                        failing = [s for s in services
-                                   if self.health.get(s.host, s.health).healthy is False]
+                        failing = [s for s in services.values()
+                                   if (h := self.health.get(s.host)) is not None
+                                   and h.healthy is False]
                         await self.checker.check_all(failing, self.health)
                 else:
+                    leading = False
+                    self._dirty.clear()
                     next_round = next_recheck = time.monotonic() + interval
             except Exception:
                 logger.exception("health check round failed")
@@ -267,7 +413,17 @@ class LumaProxy:
                 await asyncio.wait_for(self._kick.wait(), max(0.05, wake - time.monotonic()))
 
     def _report(self, results: dict[str, tuple[tuple, Health]]) -> None:
-        """Take fresh results into the view at once, then persist them."""
+        """Take fresh results into the view at once, then write them to the health file.
+
+        A result for a service deployed elsewhere (or removed) while it was being
+        checked says nothing about what is routed now: it is dropped.
+        """
+        services = self.table.services
+        results = {host: (key, health) for host, (key, health) in results.items()
+                   if (service := services.get(host)) is not None
+                   and service.routing_key() == key}
+        if not results:
+            return
         for host, (_key, health) in results.items():
             before = self.health.get(host)
             if before is None or before.healthy is not health.healthy:
@@ -280,17 +436,30 @@ class LumaProxy:
         self._tasks = [t for t in self._tasks if not t.done()]
 
     async def _persist(self, results: dict[str, tuple[tuple, Health]]) -> None:
-        assert self.store is not None
-        store = self.store
+        """Merge ``results`` into the health file (never the state file), in a thread.
 
-        def change(state: Any) -> None:
+        Each entry carries the target it was checked for. A result for a
+        service deployed elsewhere by the time it is written is left out (were
+        it written, no process would apply it to the new target); entries of
+        hosts that are no longer routed are dropped.
+        """
+        assert self.store is not None
+        store, services = self.store, self.table.services
+
+        def change(entries: dict[str, HealthEntry]) -> None:
             for host, (key, health) in results.items():
-                service = state.services.get(host)
-                if service is not None and service.routing_key() == key:
-                    service.health = health
+                service = services.get(host)
+                if service is None or service.routing_key() != key:
+                    continue  # deployed elsewhere or removed since the check started
+                old = entries.get(host)
+                if old is None or not old.matches(service) or not newer(old, health):
+                    entries[host] = HealthEntry.of(key, health)
+            for host in [h for h in entries if h not in services]:
+                del entries[host]
 
         try:
-            await asyncio.to_thread(store.update, change)
+            await asyncio.to_thread(store.update_health, change, self._legacy,
+                                    self._health_writer)
         except RegistryError as e:
             if str(e) != self._persist_error:
                 logger.error("cannot save health: %s", e)

@@ -21,6 +21,8 @@ import click
 
 from . import startup
 from .models import (
+    Health,
+    HealthEntry,
     Service,
     State,
     normalize_host,
@@ -101,6 +103,41 @@ def read(store: Store) -> State:
         raise CliError(str(e)) from None
 
 
+def observed(store: Store, state: State) -> dict[str, HealthEntry]:
+    try:
+        return store.observed(state)
+    except RegistryError as e:
+        raise CliError(str(e)) from None
+
+
+def update_health(store: Store, change: Any, seed: dict[str, HealthEntry]) -> Any:
+    try:
+        return store.update_health(change, seed)
+    except RegistryError as e:
+        raise CliError(str(e)) from None
+
+
+UNCHECKED = Health()
+
+
+def drop_stale_health(store: Store, host: str, service: Service | None) -> None:
+    """Remove ``host``'s health entry unless it was observed for ``service`` as it is now.
+
+    Such an entry is ignored anyway; dropping it keeps a host that is removed
+    and deployed again, or moved back to its old target, "pending" until its
+    first check, as it was when health lived in the state file.
+    """
+    if not store.health_path.exists():
+        return
+
+    def change(entries: dict[str, HealthEntry]) -> None:
+        entry = entries.get(host)
+        if entry is not None and (service is None or not entry.matches(service)):
+            del entries[host]
+
+    update_health(store, change, {})
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="luma-proxy")
 def cli() -> None:
@@ -134,6 +171,8 @@ def deploy(host: str, target: str, project: str, health_path: str, app: str, ssl
     if custom and not ssl:
         raise CliError("--tls-cert needs --ssl: a certificate is only used for HTTPS")
 
+    deployed: list[Service] = []  # the service as written
+
     def change(state: State) -> str:
         existing = state.services.get(host)
         if existing and existing.project != project and not force:
@@ -149,16 +188,20 @@ def deploy(host: str, target: str, project: str, health_path: str, app: str, ssl
             store_pair(certs_dir(state_path), host, *custom)
         if existing is None:
             state.services[host] = Service(**fields)
+            deployed.append(state.services[host])
             return "Deployed"
+        # A new target must prove itself: the health entry observed for the old one
+        # no longer applies (HealthEntry.matches), and is dropped below.
         same = existing.model_copy(update=fields)
-        if same.routing_key() != existing.routing_key():
-            same.health = type(existing.health)()  # a new target must prove itself
         if same.model_dump(exclude={"updated_at"}) != existing.model_dump(exclude={"updated_at"}):
             same.updated_at = now()
         state.services[host] = Service.model_validate(same.model_dump())
+        deployed.append(state.services[host])
         return "Updated"
 
-    verb = update(store_for(state_path), change)
+    store = store_for(state_path)
+    verb = update(store, change)
+    drop_stale_health(store, host, deployed[0])
     click.echo(f"✅ {verb} {host} -> {alias}:{port} (project {project}, "
                f"{'https' if ssl else 'http only'})")
 
@@ -190,7 +233,9 @@ def remove(host: str, state_path: str) -> None:
         if state.services.pop(host, None) is None:
             raise CliError(f"host {host} is not deployed")
 
-    update(store_for(state_path), change)
+    store = store_for(state_path)
+    update(store, change)
+    drop_stale_health(store, host, None)
     click.echo(f"✅ Removed {host}")
 
 
@@ -202,19 +247,25 @@ def updatehealth(host: str, healthy: str, state_path: str) -> None:
     """Set a host's health by hand (the next health check decides again)."""
     host = checked(normalize_host, host)
     value = parse_bool(healthy, "--healthy")
+    store = store_for(state_path)
+    state = read(store)
+    service = state.services.get(host)
+    if service is None:
+        raise CliError(f"host {host} is not deployed")
 
-    def change(state: State) -> None:
-        service = state.services.get(host)
-        if service is None:
-            raise CliError(f"host {host} is not deployed")
+    def change(entries: dict[str, HealthEntry]) -> None:
+        entry = entries.get(host)
+        previous: Health = entry if entry is not None and entry.matches(service) else UNCHECKED
         at = now()
-        changed = service.health.healthy is not value
-        service.health = service.health.model_copy(update={
+        changed = previous.healthy is not value
+        entries[host] = HealthEntry.of(service.routing_key(), previous.model_copy(update={
             "healthy": value, "checked_at": at, "last_error": None if value else "set by hand",
-            "changed_at": at if changed else service.health.changed_at,
-        })
+            "changed_at": at if changed else previous.changed_at,
+        }))
 
-    update(store_for(state_path), change)
+    # The health file, not the state file: the entry names the target it is for, so
+    # a deploy to another target meanwhile makes it void instead of being overwritten.
+    update_health(store, change, state.legacy_health)
     click.echo(f"✅ Health of {host} set to {'healthy' if value else 'unhealthy'}")
 
 
@@ -229,20 +280,27 @@ def _ago(at: datetime | None) -> str:
     return f"{seconds // 3600}h ago"
 
 
-def _health_word(service: Service) -> str:
-    healthy = service.health.healthy
+def _health_word(health: Health) -> str:
+    healthy = health.healthy
     word = "pending" if healthy is None else "healthy" if healthy else "unhealthy"
-    if healthy is False and service.health.last_error:
-        word += f" ({service.health.last_error})"
+    if healthy is False and health.last_error:
+        word += f" ({health.last_error})"
     return word
 
 
-def service_rows(state: State) -> list[list[str]]:
-    return [
-        [s.host, s.target, s.project, _health_word(s), _ago(s.health.checked_at),
-         "yes" if s.ssl else "no"]
-        for s in sorted(state.services.values(), key=lambda s: (s.project, s.host))
-    ]
+def service_rows(state: State, health: dict[str, HealthEntry]) -> list[list[str]]:
+    rows = []
+    for s in sorted(state.services.values(), key=lambda s: (s.project, s.host)):
+        h = health.get(s.host, UNCHECKED)
+        rows.append([s.host, s.target, s.project, _health_word(h), _ago(h.checked_at),
+                     "yes" if s.ssl else "no"])
+    return rows
+
+
+def service_json(service: Service, health: HealthEntry | None) -> dict[str, Any]:
+    """A service as ``list --json`` shows it: its fields and its health in force."""
+    shown = health.health() if health is not None else UNCHECKED
+    return {**service.model_dump(mode="json"), "health": shown.model_dump(mode="json")}
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -257,15 +315,17 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 @state_option
 def list_(as_json: bool, state_path: str) -> None:
     """Show every routed host with its target and health."""
-    state = read(store_for(state_path))
+    store = store_for(state_path)
+    state = read(store)
+    health = observed(store, state)
     if as_json:
-        services = [s.model_dump(mode="json") for s in state.services.values()]
+        services = [service_json(s, health.get(h)) for h, s in state.services.items()]
         click.echo(json.dumps({"services": services}, indent=2))
     elif not state.services:
         click.echo("No hosts deployed.")
     else:
         click.echo(table(["HOST", "TARGET", "PROJECT", "HEALTH", "LAST CHECK", "SSL"],
-                         service_rows(state)))
+                         service_rows(state, health)))
 
 
 @cli.command()
@@ -276,8 +336,10 @@ def status(ctx: click.Context, as_json: bool, state_path: str) -> None:
     """Same as list, with a summary line."""
     ctx.invoke(list_, as_json=as_json, state_path=state_path)
     if not as_json:
-        state = read(store_for(state_path))
-        healthy = sum(1 for s in state.services.values() if s.health.healthy is not False)
+        store = store_for(state_path)
+        state = read(store)
+        health = observed(store, state)
+        healthy = sum(1 for h in state.services if health.get(h, UNCHECKED).healthy is not False)
         click.echo(f"{len(state.services)} host(s), {healthy} serving")
 
 

@@ -19,6 +19,7 @@ from .resolver import Resolver
 
 MAX_HEAD = 16 * 1024
 MAX_BODY = 4 * 1024
+UNCHECKED = Health()  # the previous health of a service never checked
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +105,7 @@ def unhealthy_ips(health: Health) -> frozenset[str]:
 class HealthChecker:
     """Checks every service each interval, and new or changed ones at once.
 
-    Results go to ``report`` (the addon updates its view and the state file);
+    Results go to ``report`` (the addon updates its view and the health file);
     the checker itself keeps only which routing key it last checked per host.
     """
 
@@ -143,7 +144,7 @@ class HealthChecker:
     async def check_all(self, services: Iterable[Service], health: dict[str, Health]) -> None:
         services = list(services)
         results = await asyncio.gather(
-            *(self.check(s, health.get(s.host, s.health)) for s in services)
+            *(self.check(s, health.get(s.host, UNCHECKED)) for s in services)
         )
         report = {}
         for service, result in zip(services, results, strict=True):
@@ -156,6 +157,7 @@ class HealthChecker:
         """Services never checked under their current routing key (new or changed)."""
         return [s for s in services if self._checked.get(s.host) != s.routing_key()]
 
-    def forget(self, hosts: set[str]) -> None:
-        for host in [h for h in self._checked if h not in hosts]:
-            del self._checked[host]
+    def discard(self, hosts: Iterable[str]) -> None:
+        """Forget these hosts (removed services)."""
+        for host in hosts:
+            self._checked.pop(host, None)

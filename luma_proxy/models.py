@@ -1,5 +1,9 @@
 """The registry's data model: what the CLI desires and what the proxy observed.
 
+The two live in two files: ``State`` (routes, written by the CLI) in the state
+file, ``HealthEntry`` (observed health, written by the proxy's health leader and
+by ``updatehealth``) in the health file next to it. See ``registry``.
+
 Parsing functions are pure and raise ``ValueError`` with a one-line message, so
 the CLI, the addon and the tests share one definition of "valid".
 """
@@ -107,7 +111,7 @@ HealthPath = Annotated[str, AfterValidator(parse_health_path)]
 
 
 class Health(BaseModel):
-    """What the proxy last observed; written by the proxy, never by the CLI."""
+    """What the proxy last observed about a service (``updatehealth`` may set it by hand)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -139,7 +143,6 @@ class Service(BaseModel):
     renew_requested_at: datetime | None = None
     created_at: datetime = Field(default_factory=now)
     updated_at: datetime = Field(default_factory=now)
-    health: Health = Field(default_factory=Health)
 
     @property
     def alias(self) -> str:
@@ -152,6 +155,40 @@ class Service(BaseModel):
     def routing_key(self) -> tuple[str, str, str, bool]:
         """The fields whose change needs a fresh health check."""
         return (self.target, self.health_path, self.host, self.ssl)
+
+
+class HealthEntry(Health):
+    """One line of the health file: a host's health and what it was observed for.
+
+    Health is kept per host; the fields below are the rest of the service's
+    ``routing_key`` at the time of the check. An entry whose service has been
+    deployed since with another target, health path or ``ssl`` is ignored
+    (a new target must prove itself), without anyone having to delete it.
+    """
+
+    target: str
+    health_path: str = "/up"
+    ssl: bool = True
+
+    def matches(self, service: Service) -> bool:
+        return (self.target == service.target and self.health_path == service.health_path
+                and self.ssl == service.ssl)
+
+    @classmethod
+    def of(cls, key: tuple[str, str, str, bool], health: Health) -> HealthEntry:
+        """The entry for ``health`` observed under ``key`` (a ``Service.routing_key()``)."""
+        target, health_path, _host, ssl = key
+        return cls.model_validate({  # faster than model_construct, and checked
+            "target": target, "health_path": health_path, "ssl": ssl, "healthy": health.healthy,
+            "checked_at": health.checked_at, "last_error": health.last_error,
+            "changed_at": health.changed_at, "containers": health.containers})
+
+    def health(self) -> Health:
+        """The observation alone (``list --json`` shows this part)."""
+        return Health.model_validate({
+            "healthy": self.healthy, "checked_at": self.checked_at,
+            "last_error": self.last_error, "changed_at": self.changed_at,
+            "containers": self.containers})
 
 
 class Settings(BaseModel):
@@ -170,6 +207,10 @@ class State(BaseModel):
     version: int = STATE_VERSION
     services: dict[str, Service] = Field(default_factory=dict)
     settings: Settings = Field(default_factory=Settings)
+    # Health found inside service entries: files written before the health file
+    # existed kept it there. Read as the initial health while there is no health
+    # file; never written back.
+    legacy_health: dict[str, HealthEntry] = Field(default_factory=dict, exclude=True)
 
     def find(self, host: str) -> Service | None:
         return self.services.get(normalize_host(host))

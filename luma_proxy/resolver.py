@@ -14,6 +14,7 @@ import logging
 import random
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dnslib import QTYPE, RCODE, DNSRecord
@@ -172,7 +173,7 @@ class Resolver:
             if ip in entry.ips:
                 entry.expires = 0.0
 
-    def forget(self, keep: set[str]) -> None:
-        """Drop cache entries of aliases no longer routed (bounded memory)."""
-        for alias in [a for a in self._cache if a not in keep]:
-            del self._cache[alias]
+    def discard(self, aliases: Iterable[str]) -> None:
+        """Drop the cache entries of aliases no longer routed (bounded memory)."""
+        for alias in aliases:
+            self._cache.pop(alias, None)

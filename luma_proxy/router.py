@@ -30,14 +30,49 @@ class HostTable:
     """
 
     def __init__(self, services: dict[str, Service] | None = None) -> None:
-        self.services: dict[str, Service] = services or {}
+        self.services: dict[str, Service] = {}
         self._canonical: dict[str, str | None] = {}
         self._targets: dict[str, tuple[Service, tuple[str, int]]] = {}
+        self._aliases: dict[str, int] = {}  # alias -> number of services routed to it
+        if services:
+            self.replace(services)
 
-    def replace(self, services: dict[str, Service]) -> None:
+    def replace(self, services: dict[str, Service]) -> set[str]:
+        """Swap in a whole new set; returns the aliases no service is routed to any more."""
+        before = self.services
+        changed = {h: s for h, s in services.items() if before.get(h) is not s}
+        return self.update(services, changed, [h for h in before if h not in services])
+
+    def update(self, services: dict[str, Service], changed: dict[str, Service],
+               removed: list[str]) -> set[str]:
+        """Swap in ``services``, which differ from the current ones only in ``changed`` and
+        ``removed``; the work is per changed host, not per service. ``services`` is
+        taken as it is (and never modified), so a reader may hold on to the old dict.
+
+        Returns the aliases no service is routed to any more.
+        """
+        before, aliases = self.services, self._aliases
+        unused = set()
+        for host in (*changed, *removed):
+            old = before.get(host)
+            if old is not None:
+                alias = self.target(old)[0]
+                count = aliases.get(alias, 0) - 1
+                if count > 0:
+                    aliases[alias] = count
+                else:
+                    aliases.pop(alias, None)
+                    unused.add(alias)
+            self._targets.pop(host, None)
         self.services = services
-        for host in [h for h in self._targets if h not in services]:
-            del self._targets[host]
+        for service in changed.values():
+            alias = self.target(service)[0]
+            aliases[alias] = aliases.get(alias, 0) + 1
+            unused.discard(alias)
+        return unused
+
+    def routed_aliases(self) -> set[str]:
+        return set(self._aliases)
 
     def target(self, service: Service) -> tuple[str, int]:
         """``(service.alias, service.port)``, split once per service and view, not per request.

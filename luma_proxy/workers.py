@@ -9,8 +9,9 @@ addresses). What workers share goes through files, as before:
 - routes: each worker's reloader follows the state file (a change is served
   by all of them within one reload poll);
 - health: only the holder of the ``<state>.health.lock`` flock checks (see
-  ``LumaProxy.is_leader``); the others read its results from the state file,
-  so checks are not multiplied and workers agree within one reload poll;
+  ``LumaProxy.is_leader``) and writes the results to the health file
+  (``<state>.health.json``); the others read them from there, so checks are not
+  multiplied and workers agree within one reload poll;
 - certificates: only that leader orders them; every worker loads them, and
   ACME challenge answers, from ``certs/``;
 - metrics: in prometheus_client's multiprocess mode. The supervisor gives the
@@ -326,7 +327,7 @@ def supervisor_registry(multiproc_dir: str, state_path: str) -> CollectorRegistr
     """The sum of all workers' series, plus health and certificate expiry from the files.
 
     The workers' own health/expiry collectors read their in-memory view, which
-    multiprocess mode cannot carry; the same numbers are in the state file
+    multiprocess mode cannot carry; the same numbers are in the health file
     (written by the health leader) and in ``certs/``, so they are read there.
     """
     from prometheus_client import CollectorRegistry
@@ -334,18 +335,19 @@ def supervisor_registry(multiproc_dir: str, state_path: str) -> CollectorRegistr
 
     from .certificates import certs_dir, load_pair
     from .metrics import CertExpiryCollector, HealthCollector
-    from .registry import Store
+    from .registry import HealthReader, StateReader, Store, observed_health
 
     store = Store(state_path)
     certs = certs_dir(state_path)
+    readers = (StateReader(), HealthReader())  # a scrape re-validates only what changed
 
     def view() -> Any:
         try:
-            services = store.read().services
+            state = store.read(readers[0])
+            health = observed_health(state, store.read_health(readers[1]))
         except Exception:
             return None
-        return types.SimpleNamespace(health={h: s.health for h, s in services.items()},
-                                     services=services)
+        return types.SimpleNamespace(health=health, services=state.services)
 
     def expiry() -> dict[str, float]:
         state = view()

@@ -10,20 +10,25 @@ from typing import Any
 from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
-from luma_proxy.models import Health, Service, State
+from luma_proxy.models import Health, HealthEntry, Service, State
 from luma_proxy.registry import Store
 
 
 def write_state(path: Path) -> Path:
     """blog.test -> 127.0.0.9:3000 (project p), down.test unhealthy (project q)."""
+    down = Service(name="d", host="down.test", target="127.0.0.8:3000", project="q")
 
     def add(s: State) -> None:
         s.services["blog.test"] = Service(name="b", host="blog.test", target="127.0.0.9:3000",
                                           project="p")
-        s.services["down.test"] = Service(name="d", host="down.test", target="127.0.0.8:3000",
-                                          project="q", health=Health(healthy=False))
+        s.services["down.test"] = down
 
-    Store(path).update(add)
+    def unhealthy(entries: dict[str, HealthEntry]) -> None:
+        entries["down.test"] = HealthEntry.of(down.routing_key(), Health(healthy=False))
+
+    store = Store(path)
+    store.update(add)
+    store.update_health(unhealthy)
     return path
 
 

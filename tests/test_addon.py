@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,9 @@ from mitmproxy.addons import proxyserver
 from mitmproxy.test import taddons, tflow
 
 from luma_proxy.addon import LumaProxy
+from luma_proxy.models import Health, HealthEntry, Service, State, now
+from luma_proxy.registry import Store, dump_state
+from luma_proxy.resolver import _Entry
 from tests.obs_util import flow_for, write_state
 
 
@@ -123,3 +129,192 @@ def test_client_leaving_during_connect_does_not_eject_the_container() -> None:
     server.error = "Connection refused"
     addon.server_connect_error(server_hooks.ServerConnectionHookData(server=server, client=client))
     assert addon.balancer.is_ejected("127.0.0.9", 3000)
+
+
+# ------------------------------------------------------------------ state and health files
+def deploy(path: Path, host: str, target: str, **fields: object) -> Service:
+    service = Service(name="x", host=host, target=target, project="p", **fields)  # type: ignore[arg-type]
+    Store(path).update(lambda s: s.services.__setitem__(host, service))
+    return service
+
+
+def set_health(path: Path, host: str, healthy: bool, target: str | None = None,
+               at: datetime | None = None) -> None:
+    """Write ``host``'s entry as the health leader would, for ``target`` (default: as deployed)."""
+    store = Store(path)
+    service = store.read().services[host]
+    key = service.routing_key() if target is None else (target, *service.routing_key()[1:])
+    health = Health(healthy=healthy, checked_at=at or now(), containers={})
+    store.update_health(lambda e: e.__setitem__(host, HealthEntry.of(key, health)))
+
+
+def test_health_comes_from_the_health_file_for_the_target_deployed(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    deploy(path, "blog.test", "127.0.0.9:3000")
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(path))
+        assert addon.health == {}
+        set_health(path, "blog.test", False)
+        assert addon.reload() is True
+        assert addon.health["blog.test"].healthy is False
+        # An entry observed for another target says nothing about this one.
+        set_health(path, "blog.test", True, target="127.0.0.7:3000")
+        addon.reload()
+        assert addon.health["blog.test"].healthy is False
+        # A deploy to a new target drops the health in force: it must prove itself.
+        deploy(path, "blog.test", "127.0.0.8:3000")
+        addon.reload()
+        assert "blog.test" not in addon.health
+        set_health(path, "blog.test", False)
+        addon.reload()
+        assert addon.health["blog.test"].healthy is False
+        # A change that keeps the target keeps the health in force.
+        deploy(path, "blog.test", "127.0.0.8:3000", app="renamed")
+        addon.reload()
+        assert addon.health["blog.test"].healthy is False
+        # The later check wins: an older entry does not replace a newer observation.
+        addon.health["blog.test"] = Health(healthy=True, checked_at=now())
+        set_health(path, "blog.test", False, at=now() - timedelta(minutes=1))
+        addon.reload()
+        assert addon.health["blog.test"].healthy is True
+
+
+def test_restart_serves_stored_health_before_any_check(tmp_path: Path) -> None:
+    path = write_state(tmp_path / "state.json")  # down.test unhealthy in the health file
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(path))  # a fresh process: no check ran
+        assert addon.health["down.test"].healthy is False
+        assert "blog.test" not in addon.health
+
+
+async def test_old_state_file_with_health_inside_is_the_initial_health(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    raw = json.loads(dump_state(State(services={
+        "down.test": Service(name="d", host="down.test", target="127.0.0.8:3000", project="q"),
+        "blog.test": Service(name="b", host="blog.test", target="127.0.0.9:3000", project="p"),
+    })))
+    raw["services"]["down.test"]["health"] = {"healthy": False, "checked_at": now().isoformat(),
+                                              "last_error": "HTTP 503", "containers": {}}
+    path.write_text(json.dumps(raw, indent=2))  # as an older luma-proxy wrote it
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(path))
+        f = flow_for("down.test")
+        await addon.requestheaders(f)
+        assert f.response is not None and f.response.status_code == 503
+        assert addon.health["down.test"].last_error == "HTTP 503"
+        # Once the health leader has written a health file, that is what counts.
+        set_health(path, "down.test", True)
+        addon.reload()
+        assert addon.health["down.test"].healthy is True
+
+
+def test_broken_health_file_keeps_the_last_good_health(tmp_path: Path, caplog) -> None:
+    path = write_state(tmp_path / "state.json")
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(path))
+        Store(path).health_path.write_text("{")
+        assert addon.reload() is False
+        assert addon.health["down.test"].healthy is False
+        assert "keeping the last good health" in caplog.text
+        set_health(path, "down.test", True)
+        assert addon.reload() is True
+        assert addon.health["down.test"].healthy is True
+
+
+async def test_health_results_go_to_the_health_file_not_the_state_file(tmp_path: Path) -> None:
+    path = write_state(tmp_path / "state.json")
+    store = Store(path)
+    routes = path.read_bytes()
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(path))
+        blog, down = addon.table.services["blog.test"], addon.table.services["down.test"]
+        results = {"blog.test": (blog.routing_key(), Health(healthy=True, checked_at=now())),
+                   "down.test": (down.routing_key(), Health(healthy=True, checked_at=now())),
+                   # checked for a target it no longer has: not written
+                   "gone.test": (("x:1", "/up", "gone.test", True), Health(healthy=False))}
+        addon._report(results)
+        await asyncio.gather(*addon._tasks)
+        assert path.read_bytes() == routes
+        entries = store.read_health()
+        assert entries is not None and sorted(entries) == ["blog.test", "down.test"]
+        assert entries["down.test"].healthy is True and entries["down.test"].target == down.target
+        assert addon.reload() is False  # our own results: nothing new in the file
+        # A check of a target blog.test no longer has is neither applied nor written.
+        written = store.health_path.read_bytes()
+        addon._report({"blog.test": (("old:1", "/up", "blog.test", True),
+                                     Health(healthy=False, checked_at=now()))})
+        await asyncio.gather(*addon._tasks)
+        assert addon.health["blog.test"].healthy is True
+        assert store.health_path.read_bytes() == written
+        # A removed host's entry is dropped with the next write.
+        Store(path).update(lambda s: s.services.pop("down.test"))
+        addon.reload()
+        addon._report({"blog.test": (blog.routing_key(), Health(healthy=False, checked_at=now()))})
+        await asyncio.gather(*addon._tasks)
+        assert sorted(store.read_health() or {}) == ["blog.test"]
+
+
+def test_one_deploy_on_a_large_registry_touches_only_that_service(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    n = 3000
+    path = tmp_path / "state.json"
+    services = {f"h{i}.test": Service(name="x", host=f"h{i}.test", target=f"app{i}:3000",
+                                      project="p") for i in range(n)}
+    Store(path).update(lambda s: s.services.update(services))
+    Store(path).update_health(lambda e: e.update({
+        h: HealthEntry.of(s.routing_key(), Health(healthy=True, checked_at=now()))
+        for h, s in services.items()}))
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(path))
+        assert len(addon.table.services) == n and len(addon.health) == n
+        before_services = dict(addon.table.services)
+        before_health = dict(addon.health)
+        for s in before_services.values():
+            addon.table.target(s)  # as requests would have
+        before_targets = dict(addon.table._targets)
+        addon._dirty.clear()  # as the health loop does when it checks them all
+        addon.resolver._cache.update({f"app{i}": _Entry(("10.0.0.1",), 1e18) for i in range(n)})
+
+        validated: list[str] = []
+        swaps: list[tuple[list[str], list[str]]] = []
+        original_validate = Service.model_validate.__func__  # type: ignore[attr-defined]
+        monkeypatch.setattr(Service, "model_validate", classmethod(
+            lambda cls, obj, *a, **kw: validated.append(obj["host"])
+            or original_validate(cls, obj, *a, **kw)))
+        original_update = addon.table.update
+
+        def update(services, changed, removed):  # type: ignore[no-untyped-def]
+            swaps.append((list(changed), list(removed)))
+            return original_update(services, changed, removed)
+
+        monkeypatch.setattr(addon.table, "update", update)
+        # One deploy: h7 moves, h9 is removed, new.test is added.
+        Store(path).update(lambda s: (
+            s.services.__setitem__("h7.test", s.services["h7.test"].model_copy(
+                update={"target": "moved:1"})),
+            s.services.pop("h9.test"),
+            s.services.__setitem__("new.test", Service(name="n", host="new.test",
+                                                       target="app1:3000", project="p"))))
+        validated.clear()  # the CLI side validated the whole file; the proxy's reads start here
+        assert addon.reload() is True
+
+        assert validated == ["h7.test", "new.test"]  # only the changed lines
+        assert swaps == [(["h7.test", "new.test"], ["h9.test"])]
+        after = addon.table.services
+        assert len(after) == n
+        same = [h for h in after if after[h] is before_services.get(h)]
+        assert len(same) == n - 2  # every other service is the very same object
+        assert [h for h, health in addon.health.items() if health is not before_health.get(h)
+                ] == []  # no health entry was replaced ...
+        assert "h7.test" not in addon.health and "h9.test" not in addon.health  # ... only dropped
+        targets = addon.table._targets  # cached targets of the others kept as they were
+        assert [h for h in targets if targets[h] is not before_targets.get(h)] == [
+            "h7.test", "new.test"] and "h9.test" not in targets
+        assert set(addon.resolver._cache) == {f"app{i}" for i in range(n)} - {"app7", "app9"}
+        assert addon._dirty == {"h7.test", "new.test"}  # what the health loop checks at once

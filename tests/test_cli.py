@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from luma_proxy.models import Service, State
+from luma_proxy.models import Health, Service, State
 from luma_proxy.registry import Store
 
 EXE = Path(sys.executable).parent / "luma-proxy"
@@ -63,6 +63,12 @@ def seed(path: Path, *services: Service) -> bytes:
     return path.read_bytes()
 
 
+def health_of(path: Path, host: str) -> Health:
+    """The health in force for ``host``, as ``list`` shows it (pending if none)."""
+    store = Store(path)
+    return store.observed(store.read()).get(host) or Health()
+
+
 def svc(host: str, project: str = "myproject", target: str = "blog:3000") -> Service:
     return Service(name=host, host=host, target=target, project=project)
 
@@ -88,18 +94,22 @@ def test_luma_deploy_then_updatehealth(state: Path) -> None:
     assert service.project == "myproject"
     assert service.health_path == "/up"
     assert service.ssl is True
-    assert service.health.healthy is None
+    assert health_of(state, "blog.com").healthy is None
+    routes = state.read_bytes()
 
     out = ok(run("updatehealth", "--host", "blog.com", "--healthy", "true", state=state))
     assert out.startswith("✅")
-    health = Store(state).read().services["blog.com"].health
+    health = health_of(state, "blog.com")
     assert health.healthy is True
     assert health.checked_at is not None and health.changed_at is not None
 
     ok(run("updatehealth", "--host", "blog.com", "--healthy", "false", state=state))
-    health = Store(state).read().services["blog.com"].health
+    health = health_of(state, "blog.com")
     assert health.healthy is False
     assert health.last_error
+    # Health goes to the health file; the routes the proxy follows are untouched.
+    assert state.read_bytes() == routes
+    assert Store(state).health_path.stat().st_mode & 0o777 == 0o600
 
 
 def test_state_path_from_env(tmp_path: Path) -> None:
@@ -152,7 +162,13 @@ def test_redeploy_updates_in_place(state: Path) -> None:
     assert second.target == "myproject-blog-v2:3000"
     assert second.created_at == first.created_at
     assert second.updated_at > first.updated_at
-    assert second.health.healthy is None
+    assert health_of(state, "blog.com").healthy is None  # the entry was for the old target
+    assert "pending" in ok(run("list", state=state))
+
+    entries = Store(state).read_health()
+    assert entries == {}  # the stale entry is gone: moving back starts pending too
+    ok(run(*DEPLOY_BLOG, state=state))
+    assert health_of(state, "blog.com").healthy is None
 
 
 def test_other_projects_host_needs_force(state: Path) -> None:
@@ -177,7 +193,7 @@ def test_hostname_normalisation(state: Path) -> None:
     assert list(services) == ["blog.com"]
     assert services["blog.com"].target == "blog:3000"
     ok(run("updatehealth", "--host", "BLOG.com.", "--healthy", "false", state=state))
-    assert Store(state).read().services["blog.com"].health.healthy is False
+    assert health_of(state, "blog.com").healthy is False
     ok(run("remove", "--host", "blog.COM:80", state=state))
     assert Store(state).read().services == {}
 

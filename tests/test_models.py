@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from luma_proxy.models import (
     STATE_VERSION,
     Health,
+    HealthEntry,
     Service,
     State,
     normalize_host,
@@ -229,9 +230,21 @@ def test_health_defaults() -> None:
     assert h.containers == {}
     assert Health().containers is not h.containers  # no shared mutable default
     s = Service(name="x", host="a.com", target="blog:80", project="p")
-    assert s.health.healthy is None
+    assert not hasattr(s, "health")  # observed health lives in the health file
     assert s.created_at.tzinfo is not None
     assert abs((s.created_at - datetime.now(UTC)).total_seconds()) < 5
+
+
+def test_health_entry_matches_only_the_service_it_was_observed_for() -> None:
+    s = Service(name="x", host="a.com", target="blog:80", project="p")
+    entry = HealthEntry.of(s.routing_key(), Health(healthy=False, containers={"10.0.0.2": False}))
+    assert (entry.target, entry.health_path, entry.ssl) == ("blog:80", "/up", True)
+    assert entry.matches(s)
+    assert entry.matches(s.model_copy(update={"project": "q", "app": "other"}))
+    for update in ({"target": "blog:81"}, {"health_path": "/h"}, {"ssl": False}):
+        assert not entry.matches(s.model_copy(update=update)), update
+    assert entry.health() == Health(healthy=False, containers={"10.0.0.2": False})
+    assert type(entry.health()) is Health
 
 
 def test_state_find_normalises() -> None:

@@ -368,40 +368,243 @@ def test_reader_never_sees_a_broken_file(tmp_path: Path) -> None:
     assert len(versions) > 5, "the writer did not actually write while we read"
 
 
-def test_state_reader_matches_parse_state_and_reuses_unchanged_services() -> None:
+# ---------------------------------------------------------------------------- incremental reads
+AT = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+
+
+def state_with(targets: dict[str, str], **settings: object) -> State:
+    state = State()
+    state.settings = state.settings.model_copy(update=settings)
+    for host, target in targets.items():
+        state.services[host] = Service(name="x", host=host, target=target, project="p",
+                                       created_at=AT, updated_at=AT)
+    return state
+
+
+def indented(state: State) -> bytes:
+    """The layout of earlier versions (and of ``jq .``): one field per line."""
+    return json.dumps(json.loads(dump_state(state)), indent=2).encode()
+
+
+def test_dump_state_is_one_service_per_line() -> None:
+    from luma_proxy.registry import split_layout
+
+    state = state_with({"a.test": "a:1", "b.test": "b:1"}, acme_staging=True)
+    data = dump_state(state)
+    lines = data.decode().splitlines()
+    assert lines[0] == "{" and lines[-2:] == ["  }", "}"]
+    assert [line.split('"')[1] for line in lines if line.startswith("    ")] == ["a.test", "b.test"]
+    assert "\"health\":" not in data.decode()
+    head, members = split_layout(data)
+    assert head == {"version": STATE_VERSION, "settings": state.settings.model_dump(mode="json")}
+    assert len(members) == 2
+    assert parse_state(data) == state
+    empty = dump_state(State())
+    assert split_layout(empty)[1] == [] and parse_state(empty) == State()
+
+
+@pytest.mark.parametrize("layout", [dump_state, indented], ids=["lines", "indented"])
+def test_state_reader_matches_parse_state_and_reuses_unchanged_services(layout) -> None:
     from luma_proxy.registry import StateReader
 
-    at = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
-
-    def state_with(targets: dict[str, str], healthy: bool | None = None) -> State:
-        state = State()
-        for host, target in targets.items():
-            state.services[host] = Service(name="x", host=host, target=target, project="p",
-                                           created_at=at, updated_at=at)
-            state.services[host].health.healthy = healthy
-        return state
-
     reader = StateReader()
-    first = dump_state(state_with({"a.test": "a:1", "b.test": "b:1"}))
+    first = layout(state_with({"a.test": "a:1", "b.test": "b:1"}))
     one = reader.parse(first)
     assert one == parse_state(first)
 
-    second = dump_state(state_with({"a.test": "a:1", "b.test": "b:2", "c.test": "c:1"}))
+    second = layout(state_with({"a.test": "a:1", "b.test": "b:2", "c.test": "c:1"}))
     two = reader.parse(second)
     assert two == parse_state(second)
     assert two.services["a.test"] is one.services["a.test"]  # unchanged: not validated again
     assert two.services["b.test"] is not one.services["b.test"]
+    assert list(two.services) == ["a.test", "b.test", "c.test"]
 
-    third = dump_state(state_with({"a.test": "a:1", "b.test": "b:2", "c.test": "c:1"}, False))
+    third = layout(state_with({"c.test": "c:1", "a.test": "a:1"}, acme_staging=True))
     three = reader.parse(third)
     assert three == parse_state(third)
-    assert three.services["a.test"].health.healthy is False  # health changes are seen
+    assert three.settings.acme_staging is True
+    assert three.services["c.test"] is two.services["c.test"]
 
     for broken in (b"{", b'{"version": 2}', b'{"services": {"x.test": {"host": "y.test"}}}',
-                   first.replace(b'"a:1"', b'"a:0"')):
+                   first.replace(b'"a:1"', b'"a:0"'),
+                   first.replace(b'"version": 1', b'"version": 3'),
+                   first.replace(b'"a.test": {', b'"z.test": {')):
         with pytest.raises(RegistryError) as caught:
             reader.parse(broken)
         with pytest.raises(RegistryError) as direct:
             parse_state(broken)
         assert str(caught.value) == str(direct.value)
     assert reader.parse(third) == parse_state(third)  # and it recovers
+
+
+def test_state_reader_validates_only_changed_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    from luma_proxy.registry import StateReader
+
+    targets = {f"h{i}.test": f"app{i}:3000" for i in range(500)}
+    reader = StateReader()
+    reader.parse(dump_state(state_with(targets)))
+    validated: list[object] = []
+    original = Service.model_validate.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(Service, "model_validate", classmethod(
+        lambda cls, obj, *a, **kw: validated.append(obj) or original(cls, obj, *a, **kw)))
+    state = reader.parse(dump_state(state_with({**targets, "h7.test": "moved:1"})))
+    assert [v["host"] for v in validated] == ["h7.test"]  # type: ignore[index]
+    assert state.services["h7.test"].target == "moved:1"
+
+
+def test_hand_edited_layouts_parse_as_json_does() -> None:
+    """Whatever the file looks like, the reader's view is the one of a full parse."""
+    from luma_proxy.registry import StateReader
+
+    base = dump_state(state_with({"a.test": "a:1", "b.test": "b:1"}))
+    variants = [
+        base.replace(b"\n", b"\r\n"),  # CRLF
+        base.replace(b'"target":"a:1",', b'"target":"a:1",\n'),  # a member over two lines
+        base.replace(b"},\n    \"b.test\"", b'}, "b.test"'),  # two members on one line
+        base.rstrip(b"\n"),  # no final newline
+        base.replace(b'  "services": {\n', b'  "services": {\n    "a.test": {},\n'),  # dup key
+        base.replace(b'"host":"b.test"', b'"host":"b.test","health":{"healthy":false}'),
+    ]
+    reader = StateReader()
+    for data in variants:
+        assert reader.parse(data) == parse_state(data), data
+        assert StateReader().parse(data) == parse_state(data), data
+
+
+def test_old_state_file_with_health_inside_loads_as_legacy_health() -> None:
+    from luma_proxy.registry import StateReader, observed_health
+
+    raw = json.loads(dump_state(state_with({"a.test": "a:1", "b.test": "b:1", "c.test": "c:1"})))
+    raw["services"]["a.test"]["health"] = {"healthy": False, "checked_at": AT.isoformat(),
+                                           "last_error": "HTTP 503", "containers": {"10.0.0.2":
+                                                                                   False}}
+    raw["services"]["b.test"]["health"] = {"healthy": None, "checked_at": None}  # never checked
+    raw["services"]["c.test"]["health"] = {"healthy": "maybe"}  # broken: ignored, not fatal
+    data = json.dumps(raw, indent=2).encode()
+    for state in (parse_state(data), StateReader().parse(data)):
+        assert set(state.services) == {"a.test", "b.test", "c.test"}
+        assert list(state.legacy_health) == ["a.test"]
+        legacy = state.legacy_health["a.test"]
+        assert (legacy.healthy, legacy.last_error, legacy.checked_at) == (False, "HTTP 503", AT)
+        assert legacy.matches(state.services["a.test"])
+        # Without a health file, it is the health in force; with one, it is not.
+        assert observed_health(state, None) == {"a.test": legacy}
+        assert observed_health(state, {}) == {}
+    assert b"\"health\":" not in dump_state(parse_state(data))
+
+
+def test_cli_write_moves_old_health_to_the_health_file(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    raw = json.loads(dump_state(state_with({"a.test": "a:1"})))
+    raw["services"]["a.test"]["health"] = {"healthy": False, "checked_at": AT.isoformat()}
+    path.write_text(json.dumps(raw, indent=2))
+    store = Store(path)
+    assert store.read_health() is None
+    store.update(add("b.test"))
+    assert b"\"health\":" not in path.read_bytes()
+    entries = store.read_health()
+    assert entries is not None and list(entries) == ["a.test"]
+    assert entries["a.test"].healthy is False and entries["a.test"].target == "a:1"
+    assert store.observed(store.read())["a.test"].healthy is False
+    assert stat.S_IMODE(store.health_path.stat().st_mode) == 0o600
+
+
+# ---------------------------------------------------------------------------- the health file
+def entry(target: str, healthy: bool | None = True, at: datetime.datetime = AT):
+    from luma_proxy.models import HealthEntry
+
+    return HealthEntry(target=target, healthy=healthy, checked_at=at, changed_at=at,
+                       containers={"10.0.0.2": bool(healthy)})
+
+
+def test_update_health_writes_only_the_health_file(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    store = Store(path)
+    store.update(add("a.test"))
+    state_bytes, state_inode = path.read_bytes(), path.stat().st_ino
+    assert store.update_health(lambda e: e.setdefault("a.test", entry("blog:3000"))) is not None
+    assert store.health_path == tmp_path / "state.json.health.json"
+    assert path.read_bytes() == state_bytes and path.stat().st_ino == state_inode
+    assert stat.S_IMODE(store.health_path.stat().st_mode) == 0o600
+    assert store.read_health() == {"a.test": entry("blog:3000")}
+    assert store.observed(store.read())["a.test"].healthy is True
+    # Atomic: a new file renamed over the old one, no temp file left, 0600 again.
+    inode = store.health_path.stat().st_ino
+    store.update_health(lambda e: e.update({"b.test": entry("b:1", False)}))
+    assert store.health_path.stat().st_ino != inode
+    assert stat.S_IMODE(store.health_path.stat().st_mode) == 0o600
+    assert sorted(tmp_path.glob(".*.tmp")) == []
+    assert list(store.read_health() or {}) == ["a.test", "b.test"]
+    # Not even the state file's lock is taken: a writer holding it does not block us.
+    import fcntl
+
+    with store.lock_path.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        store.update_health(lambda e: e.pop("b.test"))
+    assert list(store.read_health() or {}) == ["a.test"]
+
+
+def test_update_health_starts_from_seed_and_creates_nothing_empty(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.json")
+    store.update_health(lambda e: None)
+    assert not store.health_path.exists()
+    store.update_health(lambda e: None, seed={"a.test": entry("a:1")})
+    assert store.read_health() == {"a.test": entry("a:1")}
+    store.update_health(lambda e: None, seed={"b.test": entry("b:1")})  # a file exists: no seed
+    assert list(store.read_health() or {}) == ["a.test"]
+
+
+def test_health_reader_reuses_unchanged_entries_and_skips_bad_ones(tmp_path: Path) -> None:
+    from luma_proxy.registry import HealthReader
+
+    store = Store(tmp_path / "state.json")
+    store.update_health(lambda e: e.update({f"h{i}.test": entry(f"h{i}:1") for i in range(5)}))
+    reader = HealthReader()
+    one = store.read_health(reader)
+    assert one is not None and len(one) == 5
+    later = AT + datetime.timedelta(seconds=30)
+    store.update_health(lambda e: e.update({"h2.test": entry("h2:1", False, later)}))
+    two = store.read_health(reader)
+    assert two is not None
+    assert two["h1.test"] is one["h1.test"]
+    assert two["h2.test"] is not one["h2.test"] and two["h2.test"].healthy is False
+    # A line that does not validate costs that host its entry, not the others theirs.
+    data = store.health_path.read_bytes().replace(b'"target":"h3:1"', b'"target":7')
+    store.health_path.write_bytes(data)
+    three = store.read_health(reader)
+    assert three is not None and sorted(three) == ["h0.test", "h1.test", "h2.test", "h4.test"]
+    # Any other layout is read too (an indented file, e.g. after jq).
+    store.health_path.write_text(json.dumps(json.loads(data), indent=2))
+    assert sorted(HealthReader().parse(store.health_path.read_bytes())) == sorted(three)
+
+
+@pytest.mark.parametrize(("data", "fragment"), [
+    (b"", "empty"), (b"{", "not valid JSON"), (b"[]", "not a JSON object"),
+    (b'{"version": 2, "services": {}}', "version 2"),
+    (b'{\n  "version": 2,\n  "services": {\n  }\n}\n', "version 2"),
+    (b'{"services": []}', "invalid at services"),
+])
+def test_health_file_errors(tmp_path: Path, data: bytes, fragment: str) -> None:
+    from luma_proxy.registry import HealthReader
+
+    with pytest.raises(RegistryError) as info:
+        HealthReader().parse(data)
+    assert fragment in str(info.value) and str(info.value).startswith("health file")
+    # A writer replaces what it cannot read instead of failing forever.
+    store = Store(tmp_path / "state.json")
+    store.health_path.write_bytes(data)
+    store.update_health(lambda e: e.update({"a.test": entry("a:1")}))
+    assert list(store.read_health() or {}) == ["a.test"]
+
+
+def test_state_write_keeps_a_health_writers_temp_file(tmp_path: Path) -> None:
+    """Each file cleans up its own killed writers' temp files, never the other file's."""
+    store = Store(tmp_path / "state.json")
+    mine = tmp_path / ".state.json.abc123xy.tmp"
+    theirs = tmp_path / ".state.json.health.json.abc123xy.tmp"
+    mine.write_bytes(b"x")
+    theirs.write_bytes(b"y")
+    store.update(add("a.test"))
+    assert not mine.exists() and theirs.exists()
+    store.update_health(lambda e: e.update({"a.test": entry("blog:3000")}))
+    assert not theirs.exists()

@@ -199,7 +199,7 @@ def test_ip_literal_shortcut(dns: FakeDockerDNS) -> None:
     assert asyncio.run(Resolver(dns=("127.0.0.1", 9), timeout=0.1).resolve("::1")) == ("::1",)
 
 
-def test_forget(dns: FakeDockerDNS) -> None:
+def test_discard(dns: FakeDockerDNS) -> None:
     dns.set_alias("blog", ["127.0.0.2"])
     dns.set_alias("shop", ["127.0.0.3"])
     r = resolver(dns, ttl=60)
@@ -210,10 +210,10 @@ def test_forget(dns: FakeDockerDNS) -> None:
 
     asyncio.run(scenario())
     assert r.cached("blog") == ("127.0.0.2",) and r.cached("shop") == ("127.0.0.3",)
-    r.forget({"blog"})
+    r.discard(["shop", "never-resolved"])
     assert r.cached("blog") == ("127.0.0.2",)
     assert r.cached("shop") is None
-    r.forget(set())
+    r.discard({"blog"})
     assert r.cached("blog") is None
 
 

@@ -112,3 +112,26 @@ def test_a_reload_keeps_targets_of_unchanged_services() -> None:
     assert table.target(blog) is first
     assert "shop.com" not in table._targets
     assert table.target(shop) == (shop.alias, shop.port)
+
+
+def test_update_touches_only_what_changed_and_reports_unused_aliases() -> None:
+    a, b = svc("a.com"), svc("b.com")  # both on blog:3000
+    c = Service(name="c", host="c.com", target="shop:1", project="p")
+    table = HostTable({"a.com": a, "b.com": b, "c.com": c})
+    first = table.target(a)
+    moved = c.model_copy(update={"target": "cart:1"})
+    services = {"a.com": a, "b.com": b, "c.com": moved}
+    assert table.update(services, {"c.com": moved}, []) == {"shop"}
+    assert table.services is services  # taken as it is, not copied
+    assert table.target(a) is first  # untouched
+    assert table.target(moved) == ("cart", 1)
+    # blog is still routed for b.com after a.com leaves; gone once b.com leaves too.
+    assert table.update({"b.com": b, "c.com": moved}, {}, ["a.com"]) == set()
+    assert table.update({"c.com": moved}, {}, ["b.com"]) == {"blog"}
+    assert table.routed_aliases() == {"cart"}
+    # An alias that leaves one service and arrives with another stays in use.
+    back = moved.model_copy(update={"target": "blog:3000"})
+    d = svc("d.com").model_copy(update={"target": "cart:2"})
+    assert table.update({"c.com": back, "d.com": d}, {"c.com": back, "d.com": d}, []) == set()
+    assert table.routed_aliases() == {"blog", "cart"}
+    assert table.replace({}) == {"blog", "cart"}

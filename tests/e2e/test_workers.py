@@ -301,7 +301,8 @@ def test_killed_worker_is_restarted_and_the_port_keeps_serving(cluster: Cluster)
     one_per_worker(proxy, running, "blog.test")  # the new worker takes connections too
 
     def checked_at() -> datetime | None:
-        return Store(str(proxy.state)).read().services["blog.test"].health.checked_at
+        entry = (Store(str(proxy.state)).read_health() or {}).get("blog.test")
+        return entry.checked_at if entry is not None else None
 
     # Health checks go on: another worker took the lock the dead one held.
     wait_until(lambda: (at := checked_at()) is not None and at > killed_at, timeout=10)
