@@ -47,7 +47,7 @@ from typing import Any, TextIO
 
 from mitmproxy import ctx, exceptions, http
 
-from .flowinfo import client_ip, error_status, project_of, service_host
+from .flowinfo import client_ip, error_status, header, project_of, service_host
 from .requestid import METADATA as REQUEST_ID
 
 LOG_FORMATS = ("text", "json")
@@ -153,7 +153,7 @@ def access_entry(
         "container_ip": metadata.get("luma_ip", ""),
         "request_id": metadata.get(REQUEST_ID, ""),
         "client": client_ip(flow),
-        "user_agent": clip(request.headers.get("user-agent", ""), MAX_USER_AGENT),
+        "user_agent": clip(header(request.headers, "user-agent"), MAX_USER_AGENT),
     }
     if error:
         entry["error"] = clip(error, MAX_ERROR)

@@ -28,6 +28,7 @@ from mitmproxy.proxy import server_hooks
 from . import pages
 from .balancer import Balancer
 from .environ import env_float
+from .flowinfo import header
 from .forwarding import Network, parse_trusted_proxies, set_forwarding_headers
 from .health import HealthChecker, unhealthy_ips
 from .models import Health, HealthEntry, Service, Settings, State
@@ -484,13 +485,14 @@ class LumaProxy:
         if flow.response is not None:  # answered by an addon before us (ACME, redirect)
             return
         request = flow.request
-        if len(request.headers.get_all("host")) > 1:
+        hosts = request.headers.get_all("host")
+        if len(hosts) > 1:
             flow.response = pages.page(400)
             return
         raw_host = request.host_header
-        if request.authority and "host" in request.headers and self.table.canonical(
+        if request.authority and hosts and self.table.canonical(
             request.authority
-        ) != self.table.canonical(request.headers["host"]):
+        ) != self.table.canonical(hosts[0]):
             # Absolute-form URL or HTTP/2 :authority naming another host than Host:
             # refuse rather than pick one (request smuggling, cache poisoning).
             flow.response = pages.page(400)
@@ -531,8 +533,8 @@ class LumaProxy:
         """Stream what has no length (SSE, long polls) instead of buffering it."""
         response = flow.response
         assert response is not None
-        if "content-length" not in response.headers or response.headers.get(
-            "content-type", ""
+        if not response.headers.get_all("content-length") or header(
+            response.headers, "content-type"
         ).startswith("text/event-stream"):
             response.stream = True
 

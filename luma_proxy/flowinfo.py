@@ -19,6 +19,18 @@ TOO_LARGE = 413
 BAD_REQUEST = 400
 
 
+def header(headers: http.Headers, name: str, default: str = "") -> str:
+    """``headers.get(name, default)`` without raising inside.
+
+    mitmproxy's ``Headers.get`` is ``Mapping.get``: a missing field raises and
+    catches a ``KeyError``, the most expensive thing a request's hooks did
+    (``Mapping.get`` was 5 % of the proxy's own CPU in the 21:24 UTC profile).
+    Several values are joined with ", ", as ``Headers.__getitem__`` does.
+    """
+    values = headers.get_all(name)
+    return ", ".join(values) if values else default
+
+
 def service_host(flow: http.HTTPFlow, router: Any | None) -> str:
     """The canonical host of the service this request was for; "" if none.
 

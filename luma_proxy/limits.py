@@ -23,6 +23,7 @@ from mitmproxy.utils import human
 
 from . import pages
 from .connections import close_for_client
+from .flowinfo import header
 
 logger = logging.getLogger("luma_proxy")
 
@@ -138,7 +139,7 @@ class Limits:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Chunked bodies have no declared length: count them on the way through."""
         request = flow.request
-        if flow.response is None and "chunked" in request.headers.get("transfer-encoding", ""):
+        if flow.response is None and "chunked" in header(request.headers, "transfer-encoding"):
             request.stream = body_counter(self.max_body, lambda: _drop_client(flow))
 
 

@@ -17,6 +17,7 @@ from mitmproxy.proxy import server_hooks
 
 from .connections import close_for_client
 from .environ import env_float
+from .flowinfo import header
 
 logger = logging.getLogger("luma_proxy")
 
@@ -92,7 +93,7 @@ class Timeouts:
         """
         response = flow.response
         assert response is not None
-        length = response.headers.get("content-length", "")
+        length = header(response.headers, "content-length")
         if response.stream or not length.isdigit() or int(length) > STREAM_ABOVE:
             self._disarm(("response", flow.id))
 

@@ -233,3 +233,14 @@ def test_configure_logging_json_swaps_the_root_handler() -> None:
     assert json.loads(stream.getvalue())["msg"] == "cannot save health: disk full"
     with pytest.raises(ValueError):
         configure_logging("xml")
+
+
+def test_header_is_headers_get_without_a_keyerror() -> None:
+    from mitmproxy import http
+
+    from luma_proxy.flowinfo import header
+
+    headers = http.Headers([(b"A", b"1"), (b"a", b"2"), (b"B", b"x")])
+    for name in ("a", "A", "b", "missing"):
+        assert header(headers, name, "dflt") == headers.get(name, "dflt")
+    assert header(headers, "missing") == ""
