@@ -1,6 +1,6 @@
 """``python -m luma_proxy``: the CLI; how the ``run --workers`` supervisor starts workers."""
 
-from .cli import main
+from .startup import main
 
 if __name__ == "__main__":
     main()

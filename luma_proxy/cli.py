@@ -524,10 +524,7 @@ def run(http_port: int, https_port: int, acme_directory: str | None, acme_email:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point: click's errors as one line (``Error: ...``), not a usage block."""
-    if argv is None and startup.wants_optimized_restart(sys.argv[1:], os.environ,
-                                                        sys.flags.optimize):
-        startup.restart_optimized()
+    """click's errors as one line (``Error: ...``), not a usage block."""
     try:
         cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
     except click.exceptions.Exit as e:
