@@ -57,23 +57,22 @@ class HookTable(addonmanager.AddonManager):
         return found
 
     def add(self, *addons: Any) -> None:
-        self._table.clear()
         try:
             super().add(*addons)
         finally:
             self._table.clear()
 
     def remove(self, addon: Any) -> None:
-        self._table.clear()
         try:
             super().remove(addon)
         finally:
             self._table.clear()
 
     def clear(self) -> None:
-        self._table.clear()
-        super().clear()
-        self._table.clear()
+        try:
+            super().clear()
+        finally:
+            self._table.clear()
 
     async def trigger_event(self, event: hooks.Hook) -> None:
         found = self.handlers(event.name)
