@@ -64,6 +64,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from luma_proxy import startup  # noqa: E402
+
 BIN = Path(sys.executable).parent
 LUMA = str(BIN / "luma-proxy")
 MITMDUMP = str(BIN / "mitmdump")
@@ -327,25 +329,9 @@ def run_wrk(cmd: list[str], duration: float) -> dict[str, Any]:
 # ----------------------------------------------------------------------- environment
 def make_cert(directory: Path, hosts: list[str]) -> tuple[Path, Path, Path]:
     """A self-signed ECDSA P-256 pair for ``hosts``: cert.pem, key.pem, and both in one PEM."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from tests.e2e.test_https import make_cert as make_pair
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=60))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(serialization.Encoding.PEM,
-                                serialization.PrivateFormat.TraditionalOpenSSL,
-                                serialization.NoEncryption())
+    cert_pem, key_pem = make_pair(hosts)
     paths = directory / "cert.pem", directory / "key.pem", directory / "combined.pem"
     paths[0].write_bytes(cert_pem)
     paths[1].write_bytes(key_pem)
@@ -576,19 +562,15 @@ def start_target(env: Env, key: str, workers: int, state: Path | None = None,
             upstream=up, port=port, tls_port=tls_port, cert=env.cert, key=env.key))
         t = Target(key, "nginx reverse proxy (1 worker, upstream keepalive)", port, tls_port,
                    proc, cmd=shlex.join(proc.cmd))
-    elif key == "mitmdump":
+    elif key in ("mitmdump", "mitmdump-O"):
         cmd = [MITMDUMP, "-q", "--mode", f"reverse:http://127.0.0.1:{up}/@127.0.0.1:{port}",
                "--certs", f"*={env.combined}", "--set", f"confdir={env.dir / 'mitm'}"]
+        title = "bare `mitmdump -q` (reverse mode, no addon)"
+        if key == "mitmdump-O":  # the same engine without its __debug__ checks (as run)
+            cmd = [sys.executable, "-O", *cmd]
+            title = "bare `mitmdump -q` under `python -O`"
         proc = env.start(key, cmd)
-        t = Target(key, "bare `mitmdump -q` (reverse mode, no addon)", port, port, proc,
-                   cmd=shlex.join(cmd))
-    elif key == "mitmdump-O":  # the same engine without its __debug__ checks (as luma-proxy run)
-        cmd = [sys.executable, "-O", MITMDUMP, "-q", "--mode",
-               f"reverse:http://127.0.0.1:{up}/@127.0.0.1:{port}",
-               "--certs", f"*={env.combined}", "--set", f"confdir={env.dir / 'mitm'}"]
-        proc = env.start(key, cmd)
-        t = Target(key, "bare `mitmdump -q` under `python -O`", port, port, proc,
-                   cmd=shlex.join(cmd))
+        t = Target(key, title, port, port, proc, cmd=shlex.join(cmd))
     elif key == "mitmdump-luma":
         cmd = [MITMDUMP, "-q", "-s", str(ROOT / "addons" / "luma.py"), "--listen-host",
                "127.0.0.1", "-p", str(port), "--set", f"luma_state={state}",
@@ -600,8 +582,8 @@ def start_target(env: Env, key: str, workers: int, state: Path | None = None,
         cmd = [sys.executable, str(ROOT / "benchmarks" / "noop_master.py"), "--port", str(port),
                "--https-port", str(tls_port), "--upstream", f"127.0.0.1:{up}",
                "--cert", str(env.combined)]
-        # Optimized like `luma-proxy run` (luma_proxy/startup.py) unless LUMA_PROXY_OPTIMIZE=0.
-        optimize = {"PYTHONOPTIMIZE": "1"} if os.environ.get("LUMA_PROXY_OPTIMIZE") != "0" else {}
+        # Optimized like `luma-proxy run` unless LUMA_PROXY_OPTIMIZE=0.
+        optimize = {"PYTHONOPTIMIZE": "1"} if startup.enabled(os.environ) else {}
         proc = env.start(key, cmd, env={**env.env, **optimize})
         t = Target(key, "lean master + no-op routing addon", port, tls_port, proc,
                    cmd=shlex.join(cmd))
