@@ -67,6 +67,20 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
+def record_time(obj: object, method: str) -> list[float]:
+    """Wrap ``obj.method`` so that each call's wall time is appended to the returned list."""
+    original = getattr(obj, method)
+    seconds: list[float] = []
+
+    def wrapper(*args: object) -> object:
+        took, result = timed(lambda: original(*args))
+        seconds.append(took)
+        return result
+
+    setattr(obj, method, wrapper)
+    return seconds
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -186,15 +200,8 @@ def main() -> None:
         assert len(addon.table.services) == n
 
         # --- end to end, inline: reload() = stat + read + parse + diff + swap
-        inline, swaps = [], []
-        original_take = addon._take
-
-        def take(signature, routes):  # type: ignore[no-untyped-def]
-            seconds, result = timed(lambda: original_take(signature, routes))
-            swaps.append(seconds)
-            return result
-
-        addon._take = take  # type: ignore[method-assign]
+        inline: list[float] = []
+        swaps = record_time(addon, "_take")
         for i in range(runs, 2 * runs):
             ask("deploy", i)
             seconds, changed = timed(addon.reload)
@@ -222,15 +229,7 @@ def main() -> None:
 
         # --- health rounds: the leader (another process) writes, this process reads
         state_before = path.read_bytes()
-        health_swaps: list[float] = []
-        original_take_health = addon._take_health
-
-        def take_health(signature, observed):  # type: ignore[no-untyped-def]
-            seconds, result = timed(lambda: original_take_health(signature, observed))
-            health_swaps.append(seconds)
-            return result
-
-        addon._take_health = take_health  # type: ignore[method-assign]
+        health_swaps = record_time(addon, "_take_health")
         clock = datetime.now(UTC)
         kinds = (("typical round: every service checked, no health changed", False),
                  ("every service's health changed (all flip)", True))
