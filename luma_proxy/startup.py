@@ -21,13 +21,15 @@ under mitmdump or mitmweb.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import os
 import sys
 import types
 from collections.abc import Callable, Mapping, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    import asyncio
 
 ENV = "LUMA_PROXY_OPTIMIZE"
 LOOP_ENV = "LUMA_PROXY_EVENT_LOOP"
