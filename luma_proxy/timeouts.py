@@ -1,15 +1,22 @@
 """Deadlines for slow peers: connecting to a container, its response, a client's headers.
 
 mitmproxy has none of these (a black-holed container hangs a request for the
-kernel's minutes; a client trickling header bytes is never cut off). Each
-deadline is a timer that, when it fires, cancels the task that owns the
-connection, exactly as mitmproxy's own inactivity watchdog does.
+kernel's minutes; a client trickling header bytes is never cut off). When a
+deadline passes, the task that owns the connection is cancelled, exactly as
+mitmproxy's own inactivity watchdog does.
+
+A request arms and disarms two deadlines on its way through, so they are not
+one event-loop timer each (``call_later`` plus ``cancel``, twice per request)
+but entries in a dict, checked by one sweep every ``tick`` seconds: arming is
+a dict store, disarming a dict pop. A deadline is therefore enforced up to one
+tick late: a quarter of the shortest timeout, at most half a second.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
@@ -22,6 +29,20 @@ from .flowinfo import header
 logger = logging.getLogger("luma_proxy")
 
 STREAM_ABOVE = 1024 * 1024  # the addon's stream_large_bodies
+MAX_TICK = 0.5
+
+# key (client, flow or server id) -> (due, client id, what to close: None for the client)
+Pending = dict[str, tuple[float, str, Any]]
+
+
+def sweep_tick(*timeouts: float) -> float:
+    """How often to look for passed deadlines: late by at most a quarter of the shortest."""
+    return min(MAX_TICK, min(timeouts) / 4)
+
+
+def passed(pending: Pending, now: float) -> list[str]:
+    """The keys whose deadline is at or before ``now``."""
+    return [key for key, (due, _, _) in pending.items() if due <= now]
 
 
 class Timeouts:
@@ -29,7 +50,10 @@ class Timeouts:
         self.connect_timeout = 5.0
         self.response_timeout = 60.0
         self.header_timeout = 30.0
-        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self.tick = sweep_tick(self.connect_timeout, self.response_timeout, self.header_timeout)
+        self.pending: dict[str, Pending] = {"header": {}, "response": {}, "connect": {}}
+        self._header, self._response, self._connect = self.pending.values()
+        self._sweeper: asyncio.Task[None] | None = None
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -47,42 +71,64 @@ class Timeouts:
         )
 
     def configure(self, updated: set[str]) -> None:
-        for name in ("luma_connect_timeout", "luma_response_timeout", "luma_header_timeout"):
-            if name in updated:
-                value = getattr(ctx.options, name)
-                if value <= 0:
-                    raise exceptions.OptionsError(f"{name} must be > 0")
-                setattr(self, name.removeprefix("luma_"), value)
+        names = ("luma_connect_timeout", "luma_response_timeout", "luma_header_timeout")
+        if not updated.intersection(names):
+            return
+        for name in names:
+            value = getattr(ctx.options, name)
+            if value <= 0:
+                raise exceptions.OptionsError(f"{name} must be > 0")
+        for name in names:
+            setattr(self, name.removeprefix("luma_"), getattr(ctx.options, name))
+        self.tick = sweep_tick(self.connect_timeout, self.response_timeout, self.header_timeout)
 
     # ------------------------------------------------------------ machinery
-    def _arm(self, key: tuple[str, str], delay: float, client_id: str, target: Any) -> None:
-        self._disarm(key)
-        loop = asyncio.get_running_loop()
-        self._timers[key] = loop.call_later(delay, self._fire, key, client_id, target)
+    def running(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_loop(), name="luma timeouts")
 
-    def _disarm(self, key: tuple[str, str]) -> None:
-        if (timer := self._timers.pop(key, None)) is not None:
-            timer.cancel()
+    def done(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
-    def _fire(self, key: tuple[str, str], client_id: str, target: Any) -> None:
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            try:
+                self.sweep(time.monotonic())
+            except Exception:  # never let the sweeper die
+                logger.exception("timeout sweep failed")
+
+    def sweep(self, now: float) -> int:
+        """Close what every passed deadline guards; returns how many fired."""
+        fired = 0
+        for kind, pending in self.pending.items():
+            for key in passed(pending, now):
+                _, client_id, target = pending.pop(key)
+                fired += 1
+                self._fire(kind, client_id, target)
+        return fired
+
+    def _fire(self, kind: str, client_id: str, target: Any) -> None:
         """Cancel the task that reads ``target`` (a connection, or a flow's server side)."""
-        self._timers.pop(key, None)
         if isinstance(target, http.HTTPFlow):
             target = target.server_conn
-        if close_for_client(client_id, target, f"{key[0]} timeout"):
-            logger.info("%s timeout: closing %s", key[0], "client" if target is None else
+        if close_for_client(client_id, target, f"{kind} timeout"):
+            logger.info("%s timeout: closing %s", kind, "client" if target is None else
                         "upstream connection")
 
     # ------------------------------------------------------------- clients
     def client_connected(self, client: connection.Client) -> None:
-        self._arm(("header", client.id), self.header_timeout, client.id, None)
+        self._header[client.id] = (time.monotonic() + self.header_timeout, client.id, None)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        self._disarm(("header", flow.client_conn.id))
+        self._header.pop(flow.client_conn.id, None)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is None:  # going upstream
-            self._arm(("response", flow.id), self.response_timeout, flow.client_conn.id, flow)
+            self._response[flow.id] = (time.monotonic() + self.response_timeout,
+                                       flow.client_conn.id, flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """A streamed body may legitimately take long; a buffered one must arrive in time.
@@ -95,7 +141,7 @@ class Timeouts:
         assert response is not None
         length = header(response.headers, "content-length")
         if response.stream or not length.isdigit() or int(length) > STREAM_ABOVE:
-            self._disarm(("response", flow.id))
+            self._response.pop(flow.id, None)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finished(flow)
@@ -105,20 +151,21 @@ class Timeouts:
 
     def _finished(self, flow: http.HTTPFlow) -> None:
         """The next request head must arrive in time too (an idle keep-alive bound)."""
-        self._disarm(("response", flow.id))
+        self._response.pop(flow.id, None)
         client = flow.client_conn
         if flow.websocket is None and client.alpn != b"h2" and client.connected:
-            self._arm(("header", client.id), self.header_timeout, client.id, None)
+            self._header[client.id] = (time.monotonic() + self.header_timeout, client.id, None)
 
     def client_disconnected(self, client: connection.Client) -> None:
-        self._disarm(("header", client.id))
+        self._header.pop(client.id, None)
 
     # ------------------------------------------------------------- upstream
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self._arm(("connect", data.server.id), self.connect_timeout, data.client.id, data.server)
+        self._connect[data.server.id] = (time.monotonic() + self.connect_timeout,
+                                         data.client.id, data.server)
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self._disarm(("connect", data.server.id))
+        self._connect.pop(data.server.id, None)
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self._disarm(("connect", data.server.id))
+        self._connect.pop(data.server.id, None)
