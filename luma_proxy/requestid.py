@@ -17,6 +17,8 @@ import re
 
 from mitmproxy import http
 
+from .flowinfo import header_values, set_header
+
 HEADER = "X-Request-ID"
 METADATA = "luma_request_id"
 _SANE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,200}")
@@ -43,10 +45,10 @@ class RequestId:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         headers = flow.request.headers
-        sent = headers.get_all(HEADER)
+        sent = header_values(headers, HEADER)
         request_id = choose_request_id(sent)
         if sent != [request_id]:
-            headers[HEADER] = request_id  # replaces every copy the client sent
+            set_header(headers, HEADER, request_id)  # replaces every copy the client sent
         flow.metadata[METADATA] = request_id
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -57,4 +59,4 @@ class RequestId:
         """
         request_id = flow.metadata.get(METADATA)
         if request_id and flow.response is not None:
-            flow.response.headers[HEADER] = request_id
+            set_header(flow.response.headers, HEADER, request_id)

@@ -9,6 +9,7 @@ The cache bounds both the DNS load and how long the old answer is used.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import random
@@ -41,7 +42,9 @@ def parse_dns_server(value: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+@functools.lru_cache(maxsize=4096)
 def ip_literal(alias: str) -> str | None:
+    """``alias`` as an IP address, if it is one (a target may name a container's IP)."""
     try:
         return str(ipaddress.ip_address(alias))
     except ValueError:
@@ -120,10 +123,15 @@ class Resolver:
         self._pending: dict[str, asyncio.Future[tuple[str, ...]]] = {}
 
     def cached(self, alias: str, now: float | None = None) -> tuple[str, ...] | None:
-        """The fresh answer for ``alias``, if any: the hot path's sync fast lane."""
+        """The fresh answer for ``alias``, if any: the hot path's sync fast lane.
+
+        An IP literal is its own answer, never cached and never stale.
+        """
         entry = self._cache.get(alias)
         if entry is not None and entry.expires > (time.monotonic() if now is None else now):
             return entry.ips
+        if (literal := ip_literal(alias)) is not None:
+            return (literal,)
         return None
 
     async def resolve(self, alias: str) -> tuple[str, ...]:

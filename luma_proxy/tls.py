@@ -23,6 +23,7 @@ from . import certificates as c
 from .addon import LumaProxy
 from .certinfo import backoff_delay
 from .environ import env_float
+from .flowinfo import host_header
 from .models import Service
 
 if TYPE_CHECKING:
@@ -115,9 +116,10 @@ class Https:
             self._answer_challenge(flow, path[len(c.CHALLENGE_PREFIX):].split("?", 1)[0])
             return
         if self.https_port and not flow.client_conn.tls_established:
-            found = self.router.table.lookup(request.host_header)
+            host = host_header(request)
+            found = self.router.table.lookup(host)
             if isinstance(found, Service) and found.ssl and self.active(found.host):
-                location = redirect_location(request.host_header or found.host, path,
+                location = redirect_location(host or found.host, path,
                                              self.https_port)
                 flow.response = http.Response.make(301, b"", {"Location": location,
                                                               "Content-Length": "0"})

@@ -194,6 +194,9 @@ def test_ip_literal_shortcut(dns: FakeDockerDNS) -> None:
         assert await r.lookup_now("10.1.2.3") == ("10.1.2.3",)
 
     asyncio.run(scenario())
+    # The hot path's sync lane answers literals too, also after expire_ip.
+    r.expire_ip("10.1.2.3")
+    assert r.cached("10.1.2.3") == ("10.1.2.3",) and r.cached("app") is None
     assert total_queries(dns) == 0
     # Works without any DNS server at all.
     assert asyncio.run(Resolver(dns=("127.0.0.1", 9), timeout=0.1).resolve("::1")) == ("::1",)
