@@ -27,14 +27,16 @@ Streamed bodies (server-sent events, chunked uploads, anything over
 (wrapping another addon's, if set); nothing reads or keeps them.
 
 The line is built with one pre-configured ``json`` encoder call (or a few
-f-strings for text) and written to stdout with one ``write`` and one ``flush``
-by ``LineWriter``, not through ``logging`` (a ``LogRecord`` costs more than
-the line). The proxy's other log records stay where the logging setup puts
-them; ``configure_logging("json")`` makes them JSON lines on stdout as well.
+f-strings for text) and written to stdout by ``LineWriter``, not through
+``logging`` (a ``LogRecord`` costs more than the line): the lines of one
+event-loop turn leave together, with one ``write`` and one ``flush``. The
+proxy's other log records stay where the logging setup puts them;
+``configure_logging("json")`` makes them JSON lines on stdout as well.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -47,7 +49,7 @@ from typing import Any, TextIO
 
 from mitmproxy import ctx, exceptions, http
 
-from .flowinfo import client_ip, error_status, header, project_of, service_host
+from .flowinfo import client_ip, error_status, header, host_header, project_of, service_host
 from .requestid import METADATA as REQUEST_ID
 
 LOG_FORMATS = ("text", "json")
@@ -141,7 +143,7 @@ def access_entry(
         "time": iso_utc(now),
         "level": "info",
         "msg": "request",
-        "host": clip(request.host_header or "", MAX_HOST),
+        "host": clip(host_header(request) or "", MAX_HOST),
         "method": request.method,
         "path": clip(path, MAX_PATH),
         "status": status,
@@ -172,12 +174,13 @@ def _text(value: str) -> str:
 
 
 def render_text(e: dict[str, Any]) -> str:
+    """One text line; IPs and the request id (sane or generated) never need quoting."""
     line = (
         f"{e['time']} {e['status']} {_text(e['method'])} {_text(e['host'])} {_text(e['path'])} "
         f"{e['duration_ms']}ms in={e['bytes_in']} out={e['bytes_out']} "
         f"service={_text(e['service'])} project={_text(e['project'])} "
-        f"ip={_text(e['container_ip'])} id={_text(e['request_id'])} "
-        f"client={_text(e['client'])} ua={_text(e['user_agent'])}"
+        f"ip={e['container_ip'] or '-'} id={e['request_id'] or '-'} "
+        f"client={e['client'] or '-'} ua={_text(e['user_agent'])}"
     )
     if "error" in e:
         line += f" error={_text(e['error'])}"
@@ -188,22 +191,37 @@ RENDERERS = {"text": render_text, "json": render_json}
 
 
 class LineWriter:
-    """Writes one line with one ``write`` and one ``flush`` (one syscall when piped).
+    """Writes the lines of one event-loop turn with one ``write`` and one ``flush``.
 
     Not through ``logging``: building a ``LogRecord`` (caller lookup, thread and
-    process names) costs several times more than the line itself. ``stream=None``
-    means whatever ``sys.stdout`` is at the time of writing. A broken stdout is
-    reported once and never fails the request.
+    process names) costs several times more than the line itself. Under load one
+    turn of the loop finishes many requests; their lines leave together at the end
+    of it (``call_soon``), one syscall instead of one each. Without a running loop
+    a line is written at once. ``stream=None`` means whatever ``sys.stdout`` is at
+    the time of writing. A broken stdout is reported once and never fails a request.
     """
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream
         self.failed = False
+        self._lines: list[str] = []
 
     def __call__(self, line: str) -> None:
+        lines = self._lines
+        lines.append(line)
+        if len(lines) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop: nothing would flush later
+                self.flush()
+
+    def flush(self) -> None:
+        lines, self._lines = self._lines, []
+        if not lines:
+            return
         stream = self.stream if self.stream is not None else sys.stdout
         try:
-            stream.write(line + "\n")
+            stream.write("\n".join(lines) + "\n")
             stream.flush()
         except (OSError, ValueError) as e:  # EPIPE, closed file
             if not self.failed:
@@ -277,6 +295,12 @@ class AccessLog:
 
     def running(self) -> None:
         self._router = None
+
+    def done(self) -> None:
+        """Lines of the last loop turn are not lost on shutdown."""
+        flush = getattr(self.write, "flush", None)
+        if flush is not None:
+            flush()
 
     def router(self) -> Any | None:
         if self._router is None:

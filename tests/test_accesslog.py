@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -34,7 +35,9 @@ def out() -> io.StringIO:
     return io.StringIO()
 
 
-def lines(stream: io.StringIO) -> list[str]:
+async def lines(stream: io.StringIO) -> list[str]:
+    """The lines written so far: they leave at the end of the event loop's turn."""
+    await asyncio.sleep(0)
     return stream.getvalue().splitlines()
 
 
@@ -61,7 +64,7 @@ async def test_routed_request_gives_one_json_line_with_every_field(chain, out) -
                  method="POST", body=b"12345")
     await through(addons, f, http.Response.make(201, b"created!", {"Content-Length": "8"}))
     await call(addons, "error", f)  # a late error hook must not add a second line
-    (line,) = lines(out)
+    (line,) = await lines(out)
     entry = json.loads(line)
     assert entry == {
         "time": entry["time"], "level": "info", "msg": "request",
@@ -78,14 +81,14 @@ async def test_query_string_only_when_asked(chain, out) -> None:
     addons, tctx = chain
     tctx.configure(addons[2], luma_log_query=True)
     await through(addons, flow_for("blog.test", "/reset?token=secret"))
-    assert json.loads(lines(out)[0])["path"] == "/reset?token=secret"
+    assert json.loads((await lines(out))[0])["path"] == "/reset?token=secret"
 
 
 async def test_proxys_own_answers_are_logged(chain, out) -> None:
     addons, _ = chain
     await through(addons, flow_for("nope.test"))
     await through(addons, flow_for("down.test"))
-    unknown, down = (json.loads(line) for line in lines(out))
+    unknown, down = (json.loads(line) for line in await lines(out))
     assert (unknown["status"], unknown["service"], unknown["container_ip"]) == (404, "", "")
     assert unknown["request_id"] and unknown["bytes_out"] > 0
     assert (down["status"], down["service"], down["project"]) == (503, "down.test", "q")
@@ -98,7 +101,7 @@ async def test_errors_are_logged_once_with_the_status_the_client_saw(chain, out)
     f.error = flow.Error("Connect call failed ('127.0.0.9', 3000)")
     await call(addons, "error", f)
     await call(addons, "error", f)
-    (line,) = lines(out)
+    (line,) = await lines(out)
     entry = json.loads(line)
     assert (entry["status"], entry["container_ip"]) == (502, "127.0.0.9")
     assert entry["error"].startswith("Connect call failed")
@@ -145,7 +148,7 @@ async def test_streamed_bodies_are_counted_not_read(chain, out) -> None:
         f.response.stream(chunk)
     f.response.data.content = None  # nothing was kept
     await call(addons, "response", f)
-    entry = json.loads(lines(out)[0])
+    entry = json.loads((await lines(out))[0])
     assert (entry["bytes_in"], entry["bytes_out"]) == (5, 18)
 
 
@@ -154,7 +157,7 @@ async def test_text_format_is_one_line_and_quotes_what_needs_it(chain, out) -> N
     tctx.configure(addons[2], luma_log_format="text")
     f = flow_for("blog.test", "/x", headers={"User-Agent": 'evil\n"agent" 1.0'})
     await through(addons, f)
-    (line,) = lines(out)
+    (line,) = await lines(out)
     assert line.split()[1:5] == ["200", "GET", "blog.test", "/x"]
     assert " service=blog.test project=p ip=127.0.0.9 " in line
     assert 'ua="evil\\n\\"agent\\" 1.0"' in line
@@ -204,6 +207,27 @@ def test_writer_goes_to_stdout_one_write_and_survives_a_broken_pipe(
     assert caplog.text.count("cannot write the access log") == 1
 
 
+async def test_lines_of_one_loop_turn_leave_in_one_write_and_done_flushes() -> None:
+    class Counting(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            Counting.writes += 1
+            return super().write(text)
+
+    stream = Counting()
+    writer = LineWriter(stream)
+    for n in range(3):
+        writer(f"line {n}")
+    assert stream.getvalue() == ""  # not before the end of this turn
+    await asyncio.sleep(0)
+    assert stream.getvalue() == "line 0\nline 1\nline 2\n" and Counting.writes == 1
+    log = AccessLog(writer)
+    writer("last")
+    log.done()  # shutdown: nothing waits for another turn
+    assert stream.getvalue().endswith("line 2\nlast\n") and Counting.writes == 2
+
+
 def test_json_formatter_renders_any_record_as_one_line() -> None:
     try:
         raise ValueError("bad\nthing")
@@ -233,14 +257,3 @@ def test_configure_logging_json_swaps_the_root_handler() -> None:
     assert json.loads(stream.getvalue())["msg"] == "cannot save health: disk full"
     with pytest.raises(ValueError):
         configure_logging("xml")
-
-
-def test_header_is_headers_get_without_a_keyerror() -> None:
-    from mitmproxy import http
-
-    from luma_proxy.flowinfo import header
-
-    headers = http.Headers([(b"A", b"1"), (b"a", b"2"), (b"B", b"x")])
-    for name in ("a", "A", "b", "missing"):
-        assert header(headers, name, "dflt") == headers.get(name, "dflt")
-    assert header(headers, "missing") == ""
