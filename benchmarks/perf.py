@@ -811,15 +811,17 @@ async def _route_bench(state: Path, hosts: list[str], dns: str, iterations: int,
             f.client_conn.peername = ("127.0.0.1", 40000 + i)
             flows.append(f)
         for f in flows:  # warm: DNS answers cached, sticky IPs chosen
-            await addon.requestheaders(f)
+            if (pending := addon.requestheaders(f)) is not None:
+                await pending
             assert f.response is None, f.response
         # Wall clock and this process's CPU time: on a shared machine the wall clock also
         # counts the time other processes had the core; CPU time is the cost itself.
         per_call, per_call_cpu = [], []
         for _ in range(repeats):
             t0, c0 = time.perf_counter(), time.process_time()
-            for i in range(iterations):
-                await addon.requestheaders(flows[i % 50])
+            for i in range(iterations):  # cached: synchronous, as on the proxy's hot path
+                if (pending := addon.requestheaders(flows[i % 50])) is not None:
+                    await pending
             per_call.append((time.perf_counter() - t0) / iterations * 1e6)
             per_call_cpu.append((time.process_time() - c0) / iterations * 1e6)
         # Python function calls per request: a count, so free of the machine's noise.
@@ -829,7 +831,8 @@ async def _route_bench(state: Path, hosts: list[str], dns: str, iterations: int,
         profiler = cProfile.Profile()
         profiler.enable()
         for i in range(1000):
-            await addon.requestheaders(flows[i % 50])
+            if (pending := addon.requestheaders(flows[i % 50])) is not None:
+                await pending
         profiler.disable()
         calls = pstats.Stats(profiler).total_calls / 1000  # type: ignore[attr-defined]
         # Reload: the file changed (one service touched), re-read + parse + diff + swap.

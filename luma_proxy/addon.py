@@ -19,6 +19,7 @@ import fcntl
 import logging
 import os
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ from mitmproxy.proxy import server_hooks
 from . import pages
 from .balancer import Balancer
 from .environ import env_float
-from .flowinfo import header
+from .flowinfo import header, header_values, host_header
 from .forwarding import Network, parse_trusted_proxies, set_forwarding_headers
 from .health import HealthChecker, unhealthy_ips
 from .models import Health, HealthEntry, Service, Settings, State
@@ -70,6 +71,17 @@ def diff_routes(state: State, base: dict[str, Service]) -> Routes:
     services = state.services
     return Routes(state, base, {h: s for h, s in services.items() if base.get(h) is not s},
                   [h for h in base if h not in services])
+
+
+@dataclass(slots=True)
+class Route:
+    """Where a request goes, up to the container: what picking one needs."""
+
+    service: Service
+    health: Health | None
+    alias: str
+    port: int
+    raw_host: str
 
 
 @dataclass(slots=True)
@@ -469,55 +481,93 @@ class LumaProxy:
             self._persist_error = None
 
     # -------------------------------------------------------------- hot path
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+        """Route the request: synchronous, unless its alias must be resolved first.
+
+        The alias's IPs are cached for the DNS TTL, so nearly every request is
+        routed without a coroutine; only a cache miss returns one to await.
+        """
         try:
-            await self._route(flow)
-        except Exception:  # fail closed: never let an unrouted request reach the dummy target
-            logger.exception("routing failed for %s", flow.request.host_header)
-            flow.response = pages.page(500)
+            route = self._route(flow)
+        except Exception:
+            self._failed(flow)
+            return None
+        if route is not None:
+            return self._route_resolved(flow, route)
+        self._answered(flow)
+        return None
+
+    async def _route_resolved(self, flow: http.HTTPFlow, route: Route) -> None:
+        try:
+            ips = await self.resolver.resolve(route.alias)
+            self._send(flow, route, ips)
+        except Exception:
+            self._failed(flow)
+            return
+        self._answered(flow)
+
+    def _failed(self, flow: http.HTTPFlow) -> None:
+        """Fail closed: never let an unrouted request reach the dummy target."""
+        logger.exception("routing failed for %s", host_header(flow.request))
+        flow.response = pages.page(500)
+        self._answered(flow)
+
+    @staticmethod
+    def _answered(flow: http.HTTPFlow) -> None:
         if flow.response is not None and flow.request.stream:
             # Answered here (404, 503, redirect...) while a large body is still coming:
             # mitmproxy can neither stream it nowhere nor answer before reading it all
             # into memory. Close instead; small bodies are read and answered normally.
             flow.kill()
 
-    async def _route(self, flow: http.HTTPFlow) -> None:
+    def _route(self, flow: http.HTTPFlow) -> Route | None:
+        """Answer the request or set its upstream; its ``Route`` when DNS must be asked first."""
         if flow.response is not None:  # answered by an addon before us (ACME, redirect)
-            return
+            return None
         request = flow.request
-        hosts = request.headers.get_all("host")
+        hosts = header_values(request.headers, "host")
         if len(hosts) > 1:
             flow.response = pages.page(400)
-            return
-        raw_host = request.host_header
+            return None
+        raw_host = hosts[0] if hosts else None
+        if (request.is_http2 or request.is_http3) and request.authority:
+            raw_host = request.authority  # what request.host_header is, without a second scan
         if request.authority and hosts and self.table.canonical(
             request.authority
         ) != self.table.canonical(hosts[0]):
             # Absolute-form URL or HTTP/2 :authority naming another host than Host:
             # refuse rather than pick one (request smuggling, cache poisoning).
             flow.response = pages.page(400)
-            return
+            return None
         found = self.table.lookup(raw_host)
         if isinstance(found, Reject):
             flow.response = pages.page(found.status)
-            return
+            return None
         service = found
         health = self.health.get(service.host)
         if (reject := admit(health)) is not None:
             flow.response = pages.page(reject.status)
-            return
+            return None
         alias, port = self.table.target(service)
+        route = Route(service, health, alias, port, raw_host or "")
         ips = self.resolver.cached(alias)
         if ips is None:
-            ips = await self.resolver.resolve(alias)
+            return route
+        self._send(flow, route, ips)
+        return None
+
+    def _send(self, flow: http.HTTPFlow, route: Route, ips: tuple[str, ...]) -> None:
+        """Pick a container of the service and point the request at it (or answer 503)."""
+        health = route.health
         unhealthy = unhealthy_ips(health) if health is not None else frozenset()
-        ip = self.balancer.pick(alias, port, ips, flow.client_conn.id, unhealthy)
+        ip = self.balancer.pick(route.alias, route.port, ips, flow.client_conn.id, unhealthy)
         if ip is None:
             flow.response = pages.page(503)
             return
+        request = flow.request
         scheme = "https" if flow.client_conn.tls_established else "http"
         set_forwarding_headers(
-            request.headers, flow.client_conn.peername[0], scheme, raw_host or "", self.trusted
+            request.headers, flow.client_conn.peername[0], scheme, route.raw_host, self.trusted
         )
         # Where mitmproxy connects. Set on the data itself: the public setters
         # rewrite Host and :authority to ip:port (three header rewrites per
@@ -525,15 +575,15 @@ class LumaProxy:
         data = request.data
         data.scheme = b"http"
         data.host = ip
-        data.port = port
-        flow.metadata["luma_service"] = service.host
+        data.port = route.port
+        flow.metadata["luma_service"] = route.service.host
         flow.metadata["luma_ip"] = ip
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Stream what has no length (SSE, long polls) instead of buffering it."""
         response = flow.response
         assert response is not None
-        if not response.headers.get_all("content-length") or header(
+        if not header_values(response.headers, "content-length") or header(
             response.headers, "content-type"
         ).startswith("text/event-stream"):
             response.stream = True

@@ -16,7 +16,7 @@ from luma_proxy.addon import LumaProxy
 from luma_proxy.models import Health, HealthEntry, Service, State, now
 from luma_proxy.registry import Store, dump_state
 from luma_proxy.resolver import _Entry
-from tests.obs_util import flow_for, write_state
+from tests.obs_util import call, flow_for, write_state
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ async def test_routes_to_container_ip_and_keeps_host(state: Path) -> None:
     with taddons.context(addon) as tctx:
         tctx.configure(addon, luma_state=str(state))
         f = flow_for("Blog.Test:80", headers={"X-Forwarded-For": "6.6.6.6"})
-        await addon.requestheaders(f)
+        await call([addon], "requestheaders", f)
         assert f.response is None
         assert (f.request.host, f.request.port, f.request.scheme) == ("127.0.0.9", 3000, "http")
         assert f.request.host_header == "Blog.Test:80"
@@ -43,15 +43,15 @@ async def test_unknown_unhealthy_and_duplicate_host(state: Path) -> None:
     with taddons.context(addon) as tctx:
         tctx.configure(addon, luma_state=str(state))
         f = flow_for("nope.test")
-        await addon.requestheaders(f)
+        await call([addon], "requestheaders", f)
         assert f.response is not None and f.response.status_code == 404
         f = flow_for("down.test")
-        await addon.requestheaders(f)
+        await call([addon], "requestheaders", f)
         assert f.response is not None and f.response.status_code == 503
         assert f.response.headers["Retry-After"]
         f = flow_for("blog.test")
         f.request.headers.add("Host", "down.test")
-        await addon.requestheaders(f)
+        await call([addon], "requestheaders", f)
         assert f.response is not None and f.response.status_code == 400
 
 
@@ -61,8 +61,44 @@ async def test_ejected_ip_gives_503(state: Path) -> None:
         tctx.configure(addon, luma_state=str(state))
         addon.balancer.eject("127.0.0.9", 3000)
         f = flow_for("blog.test")
-        await addon.requestheaders(f)
+        await call([addon], "requestheaders", f)
         assert f.response is not None and f.response.status_code == 503
+
+
+async def test_routing_is_synchronous_unless_the_alias_must_be_resolved(tmp_path: Path) -> None:
+    """The hot path awaits nothing while the alias's IPs are cached (docs/performance.md)."""
+    from tests.e2e.docker_double import FakeDockerDNS
+
+    path = tmp_path / "state.json"
+    Store(path).update(lambda s: s.services.update({"app.test": Service(
+        name="a", host="app.test", target="app:3000", project="p")}))
+    with FakeDockerDNS() as dns:
+        dns.set_alias("app", ["127.0.0.21"])
+        addon = LumaProxy()
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, luma_state=str(path), luma_dns=dns.address, luma_dns_ttl=60)
+            first, second = flow_for("app.test"), flow_for("app.test")
+            pending = addon.requestheaders(first)
+            assert asyncio.iscoroutine(pending) and first.metadata.get("luma_ip") is None
+            await pending
+            asked = dns.queries["app"]
+            assert addon.requestheaders(second) is None  # cached: routed at once
+            for f in (first, second):
+                assert f.response is None and (f.request.host, f.request.port) == (
+                    "127.0.0.21", 3000)
+            assert asked >= 1 and dns.queries["app"] == asked
+
+
+async def test_a_routing_fault_fails_closed_with_500(state: Path, caplog) -> None:
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(state))
+        addon.balancer = None  # any fault inside routing
+        f = flow_for("blog.test")
+        assert addon.requestheaders(f) is None
+        assert f.response is not None and f.response.status_code == 500
+        assert f.request.host == "127.0.0.1"  # never sent anywhere
+        assert "routing failed for blog.test" in caplog.text
 
 
 def test_bad_options_are_refused(tmp_path: Path) -> None:
@@ -202,7 +238,7 @@ async def test_old_state_file_with_health_inside_is_the_initial_health(tmp_path:
     with taddons.context(addon) as tctx:
         tctx.configure(addon, luma_state=str(path))
         f = flow_for("down.test")
-        await addon.requestheaders(f)
+        await call([addon], "requestheaders", f)
         assert f.response is not None and f.response.status_code == 503
         assert addon.health["down.test"].last_error == "HTTP 503"
         # Once the health leader has written a health file, that is what counts.
