@@ -37,7 +37,6 @@ proxy's other log records stay where the logging setup puts them;
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import os
@@ -75,15 +74,18 @@ def default_log_format() -> str:
     return value
 
 
-@functools.lru_cache(maxsize=4)
-def _second(second: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+_last_second: tuple[int, str] = (-1, "")  # one tuple: swapped whole, safe across threads
 
 
 def iso_utc(timestamp: float) -> str:
     """``2025-01-02T03:04:05.678Z``; the seconds part is formatted once per second."""
+    global _last_second
     second = int(timestamp)
-    return f"{_second(second)}.{int((timestamp - second) * 1000):03d}Z"
+    cached, text = _last_second
+    if cached != second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _last_second = (second, text)
+    return f"{text}.{int((timestamp - second) * 1000):03d}Z"
 
 
 class ByteCounter:
@@ -174,13 +176,25 @@ def _text(value: str) -> str:
 
 
 def render_text(e: dict[str, Any]) -> str:
-    """One text line; IPs and the request id (sane or generated) never need quoting."""
+    """One text line; IPs and the request id (sane or generated) never need quoting.
+
+    The other strings are checked together first: when all are plain and present
+    (nearly always), one regex match instead of one per field.
+    """
+    method, host, path = e["method"], e["host"], e["path"]
+    service, project, agent = e["service"], e["project"], e["user_agent"]
+    if (method and host and path and service and project and agent
+            and _PLAIN.fullmatch(f"{method}{host}{path}{service}{project}{agent}")):
+        quoted = f"{method} {host} {path}", service, project, agent
+    else:
+        quoted = (f"{_text(method)} {_text(host)} {_text(path)}", _text(service),
+                  _text(project), _text(agent))
     line = (
-        f"{e['time']} {e['status']} {_text(e['method'])} {_text(e['host'])} {_text(e['path'])} "
+        f"{e['time']} {e['status']} {quoted[0]} "
         f"{e['duration_ms']}ms in={e['bytes_in']} out={e['bytes_out']} "
-        f"service={_text(e['service'])} project={_text(e['project'])} "
+        f"service={quoted[1]} project={quoted[2]} "
         f"ip={e['container_ip'] or '-'} id={e['request_id'] or '-'} "
-        f"client={e['client'] or '-'} ua={_text(e['user_agent'])}"
+        f"client={e['client'] or '-'} ua={quoted[3]}"
     )
     if "error" in e:
         line += f" error={_text(e['error'])}"

@@ -55,6 +55,8 @@ def test_iso_utc() -> None:
     assert iso_utc(0) == "1970-01-01T00:00:00.000Z"
     assert iso_utc(1_700_000_000.25) == "2023-11-14T22:13:20.250Z"
     assert iso_utc(1_700_000_000.999) == "2023-11-14T22:13:20.999Z"
+    assert iso_utc(1_700_000_001.5) == "2023-11-14T22:13:21.500Z"  # the next second
+    assert iso_utc(1_700_000_000.25) == "2023-11-14T22:13:20.250Z"  # and back
 
 
 async def test_routed_request_gives_one_json_line_with_every_field(chain, out) -> None:
@@ -170,6 +172,23 @@ def test_text_rendering_of_empty_values() -> None:
              "error": "boom x"}
     assert render_text(entry) == ('T 404 GET - / 0.1ms in=0 out=9 service=- project=- ip=- id=r '
                                   'client=1.2.3.4 ua=- error="boom x"')
+
+
+@pytest.mark.parametrize("odd", ["", "a b", 'q"', "tab\t", "ü", "x\ny"])
+@pytest.mark.parametrize("field", ["method", "host", "path", "service", "project", "user_agent"])
+def test_text_quotes_each_field_on_its_own_merits(field: str, odd: str) -> None:
+    """The one-regex shortcut for all-plain lines gives what quoting each field gives."""
+    from luma_proxy.accesslog import _text
+
+    entry = {"time": "T", "status": 200, "method": "GET", "host": "a.test", "path": "/p",
+             "duration_ms": 1.5, "bytes_in": 0, "bytes_out": 2, "service": "a.test",
+             "project": "p", "container_ip": "10.0.0.2", "request_id": "r", "client": "::1",
+             "user_agent": "curl/8"}
+    entry[field] = odd
+    e = {k: _text(v) if isinstance(v, str) else v for k, v in entry.items()}
+    assert render_text(entry) == (
+        f"T 200 {e['method']} {e['host']} {e['path']} 1.5ms in=0 out=2 service={e['service']} "
+        f"project={e['project']} ip=10.0.0.2 id=r client=::1 ua={e['user_agent']}")
 
 
 def test_bad_format_is_refused() -> None:
