@@ -23,7 +23,7 @@ links, signed URLs, API keys), and access logs travel further than the proxy.
 ``luma_log_query=true`` (``--log-query``) puts them in.
 
 Streamed bodies (server-sent events, chunked uploads, anything over
-``stream_large_bodies``) are counted by a pass-through callable on ``.stream``
+``streaming.STREAM_ABOVE``) are counted by a pass-through callable on ``.stream``
 (wrapping another addon's, if set); nothing reads or keeps them.
 
 The line is built with one pre-configured ``json`` encoder call (or a few

@@ -29,13 +29,14 @@ from mitmproxy.proxy import server_hooks
 from . import pages
 from .balancer import Balancer
 from .environ import env_float
-from .flowinfo import header, header_values, host_header
+from .flowinfo import header_values, host_header
 from .forwarding import Network, parse_trusted_proxies, set_forwarding_headers
 from .health import HealthChecker, unhealthy_ips
 from .models import Health, HealthEntry, Service, Settings, State
 from .registry import HealthReader, RegistryError, StateReader, Store, default_state_path
 from .resolver import Resolver, parse_dns_server
 from .router import HostTable, Reject, admit
+from .streaming import stream_request, stream_response
 
 logger = logging.getLogger("luma_proxy")
 
@@ -48,7 +49,6 @@ ENGINE_OPTIONS: dict[str, Any] = {
     "connection_strategy": "lazy",  # eager would connect to the dummy reverse target
     "block_global": False,  # the proxy is meant for public clients
     "onboarding": False,  # would answer Host: mitm.it itself
-    "stream_large_bodies": "1m",  # big bodies pass through instead of sitting in memory
 }
 # mitmproxy cancels a pending upstream connect with this message when the client leaves.
 CLIENT_GONE = "client disconnected"
@@ -486,7 +486,12 @@ class LumaProxy:
 
         The alias's IPs are cached for the DNS TTL, so nearly every request is
         routed without a coroutine; only a cache miss returns one to await.
+        A large or unsized body is streamed (streaming.py), decided first so that
+        an answer given here can close such a request instead of reading it all.
         """
+        request = flow.request
+        if not request.stream and stream_request(request):
+            request.stream = True
         try:
             route = self._route(flow)
         except Exception:
@@ -580,12 +585,10 @@ class LumaProxy:
         flow.metadata["luma_ip"] = ip
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        """Stream what has no length (SSE, long polls) instead of buffering it."""
+        """Stream what is large or has no length (SSE, long polls) instead of buffering it."""
         response = flow.response
         assert response is not None
-        if not header_values(response.headers, "content-length") or header(
-            response.headers, "content-type"
-        ).startswith("text/event-stream"):
+        if not response.stream and stream_response(response):
             response.stream = True
 
     # --------------------------------------------------- upstream connections

@@ -25,10 +25,10 @@ from mitmproxy.proxy import server_hooks
 from .connections import close_for_client
 from .environ import env_float
 from .flowinfo import header
+from .streaming import STREAM_ABOVE
 
 logger = logging.getLogger("luma_proxy")
 
-STREAM_ABOVE = 1024 * 1024  # the addon's stream_large_bodies
 MAX_TICK = 0.5
 
 # key (client, flow or server id) -> (due, client id, what to close: None for the client)
@@ -133,7 +133,7 @@ class Timeouts:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """A streamed body may legitimately take long; a buffered one must arrive in time.
 
-        Buffered responses (known length up to ``stream_large_bodies``) reach the
+        Buffered responses (known length up to ``streaming.STREAM_ABOVE``) reach the
         client only once complete, so a container that stalls mid-body would
         otherwise hold the client forever: the deadline covers the whole body.
         """

@@ -137,7 +137,7 @@ def test_corrupt_state_keeps_last_good_view(state: Path) -> None:
         assert addon.table.services == {}
 
 
-def test_sse_and_unsized_responses_are_streamed() -> None:
+def test_sse_unsized_and_large_responses_are_streamed() -> None:
     addon = LumaProxy()
     with taddons.context(addon):
         f = tflow.tflow(resp=True)
@@ -145,9 +145,34 @@ def test_sse_and_unsized_responses_are_streamed() -> None:
         addon.responseheaders(f)
         assert f.response.stream
         f = tflow.tflow(resp=True)
+        f.response.headers["content-length"] = str(2 << 20)
+        addon.responseheaders(f)
+        assert f.response.stream
+        f = tflow.tflow(resp=True)
         f.response.headers["content-length"] = "10"
         addon.responseheaders(f)
         assert not f.response.stream
+        counted = tflow.tflow(resp=True)
+        del counted.response.headers["content-length"]
+        counted.response.stream = len  # another addon's callable is kept
+        addon.responseheaders(counted)
+        assert counted.response.stream is len
+
+
+async def test_large_uploads_stream_and_are_closed_when_answered_here(state: Path) -> None:
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(state))
+        routed = flow_for("blog.test", headers={"Content-Length": str(2 << 20)})
+        await call([addon], "requestheaders", routed)
+        assert routed.request.stream is True and routed.response is None
+        small = flow_for("blog.test", headers={"Content-Length": "10"})
+        await call([addon], "requestheaders", small)
+        assert not small.request.stream
+        unknown = flow_for("nope.test", headers={"Content-Length": str(2 << 20)})
+        await call([addon], "requestheaders", unknown)
+        # 404 without reading 2 MiB into memory: the connection is closed instead.
+        assert unknown.response.status_code == 404 and unknown.error is not None
 
 
 def test_client_leaving_during_connect_does_not_eject_the_container() -> None:

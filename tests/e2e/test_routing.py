@@ -248,3 +248,36 @@ def test_run_refuses_an_unknown_event_loop(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
         "Error: LUMA_PROXY_EVENT_LOOP must be one of uvloop, asyncio, not 'trio'"]
+
+
+def test_large_bodies_stream_through_with_bounded_memory(dns, containers, cli, start_proxy):
+    """Sized and unsized bodies far over the proxy's memory pass through, in both directions."""
+    import http.client
+
+    deploy_alias(dns, containers, cli, "big.test", "big", ["big-1"])
+    proxy = start_proxy("run")
+    assert proxy.get("big.test").status == 200
+
+    def rss_kib(field: str) -> int:
+        status = Path(f"/proc/{proxy.proc.pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith(field)).split()[1])
+
+    before = rss_kib("VmRSS:")
+    size = 256 << 20
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+    conn.request("GET", f"/bytes?n={size}", headers={"Host": "big.test"})
+    response = conn.getresponse()
+    got = 0
+    while chunk := response.read(1 << 20):
+        got += len(chunk)
+    assert (response.status, got) == (200, size)
+    body = (b"x" * (1 << 20) for _ in range(size >> 20))
+    conn.request("POST", "/upload", body=body, headers={"Host": "big.test",
+                                                        "Content-Length": str(size)})
+    assert json.loads(conn.getresponse().read())["received"] == size
+    chunks = (b"y" * (1 << 20) for _ in range(64))
+    conn.request("PUT", "/upload", body=chunks, encode_chunked=True, headers={"Host": "big.test"})
+    assert json.loads(conn.getresponse().read())["received"] == 64 << 20
+    conn.close()
+    # Buffering any of them would have taken 64-256 MiB; the peak stays well below.
+    assert rss_kib("VmHWM:") - before < 48 * 1024, (before, rss_kib("VmHWM:"))
