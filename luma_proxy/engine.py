@@ -16,6 +16,8 @@ change the tree at any time.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import logging
 import types
@@ -26,6 +28,16 @@ from mitmproxy import addonmanager, exceptions, flow, hooks, master
 
 # (index of the top-level addon in the chain, handler)
 Handlers = tuple[tuple[int, Callable[..., Any]], ...]
+
+
+@functools.cache
+def _field_names(hook_type: type[hooks.Hook]) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(hook_type))  # type: ignore[arg-type]
+
+
+def hook_args(event: hooks.Hook) -> list[Any]:
+    """``event.args()``, without looking the dataclass fields up on every event."""
+    return [getattr(event, name) for name in _field_names(type(event))]
 
 
 def handlers_for(chain: list[Any], name: str) -> Handlers:
@@ -78,7 +90,7 @@ class HookTable(addonmanager.AddonManager):
         found = self.handlers(event.name)
         if not found:
             return
-        args = event.args()
+        args = hook_args(event)
         failed = -1  # a top-level addon whose handler raised: skip the rest of its tree
         for index, func in found:
             if index == failed:
@@ -98,7 +110,7 @@ class HookTable(addonmanager.AddonManager):
     async def handle_lifecycle(self, event: hooks.Hook) -> None:
         await self.trigger_event(event)
         if self.handlers("update"):
-            message = event.args()[0]
+            message = hook_args(event)[0]
             if isinstance(message, flow.Flow):
                 await self.trigger_event(hooks.UpdateHook([message]))
 

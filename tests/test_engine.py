@@ -6,6 +6,7 @@ import logging
 
 import pytest
 from mitmproxy import addonmanager, exceptions, hooks
+from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow
 
 from luma_proxy import engine
@@ -153,3 +154,12 @@ def test_install_only_on_an_empty_master() -> None:
         table.add(Recorder("r", []))
         with pytest.raises(RuntimeError, match="before adding addons"):
             engine.install(tctx.master)
+
+
+def test_hook_args_are_mitmproxys() -> None:
+    flow = tflow.tflow(resp=True)
+    data = server_hooks.ServerConnectionHookData(flow.server_conn, flow.client_conn)
+    for event in (hooks.all_hooks["request"](flow), hooks.all_hooks["server_connect"](data),
+                  hooks.ConfigureHook({"a", "b"}), hooks.UpdateHook([flow]),
+                  hooks.all_hooks["client_connected"](flow.client_conn)):
+        assert engine.hook_args(event) == event.args(), event.name
