@@ -28,9 +28,32 @@ def is_sane(value: str) -> bool:
     return _SANE.fullmatch(value) is not None
 
 
-def new_request_id() -> str:
-    """128 random bits as 32 hex digits, like a uuid4 hex (uuid.uuid4() is 5x slower)."""
-    return os.urandom(16).hex()
+class _Ids:
+    """128 random bits per id, as 32 hex digits (like a uuid4 hex; uuid.uuid4() is 5x slower).
+
+    The bits come from ``os.urandom`` 256 ids at a time: one system call per
+    256 requests instead of one each. A forked child starts a batch of its own.
+    """
+
+    BATCH = 256
+
+    def __init__(self) -> None:
+        self._hex = ""
+        self._next = 0
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._hex, self._next = "", 0
+
+    def __call__(self) -> str:
+        start = self._next
+        if start >= len(self._hex):
+            self._hex, start = os.urandom(16 * self.BATCH).hex(), 0
+        self._next = start + 32
+        return self._hex[start:start + 32]
+
+
+new_request_id = _Ids()
 
 
 def choose_request_id(sent: list[str]) -> str:

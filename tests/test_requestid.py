@@ -35,6 +35,25 @@ def test_choose_keeps_one_sane_id_and_makes_fresh_ones_otherwise() -> None:
     assert len(made) == 3 and all(HEX32.fullmatch(m) for m in made)
 
 
+def test_fresh_ids_are_unique_across_batches_and_forks() -> None:
+    import os
+
+    from luma_proxy.requestid import new_request_id
+
+    ids = [new_request_id() for _ in range(3 * new_request_id.BATCH + 5)]
+    assert len(set(ids)) == len(ids) and all(HEX32.fullmatch(i) for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child must not hand out what the parent has buffered
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert HEX32.fullmatch(child) and child != new_request_id()
+
+
 def test_sane_id_is_kept_and_returned() -> None:
     addon = RequestId()
     with taddons.context(addon):
