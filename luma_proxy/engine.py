@@ -86,17 +86,34 @@ class HookTable(addonmanager.AddonManager):
         finally:
             self._table.clear()
 
+    def trigger(self, event: hooks.Hook) -> None:
+        """Synchronous events (``configure``, ``load``...), dispatched by mitmproxy itself.
+
+        After ``configure`` the table is looked up anew: an addon may switch a
+        hook on or off with its options (a hook attribute set to ``None`` is skipped).
+        """
+        try:
+            super().trigger(event)
+        finally:
+            if event.name == "configure":
+                self._table.clear()
+
     async def trigger_event(self, event: hooks.Hook) -> None:
         found = self.handlers(event.name)
         if not found:
             return
-        args = hook_args(event)
+        await self._dispatch(found, hook_args(event))
+
+    @staticmethod
+    async def _dispatch(found: Handlers, args: list[Any]) -> None:
         failed = -1  # a top-level addon whose handler raised: skip the rest of its tree
+        single = len(args) == 1  # every flow hook: call without unpacking a list
+        arg = args[0] if single else None
         for index, func in found:
             if index == failed:
                 continue
             try:
-                result = func(*args)
+                result = func(arg) if single else func(*args)
                 if result is not None and inspect.isawaitable(result):
                     await result
             except exceptions.AddonHalt:

@@ -201,6 +201,9 @@ class MetricsServer:
 
 
 # ----------------------------------------------------------------- addon
+HOT_HOOKS = ("requestheaders", "response", "error", "server_connect_error")
+
+
 class Metrics:
     """Counts requests on the hot path; serves them with the health view on scrape."""
 
@@ -233,6 +236,7 @@ class Metrics:
         self._children: dict[tuple[str, str], Any] = {}
         self._histograms: dict[str, Any] = {}
         self._upstreams: dict[tuple[str, int], str] = {}
+        self._hooks(on=False)
 
     # ----------------------------------------------------------------- options
     def load(self, loader: Any) -> None:
@@ -254,6 +258,7 @@ class Metrics:
         if not host.strip():
             raise exceptions.OptionsError("luma_metrics_host must not be empty")
         self.enabled = port != 0
+        self._hooks(on=self.enabled)
         if self._running:
             self._stop()
             self._start()
@@ -309,6 +314,18 @@ class Metrics:
         return found
 
     # -------------------------------------------------------------- hot path
+    def _hooks(self, on: bool) -> None:
+        """Off, the per-request hooks are absent: disabled metrics cost no dispatch at all.
+
+        mitmproxy (and ``engine.HookTable``, which looks handlers up again after
+        every ``configure``) skips a hook attribute that is ``None``.
+        """
+        for name in HOT_HOOKS:
+            if on:
+                self.__dict__.pop(name, None)
+            else:
+                setattr(self, name, None)
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Runs after routing: the flow knows its service and container IP."""
         if not self.enabled:

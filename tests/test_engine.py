@@ -120,6 +120,22 @@ async def test_lookups_are_cached_and_renewed_when_the_chain_changes() -> None:
     ctx.__exit__(None, None, None)
 
 
+async def test_a_hook_switched_off_by_configure_is_skipped() -> None:
+    calls: list[tuple[str, str]] = []
+    switch = Recorder("switch", calls)
+    ctx, table = manager_with(engine.HookTable, switch)
+    flow = tflow.tflow()
+    assert len(table.handlers("request")) == 1
+    switch.request = None  # what an addon does in configure when a feature is off
+    table.trigger(hooks.ConfigureHook(set()))
+    await table.trigger_event(hooks.all_hooks["request"](flow))
+    del switch.request  # and back on
+    table.trigger(hooks.ConfigureHook(set()))
+    await table.trigger_event(hooks.all_hooks["request"](flow))
+    assert calls == [("switch", "request")]
+    ctx.__exit__(None, None, None)
+
+
 async def test_update_hook_only_when_someone_listens() -> None:
     calls: list[tuple[str, str]] = []
     ctx, table = manager_with(engine.HookTable, Recorder("r", calls))

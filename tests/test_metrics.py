@@ -14,7 +14,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from luma_proxy.addon import LumaProxy
-from luma_proxy.metrics import Metrics, metrics_response, register_cert_expiry
+from luma_proxy.metrics import HOT_HOOKS, Metrics, metrics_response, register_cert_expiry
 from luma_proxy.models import Health
 from luma_proxy.requestid import RequestId
 from tests.e2e.docker_double import free_port
@@ -86,6 +86,13 @@ async def test_off_by_default_counts_nothing(tmp_path: Path) -> None:
         await through(addons, flow_for("blog.test"))
         assert value(addons[2], "luma_http_requests_total", service="blog.test",
                      status_class="2xx") is None
+        # Off, the per-request hooks are absent: no dispatch cost at all.
+        assert all(getattr(addons[2], name) is None for name in HOT_HOOKS)
+        tctx.configure(addons[2], luma_metrics_port=free_port())
+        assert all(callable(getattr(addons[2], name)) for name in HOT_HOOKS)
+        await through(addons, flow_for("blog.test"))
+        assert value(addons[2], "luma_http_requests_total", service="blog.test",
+                     status_class="2xx") == 1
 
 
 def test_bad_options_are_refused() -> None:
