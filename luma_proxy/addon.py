@@ -36,7 +36,7 @@ from .models import Health, HealthEntry, Service, Settings, State
 from .registry import HealthReader, RegistryError, StateReader, Store, default_state_path
 from .resolver import Resolver, parse_dns_server
 from .router import HostTable, Reject, admit
-from .streaming import stream_request, stream_response
+from .streaming import MULTIPLEXED, stream_request, stream_response
 
 logger = logging.getLogger("luma_proxy")
 
@@ -535,11 +535,11 @@ class LumaProxy:
             flow.response = pages.page(400)
             return None
         raw_host = hosts[0] if hosts else None
-        if (request.is_http2 or request.is_http3) and request.authority:
-            raw_host = request.authority  # what request.host_header is, without a second scan
-        if request.authority and hosts and self.table.canonical(
-            request.authority
-        ) != self.table.canonical(hosts[0]):
+        authority = request.authority
+        if authority and request.data.http_version in MULTIPLEXED:
+            raw_host = authority  # what request.host_header is, without a second scan
+        if authority and hosts and self.table.canonical(authority) != self.table.canonical(
+                hosts[0]):
             # Absolute-form URL or HTTP/2 :authority naming another host than Host:
             # refuse rather than pick one (request smuggling, cache poisoning).
             flow.response = pages.page(400)

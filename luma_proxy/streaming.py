@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from .flowinfo import header
-
 STREAM_ABOVE = 1024 * 1024
 
 
@@ -27,21 +25,37 @@ def _large(length: str) -> bool:
     return not length.isdigit() or int(length) > STREAM_ABOVE
 
 
+MULTIPLEXED = (b"HTTP/2.0", b"HTTP/3")
+
+
 def stream_request(request: http.Request) -> bool:
     """Stream a request body that is large or of unknown length.
 
     A request without a body on HTTP/2 or 3 (a GET) ends with its headers, so
     marking it costs nothing; mitmproxy only streams a body that follows.
+    One pass over the fields: this runs for every request.
     """
-    length = header(request.headers, "content-length")
-    if length:
-        return _large(length)
-    return request.is_http2 or request.is_http3 or "chunked" in header(
-        request.headers, "transfer-encoding").lower()
+    length: bytes | None = None
+    chunked = False
+    for name, value in request.headers.fields:
+        lower = name.lower()
+        if lower == b"content-length":
+            length = value if length is None else length + b", " + value
+        elif lower == b"transfer-encoding":
+            chunked = chunked or b"chunked" in value.lower()
+    if length is not None:
+        return _large(length.decode("latin-1"))
+    return chunked or request.data.http_version in MULTIPLEXED
 
 
 def stream_response(response: http.Response) -> bool:
-    """Stream a response that is large, of unknown length, or an event stream."""
-    length = header(response.headers, "content-length")
-    return not length or _large(length) or header(
-        response.headers, "content-type").startswith("text/event-stream")
+    """Stream a response that is large, of unknown length, or an event stream (one pass)."""
+    length: bytes | None = None
+    events = False
+    for name, value in response.headers.fields:
+        lower = name.lower()
+        if lower == b"content-length":
+            length = value if length is None else length + b", " + value
+        elif lower == b"content-type" and value.startswith(b"text/event-stream"):
+            events = True
+    return length is None or events or _large(length.decode("latin-1"))
