@@ -88,10 +88,13 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- setup
-def setup(profile: bool) -> None:
-    """Install what the benchmark needs: wrk and nginx (Debian), py-spy (PyPI) for --profile."""
-    missing = [p for p in ("wrk", "nginx", "curl") if shutil.which(p) is None
-               and not Path(f"/usr/sbin/{p}").exists()]
+def setup(profile: bool, extra: list[str] | None = None) -> None:
+    """Install what the benchmark needs: wrk and nginx (Debian), py-spy (PyPI) for --profile,
+    valgrind (Debian) for --instructions."""
+    wanted = {"wrk": "wrk", "nginx": "nginx", "curl": "curl"}
+    wanted.update({name: name for name in extra or []})
+    missing = [package for binary, package in wanted.items() if shutil.which(binary) is None
+               and not Path(f"/usr/sbin/{binary}").exists()]
     if missing:
         if os.geteuid() != 0:
             sys.exit(f"perf: please install Debian packages {' '.join(missing)} (needs root)")
@@ -547,8 +550,14 @@ def workers_available() -> str | None:
 
 
 def start_target(env: Env, key: str, workers: int, state: Path | None = None,
-                 extra: list[str] | None = None, tls: bool = True) -> Target:
-    """Start one target and wait until it serves bench.test (and tls.bench.test) with 200."""
+                 extra: list[str] | None = None, tls: bool = True,
+                 prefix: list[str] | None = None, timeout: float = 30.0) -> Target:
+    """Start one target and wait until it serves bench.test (and tls.bench.test) with 200.
+
+    ``prefix`` runs it under another program (valgrind, for ``--instructions``);
+    then the noop and luma targets get ``PYTHONOPTIMIZE=1`` from the start, as
+    ``luma-proxy run`` would otherwise restart itself with it, out of valgrind's view.
+    """
     state = state or env.state
     up = env.upstream_port
     port, tls_port = free_port(), free_port()
@@ -584,7 +593,7 @@ def start_target(env: Env, key: str, workers: int, state: Path | None = None,
                "--cert", str(env.combined)]
         # Optimized like `luma-proxy run` unless LUMA_PROXY_OPTIMIZE=0.
         optimize = {"PYTHONOPTIMIZE": "1"} if startup.enabled(os.environ) else {}
-        proc = env.start(key, cmd, env={**env.env, **optimize})
+        proc = env.start(key, [*(prefix or []), *cmd], env={**env.env, **optimize})
         t = Target(key, "lean master + no-op routing addon", port, tls_port, proc,
                    cmd=shlex.join(cmd))
     elif key in ("luma", "luma-workers"):
@@ -598,7 +607,9 @@ def start_target(env: Env, key: str, workers: int, state: Path | None = None,
                               workers=workers)
             cmd += ["--workers", str(workers)]
             title = f"`luma-proxy run --workers {workers}`"
-        proc = env.start(key, cmd, stdout=access_log)
+        optimize = {"PYTHONOPTIMIZE": "1"} if prefix and startup.enabled(os.environ) else {}
+        proc = env.start(key, [*(prefix or []), *cmd], stdout=access_log,
+                         env={**env.env, **optimize})
         t = Target(key, title, port, tls_port, proc, workers=workers if key != "luma" else 1,
                    cmd=shlex.join(cmd) + f" > {access_log.name}",
                    note="access log (default format: text) on stdout, redirected to a file")
@@ -606,9 +617,9 @@ def start_target(env: Env, key: str, workers: int, state: Path | None = None,
         raise ValueError(key)
     assert t.proc is not None
     try:
-        wait_http(t.http_port, HTTP_HOST, proc=t.proc.proc)
+        wait_http(t.http_port, HTTP_HOST, proc=t.proc.proc, timeout=timeout)
         if tls:
-            wait_http(t.https_port, TLS_HOST, tls=True, proc=t.proc.proc)
+            wait_http(t.https_port, TLS_HOST, tls=True, proc=t.proc.proc, timeout=timeout)
     except Exception as e:
         tail = t.proc.tail()
         env.stop(t.proc)
@@ -1077,6 +1088,76 @@ def profile(env: Env, args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def keepalive_requests(port: int, n: int) -> None:
+    """``n`` GETs of bench.test, one after another on one connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        for _ in range(n):
+            conn.request("GET", "/", headers={"Host": HTTP_HOST})
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"status {response.status}")
+    finally:
+        conn.close()
+
+
+def callgrind_total(out: Path) -> int:
+    """Instructions in the newest dump of a callgrind run (``out.1``, ``out.2``...)."""
+    dumps = sorted(out.parent.glob(out.name + ".*"), key=lambda p: int(p.suffix[1:]))
+    for line in dumps[-1].read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {dumps[-1]}")
+
+
+def instructions(env: Env, args: argparse.Namespace) -> dict[str, Any]:
+    """Instructions per request under callgrind: the cost of the same work, without the noise.
+
+    CPU time per request moves by 10-40 % between runs on a shared machine; the
+    number of instructions executed for a request does not. Each target runs
+    under ``valgrind --tool=callgrind``; after a warm-up the counters are zeroed,
+    ``--instr-requests`` keep-alive requests are sent by one client, and the
+    counters dumped. The instructions an idle window of ``--instr-idle``
+    seconds took (timers, file polls: background work that under valgrind's
+    slowdown would otherwise be charged to the requests) are subtracted pro rata.
+    """
+    if shutil.which("callgrind_control") is None:
+        setup(profile=False, extra=["valgrind"])
+    n, idle = args.instr_requests, args.instr_idle
+    results: dict[str, Any] = {"requests": n, "idle_seconds": idle, "targets": {}}
+    for key in ("noop", "luma"):
+        out = env.dir / f"callgrind-{key}.out"
+        prefix = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+        t = start_target(env, key, 1, tls=False, prefix=prefix, timeout=900)
+        try:
+            assert t.proc is not None
+            pid = str(t.proc.proc.pid)
+            keepalive_requests(t.http_port, max(50, n // 3))  # warm-up
+            control = ["callgrind_control"]
+            subprocess.run([*control, "-z", pid], check=True, capture_output=True)
+            time.sleep(idle)
+            subprocess.run([*control, "-d", pid], check=True, capture_output=True)
+            idle_total = callgrind_total(out)
+            subprocess.run([*control, "-z", pid], check=True, capture_output=True)
+            t0 = time.monotonic()
+            keepalive_requests(t.http_port, n)
+            took = time.monotonic() - t0
+            subprocess.run([*control, "-d", pid], check=True, capture_output=True)
+            busy = callgrind_total(out)
+            net = (busy - idle_total / idle * took) / n
+            log(f"instructions {key}: {busy / n:,.0f} per request, {net:,.0f} without the "
+                f"idle work ({idle_total / idle:,.0f}/s over {took:.0f} s)")
+            results["targets"][key] = {
+                "cmd": shlex.join(prefix) + " " + t.cmd, "title": t.title,
+                "raw_per_request": busy / n, "idle_per_second": idle_total / idle,
+                "seconds": took, "per_request": net,
+            }
+        finally:
+            stop_target(env, t)
+    return results
+
+
 _FRAME = re.compile(r"^(?P<fn>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
@@ -1234,7 +1315,8 @@ def render_throughput(r: dict[str, Any], command: str, m: dict[str, str]) -> str
 
 
 def goals(thr: dict[str, Any] | None, mem: dict[str, Any] | None, sc: dict[str, Any] | None,
-          st: dict[str, Any] | None, soak_r: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+          st: dict[str, Any] | None, soak_r: dict[str, Any] | None,
+          ins: dict[str, Any] | None = None) -> list[tuple[str, str, str]]:
     """(goal, measured, verdict) rows."""
     rows: list[tuple[str, str, str]] = []
 
@@ -1311,6 +1393,11 @@ def goals(thr: dict[str, Any] | None, mem: dict[str, Any] | None, sc: dict[str, 
             rows.append(("addon cost <= 10 % vs the lean master with a no-op routing addon",
                          f"{luma:,.0f} vs {noop:,.0f} req/s = {cost * 100:.0f} % fewer{extra}",
                          verdict(cost <= 0.10, lc / nc - 1 <= 0.10 if lc and nc else None)))
+    if ins and {"luma", "noop"} <= ins["targets"].keys():
+        lu, no = ins["targets"]["luma"]["per_request"], ins["targets"]["noop"]["per_request"]
+        rows.append(("(same, in instructions per request under callgrind: free of the "
+                     "machine's noise)", f"{lu:,.0f} vs {no:,.0f} (+{(lu / no - 1) * 100:.1f} %)",
+                     "met" if lu / no - 1 <= 0.10 else "**missed**"))
     if mem:
         for _key, t in mem["targets"].items():
             if t.get("unavailable") or "idle_mib" not in t:
@@ -1515,8 +1602,27 @@ def load_saved(results_dir: Path, name: str) -> dict[str, Any] | None:
     return None
 
 
+def render_instructions(r: dict[str, Any], command: str, m: dict[str, str]) -> str:
+    out = [f"Command: `{command}`. Machine: {machine_line(m)}.", "",
+           "| target | instructions per request | raw (with the idle work) | idle work "
+           "| time for the requests under valgrind |", "|---|---|---|---|---|"]
+    for t in r["targets"].values():
+        out.append(f"| {t['title']} | {t['per_request']:,.0f} | {t['raw_per_request']:,.0f} "
+                   f"| {t['idle_per_second']:,.0f}/s | {t['seconds']:.0f} s |")
+    luma, noop = r["targets"].get("luma"), r["targets"].get("noop")
+    if luma and noop:
+        own, share = luma["per_request"] - noop["per_request"], luma["per_request"] / noop[
+            "per_request"] - 1
+        out += ["", f"luma-proxy's own cost: {own:,.0f} instructions per request, "
+                f"**{share * 100:.1f} %** over the no-op lean master ({r['requests']} keep-alive "
+                "requests from one client, after a warm-up)."]
+    out += ["", "Commands: " + "; ".join(f"`{t['cmd']}`" for t in r["targets"].values())]
+    return "\n".join(out)
+
+
 RENDER = {"throughput": render_throughput, "memory": render_memory, "scale": render_scale,
-          "streaming": render_streaming, "soak": render_soak, "profile": render_profile}
+          "streaming": render_streaming, "soak": render_soak, "profile": render_profile,
+          "instructions": render_instructions}
 
 
 def render_all(results_dir: Path) -> dict[str, str]:
@@ -1530,7 +1636,8 @@ def render_all(results_dir: Path) -> dict[str, str]:
     if latest is not None:
         blocks["machine"] = render_machine(latest["machine"], latest["command"])
     rows = goals(*(saved[n]["results"] if saved[n] else None
-                   for n in ("throughput", "memory", "scale", "streaming", "soak")))
+                   for n in ("throughput", "memory", "scale", "streaming", "soak",
+                             "instructions")))
     sources = ", ".join(f"{n}: `{s['command']}` on {s['machine']['date']}"
                         for n, s in saved.items() if s)
     blocks["goals"] = render_goals(rows, sources)
@@ -1565,6 +1672,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--soak", type=float, nargs="?", const=600.0, default=None,
                    help="only run the soak, for SECONDS (default 600)")
     p.add_argument("--profile", action="store_true", help="only run the py-spy profiles")
+    p.add_argument("--instructions", action="store_true",
+                   help="only count instructions per request under callgrind (noop, luma)")
+    p.add_argument("--instr-requests", type=int, default=300)
+    p.add_argument("--instr-idle", type=float, default=20.0)
     p.add_argument("--out", type=Path, default=DOC, help="markdown file to update")
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--no-write", action="store_true", help="print only")
@@ -1604,10 +1715,13 @@ def main(argv: list[str] | None = None) -> int:
         sections = ["soak"]
     elif args.profile:
         sections = ["profile"]
+    elif args.instructions:
+        sections = ["instructions"]
     else:
         sections = args.sections
     runners = {"throughput": throughput, "memory": memory, "scale": scale,
-               "streaming": streaming, "soak": soak, "profile": profile}
+               "streaming": streaming, "soak": soak, "profile": profile,
+               "instructions": instructions}
     env = Env(keep=args.keep)
     produced: dict[str, dict[str, Any]] = {}
     try:
