@@ -18,14 +18,28 @@ from __future__ import annotations
 from mitmproxy import http
 
 STREAM_ABOVE = 1024 * 1024
+MULTIPLEXED = (b"HTTP/2.0", b"HTTP/3")  # bodies end with a flag, not a length
 
 
-def _large(length: str) -> bool:
+def _large(length: bytes) -> bool:
     """A Content-Length over the bound; a malformed one streams (mitmproxy refuses it)."""
     return not length.isdigit() or int(length) > STREAM_ABOVE
 
 
-MULTIPLEXED = (b"HTTP/2.0", b"HTTP/3")
+def _length_and(headers: http.Headers, other: bytes) -> tuple[bytes | None, bytes]:
+    """Content-Length and the field ``other`` (copies joined with ", "), in one pass.
+
+    This runs for every request and every response.
+    """
+    length: bytes | None = None
+    values = b""
+    for name, value in headers.fields:
+        lower = name.lower()
+        if lower == b"content-length":
+            length = value if length is None else length + b", " + value
+        elif lower == other:
+            values = values + b", " + value if values else value
+    return length, values
 
 
 def stream_request(request: http.Request) -> bool:
@@ -33,29 +47,14 @@ def stream_request(request: http.Request) -> bool:
 
     A request without a body on HTTP/2 or 3 (a GET) ends with its headers, so
     marking it costs nothing; mitmproxy only streams a body that follows.
-    One pass over the fields: this runs for every request.
     """
-    length: bytes | None = None
-    chunked = False
-    for name, value in request.headers.fields:
-        lower = name.lower()
-        if lower == b"content-length":
-            length = value if length is None else length + b", " + value
-        elif lower == b"transfer-encoding":
-            chunked = chunked or b"chunked" in value.lower()
+    length, coding = _length_and(request.headers, b"transfer-encoding")
     if length is not None:
-        return _large(length.decode("latin-1"))
-    return chunked or request.data.http_version in MULTIPLEXED
+        return _large(length)
+    return b"chunked" in coding.lower() or request.data.http_version in MULTIPLEXED
 
 
 def stream_response(response: http.Response) -> bool:
-    """Stream a response that is large, of unknown length, or an event stream (one pass)."""
-    length: bytes | None = None
-    events = False
-    for name, value in response.headers.fields:
-        lower = name.lower()
-        if lower == b"content-length":
-            length = value if length is None else length + b", " + value
-        elif lower == b"content-type" and value.startswith(b"text/event-stream"):
-            events = True
-    return length is None or events or _large(length.decode("latin-1"))
+    """Stream a response that is large, of unknown length, or an event stream."""
+    length, kind = _length_and(response.headers, b"content-type")
+    return length is None or kind.startswith(b"text/event-stream") or _large(length)
