@@ -24,8 +24,7 @@ from mitmproxy.proxy import server_hooks
 
 from .connections import close_for_client
 from .environ import env_float
-from .flowinfo import header
-from .streaming import STREAM_ABOVE
+from .streaming import stream_response
 
 logger = logging.getLogger("luma_proxy")
 
@@ -38,6 +37,20 @@ Pending = dict[str, tuple[float, str, Any]]
 def sweep_tick(*timeouts: float) -> float:
     """How often to look for passed deadlines: late by at most a quarter of the shortest."""
     return min(MAX_TICK, min(timeouts) / 4)
+
+
+def streaming_response(flow: http.HTTPFlow) -> bool:
+    """A response deadline does not apply once a streamed response has begun.
+
+    A streamed body (server-sent events, a download) may legitimately take
+    long; a buffered one (known length up to ``streaming.STREAM_ABOVE``)
+    reaches the client only once complete, so a container that stalls mid-body
+    would otherwise hold the client forever: for it the deadline covers the
+    whole body. Decided when the deadline passes, not per response, so the hot
+    path pays nothing for it.
+    """
+    response = flow.response
+    return response is not None and bool(response.stream or stream_response(response))
 
 
 def passed(pending: Pending, now: float) -> list[str]:
@@ -113,6 +126,8 @@ class Timeouts:
     def _fire(self, kind: str, client_id: str, target: Any) -> None:
         """Cancel the task that reads ``target`` (a connection, or a flow's server side)."""
         if isinstance(target, http.HTTPFlow):
+            if streaming_response(target):
+                return
             target = target.server_conn
         if close_for_client(client_id, target, f"{kind} timeout"):
             logger.info("%s timeout: closing %s", kind, "client" if target is None else
@@ -129,19 +144,6 @@ class Timeouts:
         if flow.response is None:  # going upstream
             self._response[flow.id] = (time.monotonic() + self.response_timeout,
                                        flow.client_conn.id, flow)
-
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        """A streamed body may legitimately take long; a buffered one must arrive in time.
-
-        Buffered responses (known length up to ``streaming.STREAM_ABOVE``) reach the
-        client only once complete, so a container that stalls mid-body would
-        otherwise hold the client forever: the deadline covers the whole body.
-        """
-        response = flow.response
-        assert response is not None
-        length = header(response.headers, "content-length")
-        if response.stream or not length.isdigit() or int(length) > STREAM_ABOVE:
-            self._response.pop(flow.id, None)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finished(flow)

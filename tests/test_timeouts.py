@@ -14,7 +14,7 @@ from mitmproxy import exceptions
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow
 
-from luma_proxy.timeouts import MAX_TICK, Timeouts, passed, sweep_tick
+from luma_proxy.timeouts import MAX_TICK, Timeouts, passed, streaming_response, sweep_tick
 
 
 def test_sweep_tick_is_a_quarter_of_the_shortest_timeout_at_most_half_a_second() -> None:
@@ -56,7 +56,6 @@ def test_a_request_arms_and_disarms_its_deadlines() -> None:
         assert due >= before + addon.response_timeout
         assert client_id == client.id and target is flow
         flow.response = tflow.tresp()  # buffered, small: the deadline covers the body too
-        addon.responseheaders(flow)
         assert flow.id in addon.pending["response"]
         addon.response(flow)
         assert flow.id not in addon.pending["response"]
@@ -65,20 +64,30 @@ def test_a_request_arms_and_disarms_its_deadlines() -> None:
         assert not any(addon.pending.values())
 
 
-def test_streamed_and_unsized_responses_are_not_bounded_after_their_headers() -> None:
+def test_streamed_and_unsized_responses_are_not_bounded_once_begun() -> None:
+    waiting = tflow.tflow(resp=False)
+    assert not streaming_response(waiting)  # no response yet: the deadline applies
+    for stream, length in ((True, "10"), (False, None), (False, str(2 * 1024 * 1024)),
+                           (False, "10")):
+        flow = tflow.tflow(resp=True)
+        flow.response.stream = stream
+        if length is None:
+            del flow.response.headers["content-length"]
+        else:
+            flow.response.headers["content-length"] = length
+        # A small buffered body must arrive in time too; anything streamed may take long.
+        assert streaming_response(flow) is (length != "10" or stream), (stream, length)
+
+
+def test_a_passed_deadline_of_a_streaming_response_is_dropped_without_closing() -> None:
     addon = Timeouts()
     with taddons.context(addon):
-        for stream, length in ((True, "10"), (False, None), (False, str(2 * 1024 * 1024))):
-            flow = tflow.tflow(resp=False)
-            addon.request(flow)
-            flow.response = tflow.tresp()
-            flow.response.stream = stream
-            if length is None:
-                del flow.response.headers["content-length"]
-            else:
-                flow.response.headers["content-length"] = length
-            addon.responseheaders(flow)
-            assert flow.id not in addon.pending["response"], (stream, length)
+        flow = tflow.tflow(resp=False)
+        addon.request(flow)
+        flow.response = tflow.tresp()
+        flow.response.stream = True
+        assert addon.sweep(time.monotonic() + addon.response_timeout + 1) == 1
+        assert not addon.pending["response"]
 
 
 def test_answered_requests_and_h2_clients_arm_nothing_more() -> None:

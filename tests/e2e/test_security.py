@@ -354,3 +354,16 @@ def test_keep_alive_idle_and_websocket_not_cut_by_header_timeout(site, start_pro
     with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
         request(proxy.port, "blog.test", conn=conn)
     wait_until(lambda: proxy.get("blog.test").status == 200)
+
+
+def test_response_timeout_spares_streams_that_have_begun(site, start_proxy) -> None:
+    """The deadline covers the response head (and a buffered body), not a stream."""
+    proxy = start_proxy("run", env={"LUMA_PROXY_RESPONSE_TIMEOUT": "1"})
+    started = time.monotonic()
+    events = proxy.get("blog.test", "/sse?n=5&interval=0.6", timeout=20)  # 3 s of events
+    assert events.status == 200 and events.body.count(b"data:") == 5
+    assert time.monotonic() - started >= 2.4
+    download = proxy.get("blog.test", f"/bytes?n={3 << 20}", timeout=20)  # streamed: > 1 MiB
+    assert download.status == 200 and len(download.body) == 3 << 20
+    slow = proxy.get("blog.test", "/slow?s=4", timeout=20)  # nothing for 4 s: cut
+    assert slow.status == 502
