@@ -28,8 +28,8 @@ Streamed bodies (server-sent events, chunked uploads, anything over
 
 The line is built with one pre-configured ``json`` encoder call (or a few
 f-strings for text) and written to stdout by ``LineWriter``, not through
-``logging`` (a ``LogRecord`` costs more than the line): the lines of one
-event-loop turn leave together, with one ``write`` and one ``flush``. The
+``logging`` (a ``LogRecord`` costs more than the line): the lines of 50 ms
+leave together, with one ``write`` and one ``flush``. The
 proxy's other log records stay where the logging setup puts them;
 ``configure_logging("json")`` makes them JSON lines on stdout as well.
 """
@@ -204,19 +204,26 @@ def render_text(e: dict[str, Any]) -> str:
 RENDERERS = {"text": render_text, "json": render_json}
 
 
+FLUSH_EVERY = 0.05  # seconds a line may wait for the ones after it
+MAX_PENDING = 512  # lines; more are written at once
+
+
 class LineWriter:
-    """Writes the lines of one event-loop turn with one ``write`` and one ``flush``.
+    """Writes the lines of up to ``interval`` seconds with one ``write`` and one ``flush``.
 
     Not through ``logging``: building a ``LogRecord`` (caller lookup, thread and
-    process names) costs several times more than the line itself. Under load one
-    turn of the loop finishes many requests; their lines leave together at the end
-    of it (``call_soon``), one syscall instead of one each. Without a running loop
-    a line is written at once. ``stream=None`` means whatever ``sys.stdout`` is at
-    the time of writing. A broken stdout is reported once and never fails a request.
+    process names) costs several times more than the line itself. The first line
+    after a write schedules the next one ``interval`` seconds later (0: at the end
+    of the event loop's turn); the lines that arrive meanwhile leave with it, one
+    system call for all, or at once when ``MAX_PENDING`` are waiting. Without a
+    running loop a line is written at once, and ``flush()`` (the addon's ``done``)
+    writes what is waiting. ``stream=None`` means whatever ``sys.stdout`` is at the
+    time of writing. A broken stdout is reported once and never fails a request.
     """
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, interval: float = FLUSH_EVERY) -> None:
         self.stream = stream
+        self.interval = interval
         self.failed = False
         self._lines: list[str] = []
 
@@ -225,9 +232,16 @@ class LineWriter:
         lines.append(line)
         if len(lines) == 1:
             try:
-                asyncio.get_running_loop().call_soon(self.flush)
+                loop = asyncio.get_running_loop()
             except RuntimeError:  # no loop: nothing would flush later
                 self.flush()
+                return
+            if self.interval > 0:
+                loop.call_later(self.interval, self.flush)
+            else:
+                loop.call_soon(self.flush)
+        elif len(lines) >= MAX_PENDING:
+            self.flush()
 
     def flush(self) -> None:
         lines, self._lines = self._lines, []

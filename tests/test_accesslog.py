@@ -36,7 +36,7 @@ def out() -> io.StringIO:
 
 
 async def lines(stream: io.StringIO) -> list[str]:
-    """The lines written so far: they leave at the end of the event loop's turn."""
+    """The lines written so far (the fixture's writer flushes at the end of the loop's turn)."""
     await asyncio.sleep(0)
     return stream.getvalue().splitlines()
 
@@ -44,7 +44,7 @@ async def lines(stream: io.StringIO) -> list[str]:
 @pytest.fixture
 def chain(tmp_path: Path, out: io.StringIO) -> Iterator[tuple[list, taddons.context]]:
     """RequestId, LumaProxy, AccessLog, as all_addons() orders them, with a state file."""
-    addons = [RequestId(), LumaProxy(), AccessLog(LineWriter(out))]
+    addons = [RequestId(), LumaProxy(), AccessLog(LineWriter(out, interval=0))]
     with taddons.context(*addons) as tctx:
         tctx.configure(addons[1], luma_state=str(write_state(tmp_path / "state.json")))
         tctx.configure(addons[2], luma_log_format="json")
@@ -226,25 +226,45 @@ def test_writer_goes_to_stdout_one_write_and_survives_a_broken_pipe(
     assert caplog.text.count("cannot write the access log") == 1
 
 
-async def test_lines_of_one_loop_turn_leave_in_one_write_and_done_flushes() -> None:
-    class Counting(io.StringIO):
-        writes = 0
+class Counting(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
 
-        def write(self, text: str) -> int:
-            Counting.writes += 1
-            return super().write(text)
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
 
+
+async def test_lines_leave_together_after_the_interval_and_done_flushes() -> None:
     stream = Counting()
-    writer = LineWriter(stream)
+    writer = LineWriter(stream, interval=0.05)
     for n in range(3):
         writer(f"line {n}")
-    assert stream.getvalue() == ""  # not before the end of this turn
     await asyncio.sleep(0)
-    assert stream.getvalue() == "line 0\nline 1\nline 2\n" and Counting.writes == 1
+    assert stream.getvalue() == ""  # waiting for the ones after it
+    await asyncio.sleep(0.2)
+    assert stream.getvalue() == "line 0\nline 1\nline 2\n" and stream.writes == 1
     log = AccessLog(writer)
     writer("last")
-    log.done()  # shutdown: nothing waits for another turn
-    assert stream.getvalue().endswith("line 2\nlast\n") and Counting.writes == 2
+    log.done()  # shutdown: nothing waits for the timer
+    assert stream.getvalue().endswith("line 2\nlast\n") and stream.writes == 2
+
+
+async def test_many_waiting_lines_are_written_at_once_and_interval_zero_is_one_turn() -> None:
+    from luma_proxy.accesslog import MAX_PENDING
+
+    stream = Counting()
+    writer = LineWriter(stream, interval=60)
+    for n in range(MAX_PENDING):
+        writer(f"{n}")
+    assert stream.writes == 1 and stream.getvalue().count("\n") == MAX_PENDING
+    turn = Counting()
+    writer = LineWriter(turn, interval=0)
+    writer("a")
+    writer("b")
+    await asyncio.sleep(0)
+    assert turn.getvalue() == "a\nb\n" and turn.writes == 1
 
 
 def test_json_formatter_renders_any_record_as_one_line() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import re
 import signal
 import socket
 import threading
@@ -49,6 +50,8 @@ def test_sigterm_drains_in_flight_and_closes_idle(dns, containers, cli, start_pr
     assert proxy.proc.wait(10) == 0
     assert time.monotonic() - sent < 8
     assert "draining" in proxy.logs()
+    # The access line of the request that finished while draining was written before exit.
+    assert re.search(r" 200 GET blog\.test /slow ", proxy.logs()), proxy.logs()
 
 
 def test_drain_timeout_bounds_the_wait(dns, containers, cli, start_proxy) -> None:
