@@ -23,8 +23,9 @@ links, signed URLs, API keys), and access logs travel further than the proxy.
 ``luma_log_query=true`` (``--log-query``) puts them in.
 
 Streamed bodies (server-sent events, chunked uploads, anything over
-``streaming.STREAM_ABOVE``) are counted by a pass-through callable on ``.stream``
-(wrapping another addon's, if set); nothing reads or keeps them.
+``streaming.STREAM_ABOVE``) are counted on their way through by the
+``streaming.ByteCounter`` the routing addon puts on ``.stream``; nothing reads
+or keeps them. (A body another mitmproxy script streams later is logged as 0.)
 
 The line is built with one pre-configured ``json`` encoder call (or a few
 f-strings for text) and written to stdout by ``LineWriter``, not through
@@ -50,6 +51,7 @@ from mitmproxy import ctx, exceptions, http
 
 from .flowinfo import client_ip, error_status, header, host_header, project_of, service_host
 from .requestid import METADATA as REQUEST_ID
+from .streaming import ByteCounter
 
 LOG_FORMATS = ("text", "json")
 ENV_LOG_FORMAT = "LUMA_PROXY_LOG_FORMAT"
@@ -86,33 +88,6 @@ def iso_utc(timestamp: float) -> str:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _last_second = (second, text)
     return f"{text}.{int((timestamp - second) * 1000):03d}Z"
-
-
-class ByteCounter:
-    """A ``.stream`` callable that counts the body bytes coming through.
-
-    Wraps another addon's stream callable, if there was one (the body size
-    limit's counter on chunked uploads), and counts what arrives, before it.
-    """
-
-    __slots__ = ("count", "inner")
-
-    def __init__(self, inner: Callable[[bytes], Any] | None = None) -> None:
-        self.count = 0
-        self.inner = inner
-
-    def __call__(self, data: bytes) -> Any:
-        self.count += len(data)
-        return data if self.inner is None else self.inner(data)
-
-
-def count_stream(message: http.Message) -> None:
-    """Count a streamed body: ``stream = True`` or another addon's callable gets a counter."""
-    stream = message.stream
-    if stream is True:
-        message.stream = ByteCounter()
-    elif callable(stream) and not isinstance(stream, ByteCounter):
-        message.stream = ByteCounter(stream)
 
 
 def body_bytes(message: http.Message | None) -> int:
@@ -336,13 +311,6 @@ class AccessLog:
         return self._router
 
     # -------------------------------------------------------------- hot path
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        count_stream(flow.request)  # the routing addon streams chunked uploads
-
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        assert flow.response is not None
-        count_stream(flow.response)  # SSE, unsized and large bodies
-
     def response(self, flow: http.HTTPFlow) -> None:
         assert flow.response is not None
         self.log(flow, flow.response.status_code)

@@ -36,7 +36,7 @@ from .models import Health, HealthEntry, Service, Settings, State
 from .registry import HealthReader, RegistryError, StateReader, Store, default_state_path
 from .resolver import Resolver, parse_dns_server
 from .router import HostTable, Reject, admit
-from .streaming import MULTIPLEXED, stream_request, stream_response
+from .streaming import MULTIPLEXED, stream_counted, stream_request, stream_response
 
 logger = logging.getLogger("luma_proxy")
 
@@ -490,8 +490,8 @@ class LumaProxy:
         an answer given here can close such a request instead of reading it all.
         """
         request = flow.request
-        if not request.stream and stream_request(request):
-            request.stream = True
+        if request.stream or stream_request(request):
+            stream_counted(request)  # also a chunked upload the size limit counts
         try:
             route = self._route(flow)
         except Exception:
@@ -588,8 +588,8 @@ class LumaProxy:
         """Stream what is large or has no length (SSE, long polls) instead of buffering it."""
         response = flow.response
         assert response is not None
-        if not response.stream and stream_response(response):
-            response.stream = True
+        if response.stream or stream_response(response):
+            stream_counted(response)
 
     # --------------------------------------------------- upstream connections
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:

@@ -11,9 +11,14 @@ makes mitmproxy work out every message's expected body size before the hooks
 run (``check_body_size``, see docs/performance.md), and it leaves unsized
 responses buffered. The routing addon decides here instead, from two or three
 header reads.
+
+A streamed body is counted as it passes (``ByteCounter``), for the access log.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 from mitmproxy import http
 
@@ -58,3 +63,28 @@ def stream_response(response: http.Response) -> bool:
     """Stream a response that is large, of unknown length, or an event stream."""
     length, kind = _length_and(response.headers, b"content-type")
     return length is None or kind.startswith(b"text/event-stream") or _large(length)
+
+
+class ByteCounter:
+    """A ``.stream`` callable that counts the body bytes coming through.
+
+    Wraps another addon's stream callable, if there was one (the body size
+    limit's counter on chunked uploads), and counts what arrives, before it.
+    """
+
+    __slots__ = ("count", "inner")
+
+    def __init__(self, inner: Callable[[bytes], Any] | None = None) -> None:
+        self.count = 0
+        self.inner = inner
+
+    def __call__(self, data: bytes) -> Any:
+        self.count += len(data)
+        return data if self.inner is None else self.inner(data)
+
+
+def stream_counted(message: http.Message) -> None:
+    """Stream ``message``'s body through a ``ByteCounter`` (around a callable already set)."""
+    stream = message.stream
+    if not isinstance(stream, ByteCounter):
+        message.stream = ByteCounter(stream if callable(stream) else None)

@@ -16,6 +16,7 @@ from luma_proxy.addon import LumaProxy
 from luma_proxy.models import Health, HealthEntry, Service, State, now
 from luma_proxy.registry import Store, dump_state
 from luma_proxy.resolver import _Entry
+from luma_proxy.streaming import ByteCounter
 from tests.obs_util import call, flow_for, write_state
 
 
@@ -154,9 +155,10 @@ def test_sse_unsized_and_large_responses_are_streamed() -> None:
         assert not f.response.stream
         counted = tflow.tflow(resp=True)
         del counted.response.headers["content-length"]
-        counted.response.stream = len  # another addon's callable is kept
+        counted.response.stream = len  # another addon's callable is kept, and counted
         addon.responseheaders(counted)
-        assert counted.response.stream is len
+        assert isinstance(counted.response.stream, ByteCounter)
+        assert counted.response.stream.inner is len
 
 
 async def test_large_uploads_stream_and_are_closed_when_answered_here(state: Path) -> None:
@@ -165,7 +167,7 @@ async def test_large_uploads_stream_and_are_closed_when_answered_here(state: Pat
         tctx.configure(addon, luma_state=str(state))
         routed = flow_for("blog.test", headers={"Content-Length": str(2 << 20)})
         await call([addon], "requestheaders", routed)
-        assert routed.request.stream is True and routed.response is None
+        assert isinstance(routed.request.stream, ByteCounter) and routed.response is None
         small = flow_for("blog.test", headers={"Content-Length": "10"})
         await call([addon], "requestheaders", small)
         assert not small.request.stream
