@@ -2,8 +2,8 @@
 
 On SIGTERM the listeners close first (new connections are refused, so a
 restarted proxy or a sibling worker takes them), then every keep-alive
-connection is closed as soon as it has nothing in flight, responses sent
-meanwhile carry ``Connection: close``, and the process exits once no
+connection is closed as soon as it has nothing in flight, buffered responses
+sent meanwhile carry ``Connection: close``, and the process exits once no
 connection is left or the drain timeout has passed.
 """
 
@@ -40,12 +40,15 @@ class Drain:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self.in_flight[flow.client_conn.id] += 1
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if self.draining and flow.response is not None and flow.websocket is None:
-            flow.response.headers["Connection"] = "close"
-
     def response(self, flow: http.HTTPFlow) -> None:
+        """A buffered response leaves after this hook: while draining it says so.
+
+        (A streamed one has left already; its connection is closed by ``drain``
+        once nothing is in flight on it.)
+        """
         if flow.websocket is None:  # an open WebSocket stays in flight until it ends
+            if self.draining and flow.response is not None and not flow.response.stream:
+                flow.response.headers["Connection"] = "close"
             self._done(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:

@@ -47,6 +47,7 @@ def test_sigterm_drains_in_flight_and_closes_idle(dns, containers, cli, start_pr
     assert idle.sock.recv(1) == b""  # the idle keep-alive connection was closed
     t.join(10)
     assert slow and slow[0].status == 200 and slow[0].text == "blog-1"  # type: ignore[attr-defined]
+    assert slow[0].headers.get("connection") == "close"  # type: ignore[attr-defined]
     assert proxy.proc.wait(10) == 0
     assert time.monotonic() - sent < 8
     assert "draining" in proxy.logs()
