@@ -79,12 +79,12 @@ def _read_headers_bounded(
     if isinstance(event, events.DataReceived):
         buf = bytes(self.buf)
         status = None
-        if head_too_large(buf, _limits["head"]):
+        if len(buf) > _limits["head"] and head_too_large(buf, _limits["head"]):
             status = 431
-        elif (end := buf.find(b"\r\n\r\n")) != -1 and declared_too_large(
-            buf[:end], _limits["body"]
-        ):
-            status = 413
+        elif (end := buf.find(b"\r\n\r\n")) != -1 and (
+                match := _CONTENT_LENGTH.search(buf, 0, end)) and int(
+                match.group(1)) > _limits["body"]:
+            status = 413  # as declared_too_large(buf[:end]), without the copy
         if status is not None:
             yield commands.SendData(self.conn, refuse(status))
             yield commands.CloseTcpConnection(self.conn, half_close=True)
