@@ -608,6 +608,8 @@ def start_target(env: Env, key: str, workers: int, state: Path | None = None,
             cmd += ["--workers", str(workers)]
             title = f"`luma-proxy run --workers {workers}`"
         optimize = {"PYTHONOPTIMIZE": "1"} if prefix and startup.enabled(os.environ) else {}
+        if prefix:  # periodic, not per-request work: a health round would land in one window
+            optimize["LUMA_PROXY_HEALTH_INTERVAL"] = "3600"
         proc = env.start(key, [*(prefix or []), *cmd], stdout=access_log,
                          env={**env.env, **optimize})
         t = Target(key, title, port, tls_port, proc, workers=workers if key != "luma" else 1,
@@ -1120,7 +1122,9 @@ def instructions(env: Env, args: argparse.Namespace) -> dict[str, Any]:
     ``--instr-requests`` keep-alive requests are sent by one client, and the
     counters dumped. The instructions an idle window of ``--instr-idle``
     seconds took (timers, file polls: background work that under valgrind's
-    slowdown would otherwise be charged to the requests) are subtracted pro rata.
+    slowdown would otherwise be charged to the requests) are subtracted pro rata;
+    luma-proxy's health interval is an hour, so that no health round (periodic
+    work, per service and not per request) lands in one of the windows.
     """
     if shutil.which("callgrind_control") is None:
         setup(profile=False, extra=["valgrind"])
@@ -1674,7 +1678,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="only run the py-spy profiles")
     p.add_argument("--instructions", action="store_true",
                    help="only count instructions per request under callgrind (noop, luma)")
-    p.add_argument("--instr-requests", type=int, default=300)
+    p.add_argument("--instr-requests", type=int, default=600)
     p.add_argument("--instr-idle", type=float, default=20.0)
     p.add_argument("--out", type=Path, default=DOC, help="markdown file to update")
     p.add_argument("--results-dir", type=Path, default=RESULTS)
