@@ -21,7 +21,7 @@ import functools
 import inspect
 import logging
 import types
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from mitmproxy import addonmanager, exceptions, flow, hooks, master
@@ -100,36 +100,58 @@ class HookTable(addonmanager.AddonManager):
 
     async def trigger_event(self, event: hooks.Hook) -> None:
         found = self.handlers(event.name)
-        if not found:
-            return
-        await self._dispatch(found, hook_args(event))
+        if found and (pending := self._call(found, hook_args(event))) is not None:
+            await pending
 
-    @staticmethod
-    async def _dispatch(found: Handlers, args: list[Any]) -> None:
-        failed = -1  # a top-level addon whose handler raised: skip the rest of its tree
+    async def handle_lifecycle(self, event: hooks.Hook) -> None:
+        found = self.handlers(event.name)
+        if found and (pending := self._call(found, hook_args(event))) is not None:
+            await pending
+        if self.handlers("update"):
+            message = hook_args(event)[0]
+            if isinstance(message, flow.Flow):
+                await self.trigger_event(hooks.UpdateHook([message]))
+
+    def _call(self, found: Handlers, args: list[Any], start: int = 0,
+              failed: int = -1) -> Coroutine[Any, Any, None] | None:
+        """Run the handlers from ``start`` on, synchronously until one returns an awaitable.
+
+        Nearly every handler is synchronous, so nearly every event is dispatched
+        without creating a coroutine; the rest of a chain that awaits continues
+        in the coroutine returned (``_resume``).
+        """
         single = len(args) == 1  # every flow hook: call without unpacking a list
         arg = args[0] if single else None
-        for index, func in found:
-            if index == failed:
-                continue
+        for position, (index, func) in enumerate(found):
+            if position < start or index == failed:
+                continue  # failed: an addon whose handler raised; skip the rest of its tree
             try:
                 result = func(arg) if single else func(*args)
-                if result is not None and inspect.isawaitable(result):
-                    await result
             except exceptions.AddonHalt:
-                return
+                return None
             except exceptions.OptionsError:
                 raise
             except Exception as e:
                 failed = index
                 logging.error(f"Addon error: {e}", exc_info=True)
+                continue
+            if result is not None and inspect.isawaitable(result):
+                return self._resume(found, args, position, failed, result)
+        return None
 
-    async def handle_lifecycle(self, event: hooks.Hook) -> None:
-        await self.trigger_event(event)
-        if self.handlers("update"):
-            message = hook_args(event)[0]
-            if isinstance(message, flow.Flow):
-                await self.trigger_event(hooks.UpdateHook([message]))
+    async def _resume(self, found: Handlers, args: list[Any], position: int, failed: int,
+                      awaitable: Awaitable[Any]) -> None:
+        try:
+            await awaitable
+        except exceptions.AddonHalt:
+            return
+        except exceptions.OptionsError:
+            raise
+        except Exception as e:
+            failed = found[position][0]
+            logging.error(f"Addon error: {e}", exc_info=True)
+        if (pending := self._call(found, args, position + 1, failed)) is not None:
+            await pending
 
 
 def install(lean: master.Master) -> HookTable:

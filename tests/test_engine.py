@@ -49,6 +49,18 @@ class AsyncRecorder(Recorder):
         self.calls.append((self.name, "request-async"))
 
 
+class AsyncFailing(Recorder):
+    async def request(self, flow: object) -> None:
+        self.calls.append((self.name, "request-async"))
+        raise ValueError("async boom")
+
+
+class AsyncHalting(Recorder):
+    async def request(self, flow: object) -> None:
+        self.calls.append((self.name, "request-async"))
+        raise exceptions.AddonHalt()
+
+
 class Updates(Recorder):
     def update(self, flows: list[object]) -> None:
         self.calls.append((self.name, f"update {len(flows)}"))
@@ -95,6 +107,23 @@ async def test_an_error_is_logged_and_skips_only_that_addons_tree(caplog) -> Non
     assert calls == [("x", "request"), ("y", "request")]
     assert "Addon error: boom" in caplog.text
     ctx.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("middle", [AsyncFailing, AsyncHalting, Failing, Halting])
+async def test_awaiting_handlers_keep_mitmproxys_order_errors_and_halts(middle: type) -> None:
+    """A chain that awaits in the middle continues after it exactly as mitmproxy's does."""
+    results = []
+    for kind in (addonmanager.AddonManager, engine.HookTable):
+        calls: list[tuple[str, str]] = []
+        addons = [AsyncRecorder("a", calls), Parent("m", calls, Recorder("m.child", calls)),
+                  Recorder("z", calls)]
+        addons[1].addons = [middle("m.child", calls)]
+        ctx, manager = manager_with(kind, *addons)
+        await manager.handle_lifecycle(hooks.all_hooks["request"](tflow.tflow()))
+        ctx.__exit__(None, None, None)
+        results.append(calls)
+    assert results[0] == results[1]
+    assert results[1][0] == ("a", "request-async")
 
 
 async def test_addon_halt_stops_the_event() -> None:
