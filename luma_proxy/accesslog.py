@@ -319,8 +319,10 @@ class AccessLog:
         self.log(flow, error_status(flow), flow.error.msg if flow.error else "error")
 
     def log(self, flow: http.HTTPFlow, status: int, error: str | None = None) -> None:
-        if flow.metadata.get(LOGGED):
+        metadata = flow.metadata
+        if LOGGED in metadata:
             return
-        flow.metadata[LOGGED] = True
-        entry = access_entry(flow, status, time.time(), self.router(), self.with_query, error)
-        self.write(self.render(entry))
+        metadata[LOGGED] = True
+        router = self._router if self._router is not None else self.router()
+        self.write(self.render(access_entry(flow, status, time.time(), router, self.with_query,
+                                            error)))

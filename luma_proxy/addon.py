@@ -499,7 +499,8 @@ class LumaProxy:
             return None
         if route is not None:
             return self._route_resolved(flow, route)
-        self._answered(flow)
+        if flow.response is not None:
+            self._answered(flow)
         return None
 
     async def _route_resolved(self, flow: http.HTTPFlow, route: Route) -> None:

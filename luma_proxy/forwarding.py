@@ -77,7 +77,10 @@ def _replace_untrusted(headers: http.Headers, values: tuple[str, str, str, str])
     """
     encoded = [value.encode("utf-8", "surrogateescape") for value in values]
     fields = headers.fields
-    if not any(field[0].lower() in _DROPPED for field in fields):
+    for field in fields:
+        if field[0].lower() in _DROPPED:
+            break
+    else:  # none of them sent (nearly always): append the four
         headers.fields = (*fields, *zip(_SET, encoded, strict=True))
         return
     pending = dict(zip(_SET_LOWER, encoded, strict=True))

@@ -29,6 +29,8 @@ from .models import Service
 if TYPE_CHECKING:
     from .acme_client import AcmeIssuer
 
+CHALLENGE_PREFIX = c.CHALLENGE_PREFIX.encode()  # matched on the raw path: no decoding
+
 logger = logging.getLogger("luma_proxy.tls")
 
 TICK = 1.0
@@ -111,15 +113,15 @@ class Https:
     # ------------------------------------------------------------ requests
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         request = flow.request
-        path = request.path
-        if path.startswith(c.CHALLENGE_PREFIX):
+        if request.data.path.startswith(CHALLENGE_PREFIX):
+            path = request.path
             self._answer_challenge(flow, path[len(c.CHALLENGE_PREFIX):].split("?", 1)[0])
             return
         if self.https_port and not flow.client_conn.tls_established:
             host = host_header(request)
             found = self.router.table.lookup(host)
             if isinstance(found, Service) and found.ssl and self.active(found.host):
-                location = redirect_location(host or found.host, path,
+                location = redirect_location(host or found.host, request.path,
                                              self.https_port)
                 flow.response = http.Response.make(301, b"", {"Location": location,
                                                               "Content-Length": "0"})
