@@ -1620,7 +1620,10 @@ def render_instructions(r: dict[str, Any], command: str, m: dict[str, str]) -> s
         out += ["", f"luma-proxy's own cost: {own:,.0f} instructions per request, "
                 f"**{share * 100:.1f} %** over the no-op lean master ({r['requests']} keep-alive "
                 "requests from one client, after a warm-up)."]
-    out += ["", "Commands: " + "; ".join(f"`{t['cmd']}`" for t in r["targets"].values())]
+    out += ["", "Commands (both with `PYTHONOPTIMIZE=1`, as `luma-proxy run` restarts itself "
+            "with it; luma-proxy with `LUMA_PROXY_HEALTH_INTERVAL=3600`, so that no health "
+            "round lands in a window): " + "; ".join(f"`{t['cmd']}`"
+                                                      for t in r["targets"].values())]
     return "\n".join(out)
 
 
