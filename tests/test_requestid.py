@@ -36,22 +36,31 @@ def test_choose_keeps_one_sane_id_and_makes_fresh_ones_otherwise() -> None:
 
 
 def test_fresh_ids_are_unique_across_batches_and_forks() -> None:
-    import os
+    import subprocess
+    import sys
 
     from luma_proxy.requestid import new_request_id
 
     ids = [new_request_id() for _ in range(3 * new_request_id.BATCH + 5)]
     assert len(set(ids)) == len(ids) and all(HEX32.fullmatch(i) for i in ids)
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child must not hand out what the parent has buffered
-        os.write(write, new_request_id().encode())
-        os._exit(0)
-    os.waitpid(pid, 0)
-    child = os.read(read, 64).decode()
-    os.close(read)
-    os.close(write)
-    assert HEX32.fullmatch(child) and child != new_request_id()
+    # A forked child must not hand out what the parent has buffered (a process of
+    # its own: forking the multi-threaded test process is unsafe).
+    script = """
+import os, sys
+from luma_proxy.requestid import new_request_id
+new_request_id()
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.write(write, new_request_id().encode())
+    os._exit(0)
+os.waitpid(pid, 0)
+print(os.read(read, 64).decode(), new_request_id())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    child, parent = out.split()
+    assert HEX32.fullmatch(child) and HEX32.fullmatch(parent) and child != parent
 
 
 def test_sane_id_is_kept_and_returned() -> None:
