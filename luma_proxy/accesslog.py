@@ -114,8 +114,8 @@ def access_entry(
     """The fields of one access line (see the module docstring)."""
     request = flow.request
     path = request.path if with_query else request.path.partition("?")[0]
-    service = service_host(flow, router)
     metadata = flow.metadata
+    service = metadata.get("luma_service") or service_host(flow, router)
     entry: dict[str, Any] = {
         "time": iso_utc(now),
         "level": "info",

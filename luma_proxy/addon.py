@@ -29,14 +29,14 @@ from mitmproxy.proxy import server_hooks
 from . import pages
 from .balancer import Balancer
 from .environ import env_float
-from .flowinfo import header_values, host_header
+from .flowinfo import MULTIPLEXED, header_values, host_header
 from .forwarding import Network, parse_trusted_proxies, set_forwarding_headers
 from .health import HealthChecker, unhealthy_ips
 from .models import Health, HealthEntry, Service, Settings, State
 from .registry import HealthReader, RegistryError, StateReader, Store, default_state_path
 from .resolver import Resolver, parse_dns_server
 from .router import HostTable, Reject, admit
-from .streaming import MULTIPLEXED, stream_counted, stream_request, stream_response
+from .streaming import stream_counted, stream_request, stream_response
 
 logger = logging.getLogger("luma_proxy")
 

@@ -20,6 +20,10 @@ TOO_LARGE = 413
 BAD_REQUEST = 400
 
 
+MULTIPLEXED = (b"HTTP/2.0", b"HTTP/3")  # request.is_http2 or request.is_http3: bodies end
+# with a flag, not a length
+
+
 @functools.cache
 def _raw_name(name: str) -> bytes:
     return name.lower().encode()
@@ -56,15 +60,16 @@ def set_header(headers: http.Headers, name: str, value: str) -> None:
     calls per field, even to add one.
     """
     key = _raw_name(name)
-    if any(field.lower() == key for field, _ in headers.fields):
-        headers[name] = value
-    else:
-        headers.fields += ((name.encode(), value.encode("utf-8", "surrogateescape")),)
+    for field, _ in headers.fields:
+        if field.lower() == key:
+            headers[name] = value
+            return
+    headers.fields += ((name.encode(), value.encode("utf-8", "surrogateescape")),)
 
 
 def host_header(request: http.Request) -> str | None:
     """``request.host_header`` (the Host field, or HTTP/2's :authority), read in one pass."""
-    if (request.is_http2 or request.is_http3) and request.authority:
+    if request.data.http_version in MULTIPLEXED and request.authority:
         return request.authority
     hosts = header_values(request.headers, "host")
     return ", ".join(hosts) if hosts else None

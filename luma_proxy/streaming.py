@@ -22,8 +22,9 @@ from typing import Any
 
 from mitmproxy import http
 
+from .flowinfo import MULTIPLEXED
+
 STREAM_ABOVE = 1024 * 1024
-MULTIPLEXED = (b"HTTP/2.0", b"HTTP/3")  # bodies end with a flag, not a length
 
 
 def _large(length: bytes) -> bool:
