@@ -90,3 +90,21 @@ def test_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     for case in streaming["cases"].values():
         assert case["status"] == "200"
     assert "luma-proxy run" in text and "| goal | measured | verdict |" in text
+
+
+def test_instruction_counts_are_read_from_the_newest_dump_and_rendered(tmp_path: Path) -> None:
+    out = tmp_path / "callgrind-luma.out"
+    for n, total in ((1, 500), (2, 7000), (10, 11000)):
+        (tmp_path / f"{out.name}.{n}").write_text(
+            f"# callgrind format\nversion: 1\ncmd: x\nevents: Ir\nsummary: {total}\n")
+    assert perf.callgrind_total(out) == 11000  # .10 is newer than .2
+    results = {"requests": 600, "idle_seconds": 20.0, "targets": {
+        key: {"cmd": f"valgrind ... {key}", "title": key, "raw_per_request": v + 10,
+              "idle_per_second": 5.0, "seconds": 30.0, "per_request": v}
+        for key, v in (("noop", 2_000_000), ("luma", 2_190_000))}}
+    text = perf.render_instructions(results, "benchmarks/perf.py --instructions",
+                                    perf.machine())
+    assert "**9.5 %**" in text and "190,000 instructions per request" in text
+    rows = perf.goals(None, None, None, None, None, results)
+    assert rows == [("(same, in instructions per request under callgrind: free of the machine's "
+                     "noise)", "2,190,000 vs 2,000,000 (+9.5 %)", "met")]
