@@ -608,8 +608,12 @@ def start_target(env: Env, key: str, workers: int, state: Path | None = None,
             cmd += ["--workers", str(workers)]
             title = f"`luma-proxy run --workers {workers}`"
         optimize = {"PYTHONOPTIMIZE": "1"} if prefix and startup.enabled(os.environ) else {}
-        if prefix:  # periodic, not per-request work: a health round would land in one window
+        if prefix:
+            # Work per second, not per request: under valgrind a second holds ~15 requests
+            # instead of ~600, so a health round or a DNS refresh (TTL 1 s) would be
+            # charged to the requests ~40x over. Both are made rare for the count.
             optimize["LUMA_PROXY_HEALTH_INTERVAL"] = "3600"
+            optimize["LUMA_PROXY_DNS_TTL"] = "3600"
         proc = env.start(key, [*(prefix or []), *cmd], stdout=access_log,
                          env={**env.env, **optimize})
         t = Target(key, title, port, tls_port, proc, workers=workers if key != "luma" else 1,
@@ -1123,8 +1127,12 @@ def instructions(env: Env, args: argparse.Namespace) -> dict[str, Any]:
     counters dumped. The instructions an idle window of ``--instr-idle``
     seconds took (timers, file polls: background work that under valgrind's
     slowdown would otherwise be charged to the requests) are subtracted pro rata;
-    luma-proxy's health interval is an hour, so that no health round (periodic
-    work, per service and not per request) lands in one of the windows.
+    luma-proxy's health interval and DNS TTL are an hour: a health round and a
+    DNS refresh are work per second, which at valgrind's pace (~15 requests a
+    second instead of ~600) would be charged to the requests ~40 times over.
+    The access log's writes are not adjusted: at that pace each line leaves
+    alone, where at full speed one write carries ~30 lines, so the count
+    overstates luma-proxy a little.
     """
     if shutil.which("callgrind_control") is None:
         setup(profile=False, extra=["valgrind"])
@@ -1621,9 +1629,10 @@ def render_instructions(r: dict[str, Any], command: str, m: dict[str, str]) -> s
                 f"**{share * 100:.1f} %** over the no-op lean master ({r['requests']} keep-alive "
                 "requests from one client, after a warm-up)."]
     out += ["", "Commands (both with `PYTHONOPTIMIZE=1`, as `luma-proxy run` restarts itself "
-            "with it; luma-proxy with `LUMA_PROXY_HEALTH_INTERVAL=3600`, so that no health "
-            "round lands in a window): " + "; ".join(f"`{t['cmd']}`"
-                                                      for t in r["targets"].values())]
+            "with it; luma-proxy with `LUMA_PROXY_HEALTH_INTERVAL=3600 LUMA_PROXY_DNS_TTL=3600`: "
+            "work per second, not per request, that valgrind's slowdown would charge to "
+            "the requests ~40x over): " + "; ".join(f"`{t['cmd']}`"
+                                                     for t in r["targets"].values())]
     return "\n".join(out)
 
 
