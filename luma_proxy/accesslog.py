@@ -30,9 +30,9 @@ or keeps them. (A body another mitmproxy script streams later is logged as 0.)
 The line is built with one pre-configured ``json`` encoder call (or a few
 f-strings for text) and written to stdout by ``LineWriter``, not through
 ``logging`` (a ``LogRecord`` costs more than the line): the lines of 50 ms
-leave together, with one ``write`` and one ``flush``. The
-proxy's other log records stay where the logging setup puts them;
-``configure_logging("json")`` makes them JSON lines on stdout as well.
+leave together, with one ``write`` and one ``flush``. The proxy's other log
+records stay where the logging setup puts them; ``configure_logging("json")``
+makes them JSON lines on stdout as well.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from typing import Any, TextIO
 
 from mitmproxy import ctx, exceptions, http
 
-from .flowinfo import error_status, header, host_header, project_of, service_host
+from .flowinfo import client_ip, error_status, header, host_header, project_of, service_host
 from .requestid import METADATA as REQUEST_ID
 from .streaming import ByteCounter
 
@@ -111,38 +111,28 @@ def access_entry(
     with_query: bool = False,
     error: str | None = None,
 ) -> dict[str, Any]:
-    """The fields of one access line (see the module docstring).
-
-    Runs once per request: the small helpers (``clip``, ``body_bytes``...) are
-    inlined for the common case.
-    """
+    """The fields of one access line (see the module docstring)."""
     request = flow.request
     path = request.path if with_query else request.path.partition("?")[0]
     metadata = flow.metadata
     service = metadata.get("luma_service") or service_host(flow, router)
-    host = host_header(request) or ""
-    agent = header(request.headers, "user-agent")
-    response = flow.response
-    sent = request.stream
-    got = response.stream if response is not None else None
-    peer = flow.client_conn.peername
     entry: dict[str, Any] = {
         "time": iso_utc(now),
         "level": "info",
         "msg": "request",
-        "host": host if len(host) <= MAX_HOST else clip(host, MAX_HOST),
+        "host": clip(host_header(request) or "", MAX_HOST),
         "method": request.method,
-        "path": path if len(path) <= MAX_PATH else clip(path, MAX_PATH),
+        "path": clip(path, MAX_PATH),
         "status": status,
         "duration_ms": round((now - request.timestamp_start) * 1000, 3),
-        "bytes_in": sent.count if isinstance(sent, ByteCounter) else body_bytes(request),
-        "bytes_out": got.count if isinstance(got, ByteCounter) else body_bytes(response),
+        "bytes_in": body_bytes(request),
+        "bytes_out": body_bytes(flow.response),
         "service": service,
         "project": project_of(service, router),
         "container_ip": metadata.get("luma_ip", ""),
         "request_id": metadata.get(REQUEST_ID, ""),
-        "client": str(peer[0]).removeprefix("::ffff:") if peer else "",
-        "user_agent": agent if len(agent) <= MAX_USER_AGENT else clip(agent, MAX_USER_AGENT),
+        "client": client_ip(flow),
+        "user_agent": clip(header(request.headers, "user-agent"), MAX_USER_AGENT),
     }
     if error:
         entry["error"] = clip(error, MAX_ERROR)
@@ -310,7 +300,7 @@ class AccessLog:
         self._router = None
 
     def done(self) -> None:
-        """Lines of the last loop turn are not lost on shutdown."""
+        """Lines still waiting for the writer's timer are not lost on shutdown."""
         flush = getattr(self.write, "flush", None)
         if flush is not None:
             flush()
@@ -333,6 +323,5 @@ class AccessLog:
         if LOGGED in metadata:
             return
         metadata[LOGGED] = True
-        router = self._router if self._router is not None else self.router()
-        self.write(self.render(access_entry(flow, status, time.time(), router, self.with_query,
-                                            error)))
+        entry = access_entry(flow, status, time.time(), self.router(), self.with_query, error)
+        self.write(self.render(entry))

@@ -20,8 +20,8 @@ TOO_LARGE = 413
 BAD_REQUEST = 400
 
 
-MULTIPLEXED = (b"HTTP/2.0", b"HTTP/3")  # request.is_http2 or request.is_http3: bodies end
-# with a flag, not a length
+# request.is_http2 or request.is_http3, as bytes: bodies end with a flag, not a length.
+MULTIPLEXED = (b"HTTP/2.0", b"HTTP/3")
 
 
 @functools.cache
@@ -64,6 +64,11 @@ def set_header(headers: http.Headers, name: str, value: str) -> None:
         if field.lower() == key:
             headers[name] = value
             return
+    append_header(headers, name, value)
+
+
+def append_header(headers: http.Headers, name: str, value: str) -> None:
+    """``headers.add(name, value)`` for a field known to be absent: one tuple append."""
     headers.fields += ((name.encode(), value.encode("utf-8", "surrogateescape")),)
 
 

@@ -55,9 +55,9 @@ def head_too_large(buf: bytes, limit: int) -> bool:
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d+)", re.IGNORECASE)
 
 
-def declared_too_large(head: bytes, limit: int) -> bool:
-    """A complete head whose Content-Length is over ``limit``."""
-    match = _CONTENT_LENGTH.search(head)
+def declared_too_large(head: bytes, limit: int, end: int | None = None) -> bool:
+    """A complete head (``head[:end]``) whose Content-Length is over ``limit``."""
+    match = _CONTENT_LENGTH.search(head, 0, len(head) if end is None else end)
     return match is not None and int(match.group(1)) > limit
 
 
@@ -79,12 +79,11 @@ def _read_headers_bounded(
     if isinstance(event, events.DataReceived):
         buf = bytes(self.buf)
         status = None
-        if len(buf) > _limits["head"] and head_too_large(buf, _limits["head"]):
+        if head_too_large(buf, _limits["head"]):
             status = 431
-        elif (end := buf.find(b"\r\n\r\n")) != -1 and (
-                match := _CONTENT_LENGTH.search(buf, 0, end)) and int(
-                match.group(1)) > _limits["body"]:
-            status = 413  # as declared_too_large(buf[:end]), without the copy
+        elif (end := buf.find(b"\r\n\r\n")) != -1 and declared_too_large(
+                buf, _limits["body"], end):
+            status = 413
         if status is not None:
             yield commands.SendData(self.conn, refuse(status))
             yield commands.CloseTcpConnection(self.conn, half_close=True)

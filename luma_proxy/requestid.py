@@ -17,10 +17,9 @@ import re
 
 from mitmproxy import http
 
-from .flowinfo import header_values, set_header
+from .flowinfo import append_header, header_values, set_header
 
 HEADER = "X-Request-ID"
-RAW_HEADER = HEADER.encode()
 METADATA = "luma_request_id"
 _SANE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,200}")
 
@@ -72,7 +71,7 @@ class RequestId:
         sent = header_values(headers, HEADER)
         request_id = choose_request_id(sent)
         if not sent:  # the usual case: nothing to replace
-            headers.fields += ((RAW_HEADER, request_id.encode()),)
+            append_header(headers, HEADER, request_id)
         elif sent != [request_id]:
             set_header(headers, HEADER, request_id)  # replaces every copy the client sent
         flow.metadata[METADATA] = request_id

@@ -9,8 +9,8 @@ container sends.
 mitmproxy's own ``stream_large_bodies`` option would do the sized part, but it
 makes mitmproxy work out every message's expected body size before the hooks
 run (``check_body_size``, see docs/performance.md), and it leaves unsized
-responses buffered. The routing addon decides here instead, from two or three
-header reads.
+responses buffered. The routing addon decides here instead, from one pass over
+the header fields.
 
 A streamed body is counted as it passes (``ByteCounter``), for the access log.
 """
