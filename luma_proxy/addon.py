@@ -33,7 +33,14 @@ from .flowinfo import MULTIPLEXED, header_values, host_header
 from .forwarding import Network, parse_trusted_proxies, set_forwarding_headers
 from .health import HealthChecker, unhealthy_ips
 from .models import Health, HealthEntry, Service, Settings, State
-from .registry import HealthReader, RegistryError, StateReader, Store, default_state_path
+from .registry import (
+    IMPORT_SUFFIX,
+    HealthReader,
+    RegistryError,
+    StateReader,
+    Store,
+    default_state_path,
+)
 from .resolver import Resolver, parse_dns_server
 from .router import HostTable, Reject, admit
 from .streaming import stream_counted, stream_request, stream_response
@@ -186,8 +193,27 @@ class LumaProxy:
             self.store = Store(opts.luma_state)
             self._reader, self._health_reader = StateReader(), HealthReader()
             self._health_writer = HealthReader()
-            self._signature, self._health_signature = None, _UNREAD
+            self._signature, self._health_signature = _UNREAD, _UNREAD
+            self._take_over()
             self.reload()  # routes and stored health are in place before the first request
+
+    def _take_over(self) -> None:
+        """A state file of the Go proxy (or left where the registry used to be) becomes ours.
+
+        Every worker tries; the first one writes it under the lock, the others find
+        nothing left to do. If it cannot be written (read-only disk), it is still
+        served as read: the reload below parses that layout too.
+        """
+        assert self.store is not None
+        try:
+            notes = self.store.take_over()
+        except RegistryError:
+            return  # the reload says why the file cannot be used
+        if notes is not None:
+            logger.warning("took over the state file %s (original kept as %s%s)",
+                           self.store.path, self.store.path.name, IMPORT_SUFFIX)
+            for note in notes:
+                logger.warning("state import: %s", note)
 
     # -------------------------------------------------------------- lifecycle
     def running(self) -> None:

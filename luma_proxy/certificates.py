@@ -31,6 +31,7 @@ from .certinfo import (
     certificate_not_after,
     key_matches_certificate,
 )
+from .paths import certs_dir as certs_dir
 
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
@@ -68,10 +69,6 @@ class Loaded:
         if self.not_before is not None:
             before = min(before, (self.not_after - self.not_before) / 3)
         return self.not_after - at <= before
-
-
-def certs_dir(state_path: str | os.PathLike[str]) -> Path:
-    return Path(state_path).parent / "certs"
 
 
 def host_dir(root: Path, host: str) -> Path:

@@ -141,6 +141,9 @@ class Service(BaseModel):
     # "acme": the proxy gets and renews the certificate itself.
     cert_source: str = "acme"
     renew_requested_at: datetime | None = None
+    # Docker networks the target's alias was found on at deploy time (with the
+    # engine's socket mounted), so a re-created proxy container can rejoin them.
+    networks: list[str] = Field(default_factory=list)
     created_at: datetime = Field(default_factory=now)
     updated_at: datetime = Field(default_factory=now)
 
@@ -211,6 +214,10 @@ class State(BaseModel):
     # existed kept it there. Read as the initial health while there is no health
     # file; never written back.
     legacy_health: dict[str, HealthEntry] = Field(default_factory=dict, exclude=True)
+    # Set when the file was not in this layout (the Go proxy's, or found where
+    # the registry used to be): the notes of the import. The next write takes
+    # it over (``Store.take_over``). None for a file of ours.
+    imported: list[str] | None = Field(default=None, exclude=True)
 
     def find(self, host: str) -> Service | None:
         return self.services.get(normalize_host(host))

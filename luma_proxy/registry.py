@@ -34,10 +34,13 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from . import gostate
 from .models import STATE_VERSION, Health, HealthEntry, Service, Settings, State, one_line
+from .paths import default_state_path as default_state_path
+from .paths import legacy_state_path
 
-DEFAULT_STATE = "/var/lib/luma-proxy/state.json"
 HEALTH_SUFFIX = ".health.json"
+IMPORT_SUFFIX = ".imported.json"  # the original of a state file taken over
 HEALTH_VERSION = 1
 
 _OPEN = b'  "services": {'
@@ -47,10 +50,6 @@ _INDENT = b"    "
 
 class RegistryError(Exception):
     """A registry file cannot be read or written; the message is one line."""
-
-
-def default_state_path() -> str:
-    return os.environ.get("LUMA_PROXY_STATE") or DEFAULT_STATE
 
 
 # ------------------------------------------------------------------ the layout
@@ -161,6 +160,20 @@ def _service(key: str, entry: Any) -> tuple[Service, HealthEntry | None]:
 def parse_state(data: bytes) -> State:
     """Parse and validate everything; raise ``RegistryError`` saying what is wrong."""
     raw = _loads(data, "state file")
+    if gostate.is_go_state(raw):
+        try:
+            state, notes = gostate.from_go(raw)
+        except ValueError as e:
+            raise RegistryError(one_line(str(e))) from None
+        state.imported = notes
+        return state
+    unknown = sorted(set(raw) - {"version", "settings", "services"})
+    if "services" not in raw and unknown:
+        # Never read a file we do not understand as "no routes": the next deploy
+        # would overwrite it, and every route in it would be lost.
+        raise RegistryError(one_line(
+            f"state file has an unknown layout (top-level keys: {', '.join(unknown)[:200]}); "
+            "not reading it as an empty registry"))
     version = raw.get("version", STATE_VERSION)
     if version != STATE_VERSION:
         raise RegistryError(
@@ -246,7 +259,7 @@ class StateReader:
 
     def _by_entry(self, data: bytes) -> State:
         raw = orjson.loads(data)
-        entries = raw.get("services", {})
+        entries = raw.get("services")  # no services: another layout, parse_state decides
         if not isinstance(entries, dict):
             raise ValueError("services")
         previous = self._entries
@@ -443,14 +456,56 @@ class Store:
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.health_path = self.path.with_name(self.path.name + HEALTH_SUFFIX)
         self.health_lock_path = self.health_path.with_name(self.health_path.name + ".lock")
+        self.last_import: list[str] | None = None  # notes, when the last update took a file over
 
     # ------------------------------------------------------------ reading
     def read(self, reader: StateReader | None = None) -> State:
-        """The current state; a missing file is an empty registry."""
+        """The current state; a missing file is an empty registry.
+
+        With no file yet, a state file an earlier install left where the
+        registry used to be (``paths.legacy_state_path``) is read instead, and
+        taken over by the next write.
+        """
         data = self._read_bytes(self.path, "state file")
+        if data is None and (legacy := legacy_state_path(self.path)) is not None:
+            data = self._read_bytes(legacy, "state file")
+            if data is not None:
+                state = parse_state(data)
+                state.imported = state.imported or []
+                return state
         if data is None:
             return State()
         return reader.parse(data) if reader is not None else parse_state(data)
+
+    def take_over(self) -> list[str] | None:
+        """Write a state file of another layout (the Go proxy's) or place in ours, once.
+
+        The original bytes are kept next to it (``<state>.imported.json``); the
+        Go proxy's certificate directories named with upper case are renamed to
+        the normalised host. Returns the notes of the import (hosts merged or
+        skipped), or None when there was nothing to take over.
+        """
+        with self._locked(self.lock_path, "state file"):
+            self.last_import = self._take_over(self.read())
+            return self.last_import
+
+    def _take_over(self, state: State) -> list[str] | None:
+        """Under the lock: write ``state`` in this layout if it came from elsewhere."""
+        if state.imported is None:
+            return None
+        notes = state.imported
+        self._keep_original()
+        state.imported = None
+        _write(self.path, dump_state(state), "state file")
+        return notes
+
+    def _keep_original(self) -> None:
+        """Under the lock: the file being taken over, kept as it was; Go's cert dirs renamed."""
+        source = self.path if self.path.exists() else legacy_state_path(self.path)
+        original = (self._read_bytes(source, "state file") if source else None) or b""
+        _write(self.path.with_name(self.path.name + IMPORT_SUFFIX), original, "backup")
+        with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+            _rename_cert_dirs(self.path, gostate.certificate_dirs(orjson.loads(original)))
 
     def read_health(self, reader: HealthReader | None = None) -> dict[str, HealthEntry] | None:
         """The health file's entries; ``None`` if there is no health file."""
@@ -504,8 +559,12 @@ class Store:
         """
         with self._locked(self.lock_path, "state file"):
             state = self.read()
-            before = dump_state(state)
+            before = b"" if state.imported is not None else dump_state(state)
             result = change(state)
+            self.last_import = state.imported
+            if state.imported is not None:  # taken over by this write
+                self._keep_original()
+                state.imported = None
             after = dump_state(state)
             if after != before:
                 if state.legacy_health and not self.health_path.exists():
@@ -545,6 +604,20 @@ class Store:
                 _write(self.health_path, out, "health file")
             reader.remember(out_lines, entries, self.health_signature())
             return result
+
+
+def _rename_cert_dirs(state_path: Path, dirs: dict[str, str]) -> None:
+    """``certs/Blog.Example.com`` -> ``certs/blog.example.com`` (the Go proxy kept case)."""
+    from .paths import certs_dir
+
+    root = certs_dir(state_path)
+    for host, original in dirs.items():
+        source, dest = root / original, root / host
+        if "/" in original or original.startswith("."):
+            continue
+        if source.is_dir() and not dest.exists():
+            with contextlib.suppress(OSError):
+                source.rename(dest)
 
 
 def _write(path: Path, data: bytes, what: str) -> None:
