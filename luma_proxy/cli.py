@@ -32,7 +32,7 @@ from .models import (
     parse_name,
     parse_target,
 )
-from .registry import RegistryError, Store, default_state_path
+from .registry import IMPORT_SUFFIX, RegistryError, Store, default_state_path
 from .workers import workers_option
 
 TRUE = ("true", "1", "yes", "on")
@@ -91,9 +91,11 @@ def checked(parse: Any, *args: Any) -> Any:
 
 def update(store: Store, change: Any) -> Any:
     try:
-        return store.update(change)
+        result = store.update(change)
     except RegistryError as e:
         raise CliError(str(e)) from None
+    print_import_notes(store)
+    return result
 
 
 def read(store: Store) -> State:
@@ -170,6 +172,7 @@ def deploy(host: str, target: str, project: str, health_path: str, app: str, ssl
     custom = read_custom_pair(host, tls_cert, tls_key)
     if custom and not ssl:
         raise CliError("--tls-cert needs --ssl: a certificate is only used for HTTPS")
+    networks = route_networks(alias)
 
     deployed: list[Service] = []  # the service as written
 
@@ -180,6 +183,8 @@ def deploy(host: str, target: str, project: str, health_path: str, app: str, ssl
                            "use --force to move it")
         fields = {"name": app or alias, "host": host, "target": f"{alias}:{port}",
                   "project": project, "app": app, "health_path": health_path, "ssl": ssl}
+        if networks is not None:
+            fields["networks"] = networks
         if custom:
             from .certificates import certs_dir, store_pair
 
@@ -204,6 +209,33 @@ def deploy(host: str, target: str, project: str, health_path: str, app: str, ssl
     drop_stale_health(store, host, deployed[0])
     click.echo(f"✅ {verb} {host} -> {alias}:{port} (project {project}, "
                f"{'https' if ssl else 'http only'})")
+
+
+def route_networks(alias: str) -> list[str] | None:
+    """The Docker networks ``alias`` lives on, if the engine's socket is mounted.
+
+    None when it cannot be asked (no socket, not in a container): the networks
+    recorded by an earlier deploy are kept then.
+    """
+    from . import dockerengine
+
+    if not dockerengine.available():
+        return None
+    try:
+        return dockerengine.alias_networks(alias) or None
+    except dockerengine.EngineUnavailable:
+        return None
+
+
+def print_import_notes(store: Store) -> None:
+    """What taking over another layout's state file (the Go proxy's) did, on stdout."""
+    notes = store.last_import
+    if notes is None:
+        return
+    click.echo(f"✅ Took over the existing state file (original kept as "
+               f"{store.path.name}{IMPORT_SUFFIX})")
+    for note in notes:
+        click.echo(f"  note: {note}")
 
 
 def read_custom_pair(host: str, cert: str | None, key: str | None) -> tuple[bytes, bytes] | None:
@@ -237,6 +269,36 @@ def remove(host: str, state_path: str) -> None:
     update(store, change)
     drop_stale_health(store, host, None)
     click.echo(f"✅ Removed {host}")
+
+
+@cli.command()
+@click.option("--host", required=True, help="Deployed hostname.")
+@click.option("--target", required=True, help="New Docker network alias and port.")
+@state_option
+def switch(host: str, target: str, state_path: str) -> None:
+    """Point HOST at another TARGET, keeping everything else (the Go proxy's switch)."""
+    host = checked(normalize_host, host)
+    alias, port = checked(parse_target, target)
+    networks = route_networks(alias)
+    switched: list[Service] = []
+
+    def change(state: State) -> None:
+        existing = state.services.get(host)
+        if existing is None:
+            raise CliError(f"host {host} is not deployed")
+        fields: dict[str, Any] = {"target": f"{alias}:{port}"}
+        if networks is not None:
+            fields["networks"] = networks
+        if existing.target != fields["target"]:
+            fields["updated_at"] = now()
+        state.services[host] = Service.model_validate(
+            existing.model_copy(update=fields).model_dump())
+        switched.append(state.services[host])
+
+    store = store_for(state_path)
+    update(store, change)
+    drop_stale_health(store, host, switched[0])
+    click.echo(f"✅ Switched {host} -> {alias}:{port}")
 
 
 @cli.command(cls=GoBoolCommand)
@@ -376,6 +438,7 @@ def cert_status(host: str | None, as_json: bool, state_path: str) -> None:
         if not services:
             raise CliError(f"host {wanted} is not deployed")
     root = certs_dir(state_path)
+    unwritable = unwritable_reason(root)
     rows = []
     for service in services:
         loaded = load_pair(root, service.host) if service.ssl else None
@@ -386,6 +449,10 @@ def cert_status(host: str | None, as_json: bool, state_path: str) -> None:
             line["state"] = "no ssl"
         elif loaded is not None:
             line["state"] = "active" if line.get("days_left", -1) >= 0 else "expired"
+        elif unwritable and service.cert_source == "acme":
+            # No status.json can be written there either: say why nothing is issued.
+            line["state"] = "failed"
+            line["last_error"] = unwritable
         rows.append(line)
     if as_json:
         click.echo(json.dumps({"certificates": rows}, indent=2))
@@ -396,6 +463,17 @@ def cert_status(host: str | None, as_json: bool, state_path: str) -> None:
     click.echo(table(["HOST", "STATE", "SOURCE", "EXPIRES", "DAYS LEFT", "LAST ERROR"], [
         [r["host"], r["state"], r["source"], (r.get("not_after") or "-")[:10],
          str(r.get("days_left", "-")), (r.get("last_error") or "")[:80]] for r in rows]))
+
+
+def unwritable_reason(root: Path) -> str | None:
+    """Why certificates cannot be stored under ``root`` by this user, or None if they can."""
+    directory = root
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    if os.access(directory, os.W_OK | os.X_OK):
+        return None
+    return f"certificates directory {root} is not writable by uid {os.getuid()}: " \
+           "permission denied"
 
 
 @cli.command()
@@ -508,6 +586,13 @@ def run(http_port: int, https_port: int, acme_directory: str | None, acme_email:
     from .accesslog import configure_logging, default_log_format
 
     configure_logging(log_format or default_log_format())  # json: every log line as JSON
+    if worker_index is None:  # once per proxy, not per worker
+        import threading
+
+        from .dockerengine import rejoin_networks
+
+        threading.Thread(target=rejoin_networks, args=(state_path,), name="docker networks",
+                         daemon=True).start()
     config = RunConfig(listen_host=listen_host, http_port=http_port, https_port=https_port,
                        options=opts, worker_index=worker_index)
     if workers > 1 and worker_index is None:

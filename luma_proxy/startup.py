@@ -21,6 +21,7 @@ under mitmdump or mitmweb.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -62,11 +63,52 @@ def main() -> None:
     Importing the CLI (click, pydantic, the registry) takes ~0.4 s; deciding
     here means ``run`` pays it once, in the optimized process.
     """
+    try:
+        drop_root(os.environ)
+    except OSError as e:
+        sys.stderr.write(f"Error: cannot drop root privileges to {IMAGE_USER_ENV}="
+                         f"{os.environ.get(IMAGE_USER_ENV, DEFAULT_IMAGE_USER)}: {e.strerror}; "
+                         "refusing to run as root\n")
+        sys.exit(1)
     if wants_optimized_restart(sys.argv[1:], os.environ, sys.flags.optimize):
         restart_optimized()
+    if sys.argv[1:2] != ["run"]:
+        # The Luma CLI reads anything on stderr as a failure: a deprecation notice
+        # (PYTHONWARNINGS, -X dev) must not turn a successful deploy into one.
+        import warnings
+
+        warnings.simplefilter("ignore")
     from .cli import main as cli_main
 
     cli_main()
+
+
+IMAGE_USER_ENV = "LUMA_PROXY_USER"
+DEFAULT_IMAGE_USER = "10001:10001"
+DOCKER_SOCKET = "/var/run/docker.sock"
+
+
+def drop_root(environ: Mapping[str, str]) -> bool:
+    """In the image, never run as root: become ``LUMA_PROXY_USER`` (uid:gid, 10001:10001).
+
+    The image starts as root so that its entry point can hand the Luma CLI's
+    host-owned bind mounts to that user; ``docker exec luma-proxy luma-proxy ...``
+    also arrives as root, and must write the registry as the proxy does. The
+    docker socket's group is kept, so the proxy can still ask the engine.
+    Raises ``OSError`` if it cannot (``--cap-drop ALL`` without ``--user``).
+    """
+    if environ.get("LUMA_PROXY_IMAGE") != "1" or os.getuid() != 0:
+        return False
+    uid_text, _, gid_text = environ.get(IMAGE_USER_ENV, DEFAULT_IMAGE_USER).partition(":")
+    uid = int(uid_text)
+    gid = int(gid_text or uid_text)
+    groups = [gid]
+    with contextlib.suppress(OSError):
+        groups.append(os.stat(DOCKER_SOCKET).st_gid)
+    os.setgroups(sorted(set(groups)))
+    os.setgid(gid)
+    os.setuid(uid)
+    return True
 
 
 def skip_builtin_addon_registry(modules: dict[str, types.ModuleType] | None = None) -> bool:
