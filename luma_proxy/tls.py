@@ -233,19 +233,21 @@ class Https:
         try:
             issued = await asyncio.to_thread(self.issuer().issue, host, self._publish,
                                              self._unpublish)
-        except AcmeError as e:
+            await asyncio.to_thread(c.store_pair, root, host, issued.fullchain_pem,
+                                    issued.key_pem)
+        except (AcmeError, OSError) as e:
+            error = str(e) if isinstance(e, AcmeError) else (
+                f"cannot write the certificate of {host} under {root}: {e.strerror}")
             attempt = self._attempts.get(host, 0)
             delay = backoff_delay(attempt, base=ctx.options.luma_acme_retry)
             self._attempts[host] = attempt + 1
             self._next_attempt[host] = asyncio.get_running_loop().time() + delay
             status = previous.model_copy(update={
                 "state": "failed" if host not in self.loaded else "active",
-                "last_error": str(e), "attempts": attempt + 1,
+                "last_error": error, "attempts": attempt + 1,
                 "next_attempt_at": now() + datetime.timedelta(seconds=delay)})
-            logger.warning("certificate: %s; retrying in %.0fs", e, delay)
+            logger.warning("certificate: %s; retrying in %.0fs", error, delay)
         else:
-            await asyncio.to_thread(c.store_pair, root, host, issued.fullchain_pem,
-                                    issued.key_pem)
             self._attempts.pop(host, None)
             self._next_attempt.pop(host, None)
             loaded = c.load_pair(root, host)
@@ -255,7 +257,11 @@ class Https:
                                   issued_at=now(), attempts=0)
             logger.info("certificate: issued for %s, valid until %s", host,
                         issued.not_after.isoformat())
-        await asyncio.to_thread(c.write_status, root, host, status)
+        try:
+            await asyncio.to_thread(c.write_status, root, host, status)
+        except OSError as e:  # the line above already said what failed; say this once too
+            logger.error("certificate: cannot write the status of %s under %s: %s",
+                         host, root, e.strerror)
 
     def _publish(self, token: str, key_authorization: str) -> None:
         """Called from the ACME thread: make the answer visible to every worker."""
