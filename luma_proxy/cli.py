@@ -603,7 +603,15 @@ def run(http_port: int, https_port: int, acme_directory: str | None, acme_email:
         import asyncio
 
         code = asyncio.run(serve(config), loop_factory=loop_factory)
-    except Exception as e:  # options errors and the like: one line, not a trace
+    except Exception as e:
+        from mitmproxy.exceptions import OptionsError
+
+        if not isinstance(e, OptionsError | ValueError | OSError):
+            # A fault, not bad input: the stack goes to the log for whoever debugs it.
+            import logging
+
+            logging.getLogger("luma_proxy").error("start-up failed", exc_info=True)
+        # The one line a user reads (options errors, a port in use...).
         raise CliError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     sys.exit(code)
 
