@@ -281,6 +281,7 @@ class LumaProxy:
             if str(routes) != self._last_error:
                 logger.error("keeping the last good routes: %s", routes)
                 self._last_error = str(routes)
+            self._signature = signature  # parse this version once: read again when it changes
             return False
         self._signature = signature
         self._last_error = None

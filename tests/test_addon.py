@@ -381,3 +381,34 @@ def test_one_deploy_on_a_large_registry_touches_only_that_service(
             "h7.test", "new.test"] and "h9.test" not in targets
         assert set(addon.resolver._cache) == {f"app{i}" for i in range(n)} - {"app7", "app9"}
         assert addon._dirty == {"h7.test", "new.test"}  # what the health loop checks at once
+
+
+async def test_a_broken_state_file_is_parsed_once_per_version(
+        state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken file is not re-validated on every poll (at 10,000 services that was 0.44 s)."""
+    reads = []
+    real = Store.read
+
+    def counting(self: Store, *args: object) -> State:
+        reads.append(1)
+        return real(self, *args)
+
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(state))
+        state.write_text('{"services": {"x": 1}}')
+        monkeypatch.setattr(Store, "read", counting)
+        for _ in range(5):
+            await addon.reload_in_background()
+        assert len(reads) == 1
+        assert (await _route(addon, "blog.test")).request.host == "127.0.0.9"  # last good kept
+        state.write_text('{"services": {"x": 2}}')  # a new version: read again, once
+        for _ in range(3):
+            await addon.reload_in_background()
+        assert len(reads) == 2
+
+
+async def _route(addon: LumaProxy, host: str):
+    f = flow_for(host)
+    await call([addon], "requestheaders", f)
+    return f
