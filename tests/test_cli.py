@@ -20,6 +20,8 @@ import pytest
 from luma_proxy.models import Health, Service, State
 from luma_proxy.registry import Store
 
+pytestmark = pytest.mark.spawns  # runs the CLI / builds as real processes
+
 EXE = Path(sys.executable).parent / "luma-proxy"
 
 DEPLOY_BLOG = [

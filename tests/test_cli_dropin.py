@@ -19,6 +19,8 @@ from luma_proxy.registry import IMPORT_SUFFIX
 from tests.test_cli import EXE
 from tests.test_gostate import EXAMPLE
 
+pytestmark = pytest.mark.spawns  # runs the CLI / builds as real processes
+
 as_root = pytest.mark.skipif(os.getuid() != 0, reason="dropping privileges needs root "
                              "(CI and the image run as root)")
 

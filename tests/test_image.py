@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.spawns  # runs the CLI / builds as real processes
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 HADOLINT_CONFIG = ROOT / ".hadolint.yaml"

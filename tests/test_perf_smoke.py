@@ -18,6 +18,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import perf  # noqa: E402
 
+pytestmark = pytest.mark.spawns  # runs the CLI / builds as real processes
+
 WRK_OUTPUT = """\
 Running 2s test @ http://127.0.0.1:8080/
   2 threads and 50 connections

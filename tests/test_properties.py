@@ -114,6 +114,7 @@ def test_any_state_file_is_read_or_explained_in_one_line(tmp_path: Path,
         assert parse_state(dump_state(state)) == state  # what we read, we can write back
 
 
+@pytest.mark.spawns
 def test_fifty_concurrent_cli_processes_end_with_exactly_the_expected_services(
         tmp_path: Path) -> None:
     path = tmp_path / "state.json"

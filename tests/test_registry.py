@@ -219,6 +219,7 @@ def _add_host(path: str, host: str, barrier) -> None:
     Store(path).update(add(host))
 
 
+@pytest.mark.spawns
 def test_forty_processes_each_add_a_host(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     Store(path).update(add("seed.com"))
@@ -234,6 +235,7 @@ def test_forty_processes_each_add_a_host(tmp_path: Path) -> None:
     assert temp_files(path) == []
 
 
+@pytest.mark.spawns
 def test_concurrent_cli_deploy_and_remove(tmp_path: Path) -> None:
     """The real command, racing: deploys of new hosts and removes of old ones all land."""
     path = tmp_path / "state.json"
@@ -284,6 +286,7 @@ _STUCK_WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.spawns
 def test_sigkilled_writer_leaves_old_file_and_temp_is_cleaned(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     store = Store(path)
@@ -328,6 +331,7 @@ def _write_loop(path: str, start: int) -> None:
             store.update(lambda s: s.services.clear())
 
 
+@pytest.mark.spawns
 def test_writers_killed_at_random_moments_never_corrupt(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     store = Store(path)
@@ -347,6 +351,7 @@ def test_writers_killed_at_random_moments_never_corrupt(tmp_path: Path) -> None:
     assert "final.example" in store.read().services
 
 
+@pytest.mark.spawns
 def test_reader_never_sees_a_broken_file(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     store = Store(path)

@@ -35,6 +35,7 @@ def test_choose_keeps_one_sane_id_and_makes_fresh_ones_otherwise() -> None:
     assert len(made) == 3 and all(HEX32.fullmatch(m) for m in made)
 
 
+@pytest.mark.spawns
 def test_fresh_ids_are_unique_across_batches_and_forks() -> None:
     import subprocess
     import sys

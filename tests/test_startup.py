@@ -24,6 +24,7 @@ def test_registry_is_left_alone_once_imported() -> None:
     assert not startup.skip_builtin_addon_registry(modules)
 
 
+@pytest.mark.spawns
 def test_submodules_import_without_the_registry() -> None:
     code = (
         "import sys\n"
@@ -40,6 +41,7 @@ def test_submodules_import_without_the_registry() -> None:
     assert out.stdout.split("\n")[:2] == ["[]", "False"]
 
 
+@pytest.mark.spawns
 def test_without_the_skip_mitmproxy_imports_everything() -> None:
     """The control for the test above: the registry is what pulls flask in."""
     code = "import sys, mitmproxy.master; print('flask' in sys.modules)"
@@ -57,6 +59,7 @@ def test_uvloop_by_default_and_asyncio_on_request() -> None:
         startup.loop_factory({"LUMA_PROXY_EVENT_LOOP": "trio"})
 
 
+@pytest.mark.spawns
 def test_serving_without_an_order_does_not_import_the_acme_libraries() -> None:
     """acme/josepy (~6 MiB) load only when a certificate is ordered (tls.Https.issuer)."""
     code = (

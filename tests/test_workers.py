@@ -226,6 +226,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+@pytest.mark.spawns
 def test_sigint_from_a_terminal_reaches_each_worker_once(tmp_path: Path) -> None:
     fake = Fake(tmp_path, "ok")
     fake.wait_for("3 workers listening on fake")
@@ -234,6 +235,7 @@ def test_sigint_from_a_terminal_reaches_each_worker_once(tmp_path: Path) -> None
     assert sorted(fake.runs().values()) == ["SIGINT"] * 3  # forwarded once, not twice
 
 
+@pytest.mark.spawns
 def test_crashed_worker_is_restarted_with_a_logged_backoff(tmp_path: Path) -> None:
     fake = Fake(tmp_path, "crash-once")
     fake.wait_for("worker 1 listening again")
@@ -244,6 +246,7 @@ def test_crashed_worker_is_restarted_with_a_logged_backoff(tmp_path: Path) -> No
     assert len(fake.runs()) == 4
 
 
+@pytest.mark.spawns
 def test_worker_that_keeps_failing_at_start_gives_exit_1(tmp_path: Path) -> None:
     fake = Fake(tmp_path, "fail-restarts")
     fake.wait_for("3 workers listening")
@@ -255,6 +258,7 @@ def test_worker_that_keeps_failing_at_start_gives_exit_1(tmp_path: Path) -> None
     assert not any(pid_alive(int(n.split("-")[1])) for n in fake.runs())
 
 
+@pytest.mark.spawns
 def test_worker_0_failing_at_start_is_its_one_line_and_the_others_never_bind(
         tmp_path: Path) -> None:
     fake = Fake(tmp_path, "exit-at-start")
@@ -263,6 +267,7 @@ def test_worker_0_failing_at_start_is_its_one_line_and_the_others_never_bind(
     assert all(not text for text in fake.runs().values())  # none got past the gate
 
 
+@pytest.mark.spawns
 def test_worker_dying_oddly_at_start_is_named(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("FAKE_CODE", "7")
     fake = Fake(tmp_path, "exit-at-start")
@@ -270,6 +275,7 @@ def test_worker_dying_oddly_at_start_is_named(tmp_path: Path, monkeypatch) -> No
     assert "luma-proxy: worker 0 exited with code 7 before listening" in fake.logs()
 
 
+@pytest.mark.spawns
 def test_workers_ignoring_sigterm_are_killed_after_the_timeout(tmp_path: Path) -> None:
     fake = Fake(tmp_path, "ignore-term", count=2)
     fake.wait_for("2 workers listening")
@@ -279,6 +285,7 @@ def test_workers_ignoring_sigterm_are_killed_after_the_timeout(tmp_path: Path) -
     assert not any(pid_alive(int(n.split("-")[1])) for n in fake.runs())
 
 
+@pytest.mark.spawns
 def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     fake = Fake(tmp_path, "ok", count=2)
     fake.wait_for("2 workers listening")
