@@ -102,12 +102,9 @@ class Observed:
         default_factory=list)
 
 
-def newer(entry: Health, mine: Health | None) -> bool:
-    """Whether ``entry`` should replace ``mine``: the later check wins."""
-    if mine is None:
-        return True
-    return entry.checked_at is not None and (
-        mine.checked_at is None or entry.checked_at > mine.checked_at)
+def same_observation(a: Health, b: Health) -> bool:
+    return (a.healthy, a.checked_at, a.last_error, a.containers) == (
+        b.healthy, b.checked_at, b.last_error, b.containers)
 
 
 class LumaProxy:
@@ -307,7 +304,12 @@ class LumaProxy:
 
     def _candidates(self, entries: dict[str, HealthEntry], services: dict[str, Service]
                     ) -> list[tuple[str, Service, Health | None, HealthEntry]]:
-        """Entries new since the last read that match their service and are newer than ours."""
+        """Entries written since the last read that match their service as it is now.
+
+        Order is the order of writes to the file (under its lock), never the
+        ``checked_at`` clocks: after a wall-clock step back, a fresh result
+        has an earlier time than the one it replaces and must still win.
+        """
         known, health = self._observed, self.health
         out = []
         for host, entry in entries.items():
@@ -317,7 +319,7 @@ class LumaProxy:
             if service is None or not entry.matches(service):
                 continue
             mine = health.get(host)
-            if newer(entry, mine):
+            if mine is None or not same_observation(entry, mine):  # our own write read back
                 out.append((host, service, mine, entry))
         return out
 
@@ -333,11 +335,12 @@ class LumaProxy:
         self._observed = self._legacy if observed.entries is None else observed.entries
         services, health = self.table.services, self.health
         taken = 0
-        for host, service, mine, entry in observed.candidates:
-            current, now_mine = services.get(host), health.get(host)
-            if (current is not service or now_mine is not mine) and (
-                    current is None or not entry.matches(current) or not newer(entry, now_mine)):
-                continue  # the view moved meanwhile, and the entry no longer applies
+        for host, _service, mine, entry in observed.candidates:
+            current = services.get(host)
+            if health.get(host) is not mine or current is None or not entry.matches(current):
+                # A result taken since the file was read is newer than the file's; a
+                # service deployed elsewhere meanwhile is not what the entry observed.
+                continue
             health[host] = entry
             taken += 1
         return taken > 0
@@ -491,9 +494,9 @@ class LumaProxy:
                 service = services.get(host)
                 if service is None or service.routing_key() != key:
                     continue  # deployed elsewhere or removed since the check started
-                old = entries.get(host)
-                if old is None or not old.matches(service) or not newer(old, health):
-                    entries[host] = HealthEntry.of(key, health)
+                # A fresh result always replaces the entry: writes are ordered by the
+                # file's lock, not by checked_at (which a clock step can reorder).
+                entries[host] = HealthEntry.of(key, health)
             for host in [h for h in entries if h not in services]:
                 del entries[host]
 

@@ -236,11 +236,14 @@ def test_health_comes_from_the_health_file_for_the_target_deployed(tmp_path: Pat
         deploy(path, "blog.test", "127.0.0.8:3000", app="renamed")
         addon.reload()
         assert addon.health["blog.test"].healthy is False
-        # The later check wins: an older entry does not replace a newer observation.
-        addon.health["blog.test"] = Health(healthy=True, checked_at=now())
-        set_health(path, "blog.test", False, at=now() - timedelta(minutes=1))
+        # The later write wins, whatever its clock says (a wall-clock step back,
+        # a VM resumed): an entry written after ours carries an earlier time.
+        set_health(path, "blog.test", True, at=now() + timedelta(hours=1))
         addon.reload()
         assert addon.health["blog.test"].healthy is True
+        set_health(path, "blog.test", False, at=now() - timedelta(minutes=1))
+        addon.reload()
+        assert addon.health["blog.test"].healthy is False
 
 
 def test_restart_serves_stored_health_before_any_check(tmp_path: Path) -> None:
@@ -412,3 +415,20 @@ async def _route(addon: LumaProxy, host: str):
     f = flow_for(host)
     await call([addon], "requestheaders", f)
     return f
+
+
+async def test_leader_results_are_written_after_a_wall_clock_step_back(tmp_path: Path) -> None:
+    """An entry stamped an hour ahead (the clock then stepped back) must not freeze health."""
+    path = tmp_path / "state.json"
+    deploy(path, "blog.test", "127.0.0.9:3000")
+    store = Store(path)
+    set_health(path, "blog.test", False, at=now() + timedelta(hours=1))
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(path))
+        service = addon.table.services["blog.test"]
+        fresh = Health(healthy=True, checked_at=now())
+        addon._report({"blog.test": (service.routing_key(), fresh)})
+        await asyncio.gather(*addon._tasks)
+        entries = store.read_health()
+        assert entries is not None and entries["blog.test"].healthy is True
