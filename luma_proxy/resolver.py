@@ -66,30 +66,68 @@ class _DnsProtocol(asyncio.DatagramProtocol):
 
 
 async def query_dns(server: tuple[str, int], name: str, timeout: float) -> list[str]:
-    """A and AAAA records of ``name`` from one DNS server, over UDP.
+    """A and AAAA records of ``name`` from one DNS server, asked side by side.
 
     Returns [] for NXDOMAIN or no records; raises ``OSError``/``TimeoutError``
-    when the server does not answer.
+    when the server does not answer or answers garbage. A truncated UDP
+    answer is asked again over TCP (Docker's DNS truncates at 512 bytes:
+    about 30 replicas), never used as if it were whole.
     """
-    loop = asyncio.get_running_loop()
+    replies = await asyncio.gather(_ask(server, name, "A", timeout),
+                                   _ask(server, name, "AAAA", timeout),
+                                   return_exceptions=True)
+    for reply in replies:
+        if isinstance(reply, BaseException):
+            raise reply
     ips: list[str] = []
-    for qtype in ("A", "AAAA"):
-        question = DNSRecord.question(name, qtype)
-        question.header.id = random.randrange(65536)
-        transport, proto = await loop.create_datagram_endpoint(
-            lambda q=question: _DnsProtocol(q.header.id), remote_addr=server
-        )
-        try:
-            transport.sendto(question.pack())
-            reply = DNSRecord.parse(await asyncio.wait_for(proto.answer, timeout))
-        finally:
-            transport.close()
+    for reply in replies:
+        assert isinstance(reply, DNSRecord)
         if reply.header.rcode == RCODE.NXDOMAIN:
             return []
         if reply.header.rcode != RCODE.NOERROR:
             raise OSError(f"DNS server answered {RCODE.get(reply.header.rcode)}")
         ips += [str(rr.rdata) for rr in reply.rr if rr.rtype in (QTYPE.A, QTYPE.AAAA)]
     return ips
+
+
+def _parse_reply(data: bytes, qid: int) -> DNSRecord:
+    try:
+        reply = DNSRecord.parse(data)
+    except Exception:  # dnslib raises several types for garbage
+        raise OSError("malformed DNS reply") from None
+    if reply.header.id != qid:
+        raise OSError("DNS reply for another query")
+    return reply
+
+
+async def _ask(server: tuple[str, int], name: str, qtype: str, timeout: float) -> DNSRecord:
+    loop = asyncio.get_running_loop()
+    question = DNSRecord.question(name, qtype)
+    question.header.id = qid = random.randrange(65536)
+    transport, proto = await loop.create_datagram_endpoint(
+        lambda: _DnsProtocol(qid), remote_addr=server)
+    try:
+        transport.sendto(question.pack())
+        reply = _parse_reply(await asyncio.wait_for(proto.answer, timeout), qid)
+    finally:
+        transport.close()
+    if reply.header.tc:
+        reply = await asyncio.wait_for(_ask_tcp(server, question), timeout)
+    return reply
+
+
+async def _ask_tcp(server: tuple[str, int], question: DNSRecord) -> DNSRecord:
+    reader, writer = await asyncio.open_connection(*server)
+    try:
+        packet = question.pack()
+        writer.write(len(packet).to_bytes(2) + packet)
+        size = int.from_bytes(await reader.readexactly(2))
+        data = await reader.readexactly(size)
+    except asyncio.IncompleteReadError:
+        raise OSError("DNS server closed the TCP connection") from None
+    finally:
+        writer.close()
+    return _parse_reply(data, question.header.id)
 
 
 async def query_system(name: str) -> list[str]:
@@ -108,6 +146,7 @@ async def query_system(name: str) -> list[str]:
 class _Entry:
     ips: tuple[str, ...]
     expires: float
+    failing: bool = False  # the last lookup failed: serve this at once, refresh behind
 
 
 class Resolver:
@@ -128,11 +167,24 @@ class Resolver:
         An IP literal is its own answer, never cached and never stale.
         """
         entry = self._cache.get(alias)
-        if entry is not None and entry.expires > (time.monotonic() if now is None else now):
-            return entry.ips
+        if entry is not None:
+            if entry.expires > (time.monotonic() if now is None else now):
+                return entry.ips
+            if entry.failing:  # DNS is down: the last answer now, a fresh one when it can
+                self._refresh_behind(alias)
+                return entry.ips
         if (literal := ip_literal(alias)) is not None:
             return (literal,)
         return None
+
+    def _refresh_behind(self, alias: str) -> None:
+        if alias not in self._pending:
+            try:
+                pending = asyncio.ensure_future(self._lookup(alias))
+            except RuntimeError:  # no running loop (a synchronous caller): ask later
+                return
+            self._pending[alias] = pending
+            pending.add_done_callback(lambda _f: self._pending.pop(alias, None))
 
     async def resolve(self, alias: str) -> tuple[str, ...]:
         if (literal := ip_literal(alias)) is not None:
@@ -160,11 +212,13 @@ class Resolver:
                 ips = await asyncio.wait_for(query_system(alias), self.timeout)
         except (OSError, TimeoutError) as e:
             stale = self._cache.get(alias)
-            logger.warning("DNS lookup of %s failed (%s); %s", alias, e or "timeout",
-                           "keeping the last answer" if stale else "no answer yet")
+            if stale is None or not stale.failing:  # once per outage, not once per TTL
+                logger.warning("DNS lookup of %s failed (%s); %s", alias, e or "timeout",
+                               "serving the last answer" if stale else "no answer yet")
             if stale is None:
                 return ()
             stale.expires = time.monotonic() + self.ttl
+            stale.failing = True
             return stale.ips
         answer = tuple(ips)
         self._cache[alias] = _Entry(answer, time.monotonic() + self.ttl)

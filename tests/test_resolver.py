@@ -244,3 +244,134 @@ def test_expire_ip_asks_again_before_the_ttl(dns: FakeDockerDNS) -> None:
         assert await r.resolve("blog") == ("127.0.0.3",)
 
     asyncio.run(scenario())
+
+
+# ------------------------------------------------------- a DNS server that misbehaves
+class OddDNS:
+    """A DNS server on loopback whose UDP answers a test shapes (delay, TC bit, garbage)."""
+
+    def __init__(self, ips: list[str], delay: float = 0.0, truncate: bool = False,
+                 garbage: bool = False) -> None:
+        import socket
+        import threading
+
+        self.ips, self.delay, self.truncate, self.garbage = ips, delay, truncate, garbage
+        self.silent = False  # True: swallow every query (a DNS that stopped answering)
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.address = self.udp.getsockname()
+        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.tcp.bind(self.address)
+        self.tcp.listen()
+        self.tcp_queries = 0
+        for target in (self._serve_udp, self._serve_tcp):
+            threading.Thread(target=target, daemon=True).start()
+
+    def _answer(self, data: bytes, full: bool) -> bytes:
+        from dnslib import QTYPE, RR, A, DNSRecord
+
+        q = DNSRecord.parse(data)
+        reply = q.reply()
+        if q.q.qtype == QTYPE.A:
+            for ip in self.ips if full else self.ips[:1]:
+                reply.add_answer(RR(q.q.qname, QTYPE.A, rdata=A(ip), ttl=0))
+        if not full:
+            reply.header.tc = 1
+        return reply.pack()
+
+    def _serve_udp(self) -> None:
+        import threading
+
+        while True:
+            try:
+                data, peer = self.udp.recvfrom(4096)
+            except OSError:
+                return
+
+            if self.silent:
+                continue
+
+            def answer(data: bytes = data, peer: object = peer) -> None:
+                time.sleep(self.delay)
+                if self.garbage:  # the right id, then nonsense
+                    out = data[:2] + b"\xff\xff\xff\xff"
+                else:
+                    out = self._answer(data, not self.truncate)
+                self.udp.sendto(out, peer)
+
+            threading.Thread(target=answer, daemon=True).start()
+
+    def _serve_tcp(self) -> None:
+        while True:
+            try:
+                conn, _ = self.tcp.accept()
+            except OSError:
+                return
+            with conn:
+                self.tcp_queries += 1
+                size = int.from_bytes(conn.recv(2))
+                out = self._answer(conn.recv(size), True)
+                conn.sendall(len(out).to_bytes(2) + out)
+
+    def close(self) -> None:
+        self.udp.close()
+        self.tcp.close()
+
+
+def test_truncated_answer_is_asked_again_over_tcp() -> None:
+    ips = [f"10.0.0.{i}" for i in range(1, 6)]
+    server = OddDNS(ips, truncate=True)
+    try:
+        assert sorted(asyncio.run(query_dns(server.address, "blog", 1.0))) == ips
+        assert server.tcp_queries >= 1
+    finally:
+        server.close()
+
+
+def test_a_and_aaaa_are_asked_side_by_side() -> None:
+    server = OddDNS(["10.0.0.1"], delay=0.4)
+    try:
+        t0 = time.monotonic()
+        assert asyncio.run(query_dns(server.address, "blog", 2.0)) == ["10.0.0.1"]
+        assert time.monotonic() - t0 < 0.75  # one delay, not two in a row
+    finally:
+        server.close()
+
+
+def test_malformed_reply_is_a_failed_lookup_not_an_exception() -> None:
+    server = OddDNS(["10.0.0.1"], garbage=True)
+    try:
+        with pytest.raises(OSError, match="malformed"):
+            asyncio.run(query_dns(server.address, "blog", 1.0))
+        assert asyncio.run(Resolver(dns=server.address, ttl=0, timeout=0.5).resolve("x")) == ()
+    finally:
+        server.close()
+
+
+def test_during_an_outage_the_last_answer_is_served_at_once() -> None:
+    """A DNS that stops answering costs one timeout, not one per TTL per alias."""
+    server = OddDNS(["10.0.0.2"])
+    r = Resolver(dns=server.address, ttl=0.05, timeout=0.5)
+
+    async def scenario() -> None:
+        assert await r.resolve("blog") == ("10.0.0.2",)
+        server.silent = True
+        await asyncio.sleep(0.1)
+        assert await r.resolve("blog") == ("10.0.0.2",)  # this one waits out the timeout
+        for _ in range(5):  # ... later ones do not, TTL after TTL
+            await asyncio.sleep(0.1)
+            t0 = time.monotonic()
+            assert await r.resolve("blog") == ("10.0.0.2",)
+            assert r.cached("blog") == ("10.0.0.2",)
+            assert time.monotonic() - t0 < 0.25
+        server.silent = False  # back: the refresh behind picks up the truth
+        server.ips = ["10.0.0.3"]
+        await asyncio.sleep(0.6)  # the refresh under way when it came back times out
+        await r.resolve("blog")  # starts a refresh behind
+        await asyncio.sleep(0.2)
+        assert await r.resolve("blog") == ("10.0.0.3",)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.close()
