@@ -13,7 +13,16 @@
 # compiler is involved in either stage; the build needs the package index,
 # the image needs nothing from the network at run time.
 
-FROM python:3.12-slim-bookworm AS build
+# BASE: the official slim image. The real-engine tests (tests/docker/), which
+# have no registry, pass a stand-in built offline; production never changes it.
+ARG BASE=python:3.12-slim-bookworm
+
+FROM ${BASE} AS build
+
+# pip's own settings for the build only (e.g. the tests' offline wheelhouse:
+# --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=http://127.0.0.1:PORT/).
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
 
 WORKDIR /src
 # Only what the package is built from (no .dockerignore needed for speed).
@@ -26,7 +35,7 @@ COPY docker/install.sh docker/install.sh
 RUN sh docker/install.sh /opt/luma-proxy /src
 
 
-FROM python:3.12-slim-bookworm
+FROM ${BASE}
 
 LABEL org.opencontainers.image.title="luma-proxy" \
       org.opencontainers.image.description="Zero-downtime reverse proxy for Docker network aliases (mitmproxy addon)" \
@@ -48,20 +57,26 @@ RUN apt-get update \
     && install -d -o 10001 -g 10001 -m 0750 /var/lib/luma-proxy /var/lib/luma-proxy/certs
 
 COPY --from=build /opt/luma-proxy /opt/luma-proxy
+COPY docker/entrypoint.sh /usr/local/bin/luma-proxy-entrypoint
 # On PATH for `docker exec luma-proxy luma-proxy deploy|remove|list ...`.
 RUN ln -s /opt/luma-proxy/bin/luma-proxy /usr/local/bin/luma-proxy \
+    && chmod 0755 /usr/local/bin/luma-proxy-entrypoint \
     && luma-proxy --version
 
-# Everything the process writes lives under the volume, so the container
-# runs with --read-only (plus the volume; a --tmpfs /tmp is optional: Python
-# falls back to the working directory for temp files):
-#   LUMA_PROXY_STATE  the route registry (the CLI writes it), and next to it
-#                     the health file <state>.health.json (the proxy writes it)
+# Everything the process writes lives under /var/lib/luma-proxy, so the
+# container runs with --read-only (plus a volume there):
+#   LUMA_PROXY_IMAGE  tells luma-proxy it is this image: it picks the registry
+#                     by what is mounted (luma_proxy/paths.py: with only certs/
+#                     mounted, the Luma CLI's run, the registry lives in
+#                     certs/.luma-proxy/ so that `luma proxy update` keeps it), and
+#                     any command started as root (docker exec) becomes
+#                     LUMA_PROXY_USER first (luma_proxy/startup.py: drop_root)
 #   HOME              mitmproxy's default confdir is ~/.mitmproxy (its CA)
 #   XDG_*             any library that follows the XDG base directories
 # PYTHONDONTWRITEBYTECODE: the venv is precompiled (unchecked-hash .pyc) and
 # read-only; never try to write __pycache__.
-ENV LUMA_PROXY_STATE=/var/lib/luma-proxy/state.json \
+ENV LUMA_PROXY_IMAGE=1 \
+    LUMA_PROXY_USER=10001:10001 \
     HOME=/var/lib/luma-proxy \
     XDG_CONFIG_HOME=/var/lib/luma-proxy/.config \
     XDG_DATA_HOME=/var/lib/luma-proxy/.local/share \
@@ -71,20 +86,19 @@ ENV LUMA_PROXY_STATE=/var/lib/luma-proxy/state.json \
     PYTHONUNBUFFERED=1
 
 WORKDIR /var/lib/luma-proxy
-VOLUME /var/lib/luma-proxy
+# No VOLUME: an anonymous volume there would look like a mount to luma-proxy
+# (luma_proxy/paths.py) and hide that, under the Luma CLI's run, only certs/
+# survives `luma proxy update`. Mount a named volume there yourself
+# (docs/docker.md) to keep everything.
 
-# Ports 80/443 as a non-root user: no file capability, no root. The kernel
-# lets anyone bind below net.ipv4.ip_unprivileged_port_start, a per-network-
-# namespace sysctl that Docker (>= 20.10) and Podman already set to 0 for
-# every container with its own network; docs/docker.md passes
-# `--sysctl net.ipv4.ip_unprivileged_port_start=0` explicitly anyway.
-# Not `setcap cap_net_bind_service=+ep` on the interpreter: the venv's python
-# is a symlink (setcap needs the real file, i.e. /usr/local/bin/python3.12,
-# which would give the capability to every Python program in the image),
-# file capabilities are lost by some COPY/export paths, ignored under
-# no-new-privileges, and make execve fail outright under --cap-drop ALL.
-# With the sysctl the container needs no capability at all.
-USER 10001:10001
+# No USER line: the container starts as root only so that the entry point can
+# hand the Luma CLI's host-owned bind mounts (certs/, /tmp) to uid 10001, as
+# the official database images do; luma-proxy then drops to 10001:10001 before
+# it does anything else, and refuses to serve as root if it cannot. Under
+# `--user 10001:10001` (the hardened run in docs/docker.md) nothing is changed.
+# Ports 80/443 need no capability: Docker (>= 20.10) sets the per-namespace
+# sysctl net.ipv4.ip_unprivileged_port_start=0 for every container with its
+# own network, and docs/docker.md passes it explicitly anyway.
 EXPOSE 80 443
 
 # Liveness of the HTTP listener. Without -f, curl exits 0 for *any* HTTP
@@ -97,5 +111,5 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
 
 # `docker run IMAGE` serves; `docker run IMAGE list` (or any subcommand) and
 # `docker exec luma-proxy luma-proxy ...` run the CLI.
-ENTRYPOINT ["luma-proxy"]
+ENTRYPOINT ["luma-proxy-entrypoint"]
 CMD ["run", "--http-port", "80", "--https-port", "443", "--log-format", "json"]

@@ -102,8 +102,13 @@ def problems(text: str) -> list[str]:
     all_stages = stages(text)
     if len(all_stages) < 2:
         return ["not multi-stage: want a build stage and a runtime stage"]
+    # ARGs before the first FROM (the tests' offline base is passed as --build-arg BASE).
+    defaults = dict(a.partition("=")[::2] for i, a in instructions(text.split("\nFROM")[0])
+                    if i == "ARG")
     for stage in all_stages:
         image = stage[0][1].split()[0]
+        if image.startswith("${") and image.endswith("}"):
+            image = defaults.get(image[2:-1], image)
         if not re.fullmatch(r"python:3\.12-slim(-[a-z]+)?", image):
             found.append(f"FROM {image}: want the official python:3.12-slim* base")
     final = all_stages[-1]
@@ -130,21 +135,29 @@ def problems(text: str) -> list[str]:
                      r"/usr/local/bin/luma-proxy\b", runs):
         found.append("no /usr/local/bin/luma-proxy symlink to the venv's luma-proxy")
     users = args("USER")
-    if not users:
-        found.append("no USER: the image would run as root")
-    elif users[-1].split(":")[0] in ("root", "0"):
-        found.append(f"USER {users[-1]}: runs as root")
-    elif users[-1].split(":")[0] not in ("10001", "luma"):
-        found.append(f"USER {users[-1]}: want uid 10001 (luma)")
+    env = " ".join(args("ENV"))
+    entry = exec_form(args("ENTRYPOINT")[-1]) if args("ENTRYPOINT") else None
+    if users:  # an unprivileged USER for everything
+        if users[-1].split(":")[0] in ("root", "0"):
+            found.append(f"USER {users[-1]}: runs as root")
+        elif users[-1].split(":")[0] not in ("10001", "luma"):
+            found.append(f"USER {users[-1]}: want uid 10001 (luma)")
+    else:  # root only in the entry point, which hands the mounts over; luma-proxy drops root
+        user = re.search(r"(^|\s)LUMA_PROXY_USER=(\S+)", env)
+        if user is None or user.group(2).split(":")[0] in ("root", "0"):
+            found.append("no USER and no unprivileged LUMA_PROXY_USER: the image runs as root")
+        elif user.group(2).split(":")[0] != "10001":
+            found.append(f"LUMA_PROXY_USER={user.group(2)}: want uid 10001 (luma)")
     if not re.search(r"useradd\b[^&;]*--uid 10001\b", runs):
         found.append("no user with uid 10001 is created")
     volumes = " ".join(args("VOLUME"))
-    if DATA_DIR not in (exec_form(volumes) or volumes.split()):
-        found.append(f"no VOLUME {DATA_DIR}")
+    if DATA_DIR in (exec_form(volumes) or volumes.split()):
+        # An anonymous volume looks like a mount from inside: the registry would stay
+        # there and be lost on every `luma proxy update` (luma_proxy/paths.py).
+        found.append(f"VOLUME {DATA_DIR}: hides where the Luma CLI's mounts keep the registry")
     if not re.search(rf"install -d -o (10001|luma)\b.*{re.escape(DATA_DIR)}", runs):
         found.append(f"{DATA_DIR} is not created owned by the unprivileged user")
-    env = " ".join(args("ENV"))
-    for pair in (f"LUMA_PROXY_STATE={DATA_DIR}/state.json", f"HOME={DATA_DIR}",
+    for pair in ("LUMA_PROXY_IMAGE=1", f"HOME={DATA_DIR}",
                  "PYTHONDONTWRITEBYTECODE=1"):
         if not re.search(rf"(^|\s){re.escape(pair)}(\s|$)", env):
             found.append(f"ENV {pair} missing")
@@ -155,9 +168,9 @@ def problems(text: str) -> list[str]:
         found.append("no HEALTHCHECK")
     elif "curl" not in checks[-1]:
         found.append("the HEALTHCHECK does not probe the listener with curl")
-    entry = exec_form(args("ENTRYPOINT")[-1]) if args("ENTRYPOINT") else None
-    if entry not in (["luma-proxy"], ["/usr/local/bin/luma-proxy"]):
-        found.append(f"ENTRYPOINT {entry}: want the luma-proxy CLI (exec form)")
+    if entry not in (["luma-proxy"], ["/usr/local/bin/luma-proxy"], ["luma-proxy-entrypoint"]):
+        found.append(f"ENTRYPOINT {entry}: want the luma-proxy CLI or its entry point "
+                     "(exec form)")
     cmd = exec_form(args("CMD")[-1]) if args("CMD") else None
     if cmd != DEFAULT_CMD:
         found.append(f"CMD {cmd}: want {DEFAULT_CMD}")
@@ -171,10 +184,11 @@ def test_dockerfile_meets_the_image_contract() -> None:
 
 
 BREAKAGES = {
-    "FROM python:3.12-slim-bookworm AS build": ("FROM python:3.12 AS build", "official"),
-    "FROM python:3.12-slim-bookworm\n": ("FROM python:3.11-slim-bookworm\n", "official"),
-    "USER 10001:10001": ("USER root", "runs as root"),
-    "VOLUME /var/lib/luma-proxy": ("VOLUME /data", "no VOLUME"),
+    "ARG BASE=python:3.12-slim-bookworm": ("ARG BASE=python:3.12", "official"),
+    "FROM ${BASE}\n": ("FROM python:3.11-slim-bookworm\n", "official"),
+    "LUMA_PROXY_USER=10001:10001": ("LUMA_PROXY_USER=0:0", "runs as root"),
+    "EXPOSE 80 443\n": ("USER root\nEXPOSE 80 443\n", "runs as root"),
+    "EXPOSE 80 443\n\n": ("VOLUME /var/lib/luma-proxy\nEXPOSE 80 443\n\n", "VOLUME"),
     "ca-certificates curl": ("ca-certificates gcc", "curl is not installed"),
     "EXPOSE 80 443": ("EXPOSE 80", "EXPOSE 80 443"),
     "HEALTHCHECK --interval": ("# HEALTHCHECK --interval", "no HEALTHCHECK"),
