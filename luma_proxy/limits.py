@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Generator
 from typing import Any
 
@@ -37,6 +38,9 @@ DEFAULT_MAX_BODY = "1g"
 BODY_TOO_LARGE = "request body exceeds the size limit"
 
 _limits = {"head": 64 * 1024, "body": 1024**3}
+# Request bodies still arriving, for the body deadlines (timeouts.py): client
+# connection id -> [when the body began, when bytes last came, the Http1Server].
+BODIES: dict[str, list[Any]] = {}
 _original_read_headers = _http1.Http1Server.read_headers
 _original_read_body = _http1.Http1Server.read_body
 
@@ -186,6 +190,9 @@ def _read_body_bounded(
 ) -> Generator[commands.Command, Any, None]:
     """mitmproxy's request-body reader; a chunked body over the limit ends in 413.
 
+    A body not complete after this segment is noted in ``BODIES`` (begun,
+    last bytes), so that the body deadlines can cut a client that trickles it.
+
     The error event makes mitmproxy close the upstream connection before any
     chunk terminator is written (the container sees a cut request, never a
     complete one) and end the flow with ``BODY_TOO_LARGE``.
@@ -195,10 +202,21 @@ def _read_body_bounded(
     try:
         yield from _original_read_body(self, event)
     except BodyTooLarge:
+        BODIES.pop(self.conn.id, None)
         yield from _refuse(self.conn, 413)
         yield ReceiveHttp(RequestProtocolError(self.stream_id, BODY_TOO_LARGE,
                                                code=ErrorCode.REQUEST_TOO_LARGE))
         self.state = self.done
+        return
+    if getattr(self.state, "__func__", None) is _read_body_bounded:  # more body to come
+        now = time.monotonic()
+        progress = BODIES.get(self.conn.id)
+        if progress is None:
+            BODIES[self.conn.id] = [now, now, self]
+        else:
+            progress[1] = now
+    elif BODIES:
+        BODIES.pop(self.conn.id, None)
 
 
 def install_limits(head: int, body: int) -> None:

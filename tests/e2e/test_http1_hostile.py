@@ -188,3 +188,46 @@ def test_a_switch_nobody_asked_for_is_502_and_no_tunnel(proxy, recorder) -> None
     time.sleep(0.5)
     assert b"/smuggled" not in b"".join(recorder.received())
 
+
+
+# ------------------------------------------------------------ 10: slow body
+@pytest.fixture
+def slow_proxy(recorder, start_proxy, proxy_kind) -> Proxy:
+    p = start_proxy(proxy_kind, env={"LUMA_PROXY_BODY_IDLE_TIMEOUT": "1",
+                                     "LUMA_PROXY_BODY_TIMEOUT": "4"})
+    wait_until(lambda: answer(p.port, b"GET / HTTP/1.1\r\nHost: blog.test\r\n\r\n")[0] == 200,
+               timeout=20, interval=0.2)
+    return p
+
+
+def trickle(pieces: list[bytes], gap: float) -> Iterator[bytes]:
+    for piece in pieces:
+        yield piece
+        time.sleep(gap)
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 100", b"Transfer-Encoding: chunked"])
+def test_a_body_that_stops_is_408_after_the_idle_gap(slow_proxy, recorder, framing) -> None:
+    head = b"POST /stall HTTP/1.1\r\nHost: blog.test\r\n%s\r\n\r\n" % framing
+    started = time.monotonic()
+    first = b"5\r\nhello\r\n" if b"chunked" in framing else b"hello"
+    status, _ = answer(slow_proxy.port, head + first, timeout=30)
+    assert status == 408
+    assert 0.9 < time.monotonic() - started < 10
+    assert [r for r in recorder.requests() if r.startswith(b"POST")] == []
+
+
+def test_a_trickled_body_is_408_at_the_total_deadline(slow_proxy, recorder) -> None:
+    head = b"POST /trickle HTTP/1.1\r\nHost: blog.test\r\nContent-Length: 100\r\n\r\n"
+    started = time.monotonic()
+    status, _ = answer(slow_proxy.port, head, trickle([b"x"] * 60, 0.3), timeout=30)
+    assert status == 408
+    assert 3.9 < time.monotonic() - started < 15
+    assert [r for r in recorder.requests() if r.startswith(b"POST")] == []
+
+
+def test_a_steady_body_within_the_deadlines_goes_through(slow_proxy, recorder) -> None:
+    head = b"POST /steady HTTP/1.1\r\nHost: blog.test\r\nContent-Length: 5\r\n\r\n"
+    status, _ = answer(slow_proxy.port, head, trickle([b"x"] * 5, 0.3))
+    assert status == 200
+    assert [r for r in recorder.requests() if r.startswith(b"POST /steady")]
