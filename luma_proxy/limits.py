@@ -36,11 +36,15 @@ DEFAULT_MAX_HEADER = "64k"
 DEFAULT_MAX_BODY = "1g"
 # The start of flow.error.msg for a body over the limit (flowinfo.error_status: 413).
 BODY_TOO_LARGE = "request body exceeds the size limit"
+# The flow.error.msg of a body cut by its deadline (flowinfo.error_status: 408).
+BODY_TIMEOUT = "request body timeout"
 
 _limits = {"head": 64 * 1024, "body": 1024**3}
 # Request bodies still arriving, for the body deadlines (timeouts.py): client
 # connection id -> [when the body began, when bytes last came, the Http1Server].
 BODIES: dict[str, list[Any]] = {}
+# Client connections closed by a body deadline: their flow ends with BODY_TIMEOUT.
+TIMED_OUT: set[str] = set()
 _original_read_headers = _http1.Http1Server.read_headers
 _original_read_body = _http1.Http1Server.read_body
 
@@ -199,6 +203,12 @@ def _read_body_bounded(
     """
     if type(self.body_reader) is ChunkedReader:
         self.body_reader = CountedReader(self.body_reader, _limits["body"])
+    if TIMED_OUT and isinstance(event, events.ConnectionClosed) and self.conn.id in TIMED_OUT:
+        TIMED_OUT.discard(self.conn.id)
+        yield ReceiveHttp(RequestProtocolError(self.stream_id, BODY_TIMEOUT,
+                                               code=ErrorCode.GENERIC_CLIENT_ERROR))
+        self.state = self.done
+        return
     try:
         yield from _original_read_body(self, event)
     except BodyTooLarge:

@@ -24,7 +24,7 @@ from mitmproxy.proxy import server_hooks
 
 from .connections import close_for_client
 from .environ import env_float
-from .limits import BODIES, refuse
+from .limits import BODIES, TIMED_OUT, refuse
 from .streaming import stream_response
 
 logger = logging.getLogger("luma_proxy")
@@ -151,6 +151,7 @@ class Timeouts:
             server = BODIES.pop(client_id)[2]
             answer = refuse(408) if server.response is None else None
             if close_for_client(client_id, None, "body timeout", answer):
+                TIMED_OUT.add(client_id)
                 logger.info("body timeout: closing client")
         return len(late)
 
@@ -193,6 +194,7 @@ class Timeouts:
         self._header.pop(client.id, None)
         if BODIES:
             BODIES.pop(client.id, None)
+        TIMED_OUT.discard(client.id)
 
     # ------------------------------------------------------------- upstream
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:

@@ -215,6 +215,8 @@ def test_a_body_that_stops_is_408_after_the_idle_gap(slow_proxy, recorder, frami
     assert status == 408
     assert 0.9 < time.monotonic() - started < 10
     assert [r for r in recorder.requests() if r.startswith(b"POST")] == []
+    wait_until(lambda: " 408 POST blog.test /stall " in slow_proxy.logs()
+               or '"status": 408' in slow_proxy.logs(), timeout=5)
 
 
 def test_a_trickled_body_is_408_at_the_total_deadline(slow_proxy, recorder) -> None:
