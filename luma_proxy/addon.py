@@ -30,7 +30,7 @@ from . import pages
 from .balancer import Balancer
 from .environ import env_float
 from .flowinfo import MULTIPLEXED, header_values, host_header
-from .forwarding import Network, parse_trusted_proxies, set_forwarding_headers
+from .forwarding import Network, asked_websocket, parse_trusted_proxies, set_forwarding_headers
 from .health import HealthChecker, unhealthy_ips
 from .models import Health, HealthEntry, Service, Settings, State
 from .registry import (
@@ -619,6 +619,9 @@ class LumaProxy:
         """Stream what is large or has no length (SSE, long polls) instead of buffering it."""
         response = flow.response
         assert response is not None
+        if response.status_code == 101 and not asked_websocket(flow.request.headers):
+            # A switch the request did not ask for (h2c, or none): never a raw tunnel.
+            flow.response = response = pages.page(502, {"Connection": "close"})
         if response.stream or stream_response(response):
             stream_counted(response)
 

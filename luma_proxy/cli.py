@@ -551,6 +551,10 @@ def cert_renew(host: str, wait: float, state_path: str) -> None:
               help="Seconds for a container's response headers (default 60).")
 @click.option("--header-timeout", type=click.FloatRange(min=0.001), default=None,
               help="Seconds for a client's request head / idle keep-alive (default 30).")
+@click.option("--body-timeout", type=click.FloatRange(min=0.001), default=None,
+              help="Seconds for a client's whole request body (default 120).")
+@click.option("--body-idle-timeout", type=click.FloatRange(min=0.001), default=None,
+              help="Seconds a request body may pause between bytes (default 10).")
 @state_option
 def run(http_port: int, https_port: int, acme_directory: str | None, acme_email: str | None,
         acme_ca_bundle: str | None, listen_host: str, dns: str | None,

@@ -17,6 +17,7 @@ CLIENT_CLOSED = 499
 # What mitmproxy answers when the upstream fails (refused, timeout, bad response).
 UPSTREAM_FAILED = 502
 TOO_LARGE = 413
+REQUEST_TIMEOUT = 408
 BAD_REQUEST = 400
 
 
@@ -111,7 +112,7 @@ def error_status(flow: http.HTTPFlow) -> int:
 
     A response whose headers were already sent (a stream cut short) keeps its
     status. Otherwise: the client went away (499), the request was too large
-    (413), or the upstream failed: mitmproxy's own 502 page.
+    (413) or too slow (408), or the upstream failed: mitmproxy's own 502 page.
     """
     if flow.response is not None:
         return flow.response.status_code
@@ -120,6 +121,8 @@ def error_status(flow: http.HTTPFlow) -> int:
         return CLIENT_CLOSED
     if message.startswith("request body exceeds"):
         return TOO_LARGE
+    if message.startswith("request body timeout"):  # limits.BODY_TIMEOUT
+        return REQUEST_TIMEOUT
     if "from client" in message:  # mitmproxy refused a malformed or smuggling request
         return BAD_REQUEST
     return UPSTREAM_FAILED

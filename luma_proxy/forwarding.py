@@ -42,11 +42,12 @@ def is_trusted(peer_ip: str, trusted: Sequence[Network]) -> bool:
 def set_forwarding_headers(
     headers: http.Headers, peer_ip: str, scheme: str, host: str, trusted: Sequence[Network] = ()
 ) -> None:
-    """Set X-Forwarded-* and X-Real-IP for the upstream.
+    """Drop hop-by-hop fields, then set X-Forwarded-* and X-Real-IP for the upstream.
 
     From an untrusted peer, whatever the client sent is replaced. From a trusted
     proxy (``--trusted-proxies``) its values are kept and the peer is appended.
     """
+    strip_hop_by_hop(headers)
     if peer_ip.startswith("::ffff:"):
         peer_ip = peer_ip.removeprefix("::ffff:")
     if is_trusted(peer_ip, trusted):
@@ -94,3 +95,53 @@ def _replace_untrusted(headers: http.Headers, values: tuple[str, str, str, str])
     kept += [(name, pending[lower]) for name, lower in zip(_SET, _SET_LOWER, strict=True)
              if lower in pending]
     headers.fields = tuple(kept)
+
+
+# Fields that describe one hop, never forwarded (RFC 9110 §7.6.1, §7.8; RFC 7540 §3.2).
+_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"upgrade",
+                  b"http2-settings"))
+# Never dropped even when Connection names them: mitmproxy frames the upstream
+# request by them (a body without its length would read as a second request).
+_FRAMING = frozenset((b"host", b"content-length", b"transfer-encoding"))
+
+
+def _tokens(value: bytes) -> set[bytes]:
+    return {token.strip().lower() for token in value.split(b",")}
+
+
+def strip_hop_by_hop(headers: http.Headers) -> None:
+    """Remove ``Connection`` and every field it names, and the other hop-by-hop fields.
+
+    Otherwise ``Connection: X-Forwarded-For`` makes whatever honours it behind
+    the proxy strip the proxy's own forwarding headers. Only a WebSocket
+    upgrade keeps its ``Connection: Upgrade`` and ``Upgrade: websocket``: no
+    other protocol (``h2c``) becomes a tunnel to the container. ``close`` is
+    kept. One pass over the fields when there are none (most requests).
+    """
+    fields = headers.fields
+    for name, _ in fields:
+        if name.lower() in _HOP:
+            break
+    else:
+        return
+    connection: set[bytes] = set()
+    upgrade: set[bytes] = set()
+    for name, value in fields:
+        lower = name.lower()
+        if lower == b"connection":
+            connection |= _tokens(value)
+        elif lower == b"upgrade":
+            upgrade |= _tokens(value)
+    drop = (_HOP | connection) - _FRAMING
+    kept = tuple(field for field in fields if field[0].lower() not in drop)
+    if b"upgrade" in connection and b"websocket" in upgrade:
+        kept += ((b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"))
+    elif b"close" in connection:
+        kept += ((b"Connection", b"close"),)
+    headers.fields = kept
+
+
+def asked_websocket(headers: http.Headers) -> bool:
+    """Whether a request (already stripped) asked for a WebSocket upgrade, the only tunnel."""
+    return any(name.lower() == b"upgrade" and value.lower() == b"websocket"
+               for name, value in headers.fields)

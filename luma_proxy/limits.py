@@ -1,37 +1,52 @@
-"""Size limits on what clients send: request head (431) and request body (413).
+"""What clients send over HTTP/1: the head's size (431) and syntax (400), the body's size (413).
 
 mitmproxy buffers a request head until it is complete, without any bound
-(its own source says "FIXME: protect against header size DoS"), and it
-reads a whole request body before it sends an answer an addon set. So both
-limits are enforced inside its HTTP/1 reader, before any body byte is read;
-chunked bodies (no declared length) are counted on their way upstream.
+(its own source says "FIXME: protect against header size DoS"), accepts bare
+LF line ends, control characters and obs-fold in it, and reads a whole
+request body before it sends an answer an addon set. So the head is checked
+inside its HTTP/1 reader, before any body byte is read, and a chunked body
+(no declared length) is counted as its reader decodes it: over the limit, the
+client gets 413 and the upstream connection is closed mid-body, so a cut
+request never looks complete to the container.
+
+Every touch of mitmproxy internals for this is here: the two patched methods
+of ``Http1Server`` (``read_headers``, ``read_body``), the scanner kept on the
+server object between segments (``luma_scanner``), and the body reader wrapped
+in place (``body_reader``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import re
-from collections.abc import Callable, Generator
+import time
+from collections.abc import Generator
 from typing import Any
 
-from mitmproxy import ctx, exceptions, http
+import h11
+from h11._readers import ChunkedReader
+from mitmproxy import ctx, exceptions
 from mitmproxy.proxy import commands, events
-from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http import ErrorCode, ReceiveHttp, RequestProtocolError, _http1
 from mitmproxy.utils import human
 
 from . import pages
-from .connections import close_for_client
-from .flowinfo import header
-
-logger = logging.getLogger("luma_proxy")
 
 DEFAULT_MAX_HEADER = "64k"
 DEFAULT_MAX_BODY = "1g"
+# The start of flow.error.msg for a body over the limit (flowinfo.error_status: 413).
+BODY_TOO_LARGE = "request body exceeds the size limit"
+# The flow.error.msg of a body cut by its deadline (flowinfo.error_status: 408).
+BODY_TIMEOUT = "request body timeout"
 
 _limits = {"head": 64 * 1024, "body": 1024**3}
+# Request bodies still arriving, for the body deadlines (timeouts.py): client
+# connection id -> [when the body began, when bytes last came, the Http1Server].
+BODIES: dict[str, list[Any]] = {}
+# Client connections closed by a body deadline: their flow ends with BODY_TIMEOUT.
+TIMED_OUT: set[str] = set()
 _original_read_headers = _http1.Http1Server.read_headers
+_original_read_body = _http1.Http1Server.read_body
 
 
 def parse_size(value: str, name: str) -> int:
@@ -44,21 +59,58 @@ def parse_size(value: str, name: str) -> int:
     return size
 
 
-def head_too_large(buf: bytes, limit: int) -> bool:
-    """True when the head is longer than ``limit`` (complete or still arriving)."""
-    if len(buf) <= limit:
-        return False
-    end = buf[: limit + 4].find(b"\r\n\r\n")
-    return end == -1 or end + 4 > limit
+_HEAD_END = re.compile(rb"\n\r?\n")  # how h11, mitmproxy's reader, finds it
 
 
+class HeadScanner:
+    """Finds the end of a request head arriving in pieces, looking at each byte once.
+
+    ``examined`` counts the bytes looked at: a head sent one byte per segment
+    costs as much as one sent whole (the old reader searched the whole buffer
+    again on every segment).
+    """
+
+    __slots__ = ("examined", "scanned", "tail")
+
+    def __init__(self) -> None:
+        self.scanned = 0  # bytes of the stream fed so far
+        self.tail = b""  # the last two of them: an end may straddle segments
+        self.examined = 0
+
+    def feed(self, data: bytes) -> int | None:
+        """The head's length (its end offset in the stream) once it is complete, else None."""
+        text = self.tail + data
+        self.examined += len(text)
+        match = _HEAD_END.search(text)
+        start = self.scanned - len(self.tail)
+        self.scanned += len(data)
+        if match is not None:
+            return start + match.end()
+        self.tail = text[-2:]
+        return None
+
+
+# Controls other than HT, CR, LF, and DEL: never valid in a request line or a field.
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d+)", re.IGNORECASE)
 
 
-def declared_too_large(head: bytes, limit: int, end: int | None = None) -> bool:
-    """A complete head (``head[:end]``) whose Content-Length is over ``limit``."""
-    match = _CONTENT_LENGTH.search(head, 0, len(head) if end is None else end)
-    return match is not None and int(match.group(1)) > limit
+def head_status(head: bytes, body_limit: int) -> int | None:
+    """400 or 413 for a complete request head that must not go on; None when it may.
+
+    400 (RFC 9112 §2.2, §5.2, RFC 9110 §5.5): a control character or DEL, a
+    bare CR, a bare LF (a line end other recipients may read differently), or
+    obs-fold (a line starting with SP or HT). 413: a Content-Length over the
+    body limit. Plain byte counts and one character class: no per-byte Python.
+    """
+    crlf = head.count(b"\r\n")
+    if (crlf != head.count(b"\r") or crlf != head.count(b"\n") or b"\n " in head
+            or b"\n\t" in head or _CONTROL.search(head) is not None):
+        return 400
+    match = _CONTENT_LENGTH.search(head)
+    if match is not None and int(match.group(1)) > body_limit:
+        return 413
+    return None
 
 
 def refuse(status: int) -> bytes:
@@ -67,50 +119,121 @@ def refuse(status: int) -> bytes:
     return http1.assemble_response(pages.page(status, {"Connection": "close"}))
 
 
+def _refuse(conn: Any, status: int) -> Generator[commands.Command, Any, None]:
+    """Answer and half-close: a full close with unread request bytes makes the kernel
+    send RST, which can destroy the answer before the client reads it."""
+    yield commands.SendData(conn, refuse(status))
+    yield commands.CloseTcpConnection(conn, half_close=True)
+
+
 def _read_headers_bounded(
     self: _http1.Http1Server, event: events.ConnectionEvent
 ) -> Generator[commands.Command, Any, None]:
-    """mitmproxy's request-head reader, with a size bound and an early 413.
+    """mitmproxy's request-head reader, with a size bound, a syntax check and an early 413.
 
-    Both answers are given before any body byte is read, then the connection is
-    half-closed: a full close with unread request bytes makes the kernel send
-    RST, which can destroy the answer before the client reads it.
+    The scanner follows the buffer while the head arrives (mitmproxy appends
+    each segment before calling this); a buffer that does not continue what
+    was scanned (a new request) starts a new one.
     """
     if isinstance(event, events.DataReceived):
-        buf = bytes(self.buf)
+        scanner: HeadScanner | None = getattr(self, "luma_scanner", None)
+        if scanner is None or scanner.scanned + len(event.data) != len(self.buf):
+            scanner = self.luma_scanner = HeadScanner()  # type: ignore[attr-defined]
+            end = scanner.feed(bytes(self.buf))
+        else:
+            end = scanner.feed(event.data)
         status = None
-        if head_too_large(buf, _limits["head"]):
-            status = 431
-        elif (end := buf.find(b"\r\n\r\n")) != -1 and declared_too_large(
-                buf, _limits["body"], end):
-            status = 413
+        if end is None:
+            if len(self.buf) > _limits["head"]:
+                status = 431
+        else:
+            self.luma_scanner = None  # type: ignore[attr-defined]
+            if end > _limits["head"]:
+                status = 431
+            else:
+                status = head_status(bytes(self.buf)[:end], _limits["body"])
         if status is not None:
-            yield commands.SendData(self.conn, refuse(status))
-            yield commands.CloseTcpConnection(self.conn, half_close=True)
+            yield from _refuse(self.conn, status)
             self.state = self.done
             return
     yield from _original_read_headers(self, event)
 
 
+class BodyTooLarge(Exception):
+    pass
+
+
+class CountedReader:
+    """h11's chunked body reader, counting the body and dropping trailers.
+
+    Trailers: mitmproxy raises ``NotImplementedError`` on them (a traceback
+    and a hung client); a proxy may discard them (RFC 9110 §6.5.1).
+    """
+
+    __slots__ = ("limit", "reader", "seen")
+
+    def __init__(self, reader: ChunkedReader, limit: int) -> None:
+        self.reader, self.limit, self.seen = reader, limit, 0
+
+    def __call__(self, buf: Any) -> Any:
+        event = self.reader(buf)
+        if type(event) is h11.Data:
+            self.seen += len(event.data)
+            if self.seen > self.limit:
+                raise BodyTooLarge
+        elif type(event) is h11.EndOfMessage and event.headers:
+            return h11.EndOfMessage()
+        return event
+
+    def read_eof(self) -> Any:
+        return self.reader.read_eof()
+
+
+def _read_body_bounded(
+    self: _http1.Http1Server, event: events.Event
+) -> Generator[commands.Command, Any, None]:
+    """mitmproxy's request-body reader; a chunked body over the limit ends in 413.
+
+    A body not complete after this segment is noted in ``BODIES`` (begun,
+    last bytes), so that the body deadlines can cut a client that trickles it.
+
+    The error event makes mitmproxy close the upstream connection before any
+    chunk terminator is written (the container sees a cut request, never a
+    complete one) and end the flow with ``BODY_TOO_LARGE``.
+    """
+    if type(self.body_reader) is ChunkedReader:
+        self.body_reader = CountedReader(self.body_reader, _limits["body"])
+    if TIMED_OUT and isinstance(event, events.ConnectionClosed) and self.conn.id in TIMED_OUT:
+        TIMED_OUT.discard(self.conn.id)
+        yield ReceiveHttp(RequestProtocolError(self.stream_id, BODY_TIMEOUT,
+                                               code=ErrorCode.GENERIC_CLIENT_ERROR))
+        self.state = self.done
+        return
+    try:
+        yield from _original_read_body(self, event)
+    except BodyTooLarge:
+        BODIES.pop(self.conn.id, None)
+        yield from _refuse(self.conn, 413)
+        yield ReceiveHttp(RequestProtocolError(self.stream_id, BODY_TOO_LARGE,
+                                               code=ErrorCode.REQUEST_TOO_LARGE))
+        self.state = self.done
+        return
+    if getattr(self.state, "__func__", None) is _read_body_bounded:  # more body to come
+        now = time.monotonic()
+        progress = BODIES.get(self.conn.id)
+        if progress is None:
+            BODIES[self.conn.id] = [now, now, self]
+        else:
+            progress[1] = now
+    elif BODIES:
+        BODIES.pop(self.conn.id, None)
+
+
 def install_limits(head: int, body: int) -> None:
-    """Put the bounded reader in place (idempotent) with these limits."""
+    """Put the bounded readers in place (idempotent) with these limits."""
     _limits.update(head=head, body=body)
     _http1.Http1Server.read_headers = _read_headers_bounded  # type: ignore[method-assign]
-
-
-def body_counter(limit: int, on_exceeded: Callable[[], None]) -> Callable[[bytes], bytes]:
-    """A request stream function that passes chunks on until ``limit`` bytes, then stops."""
-    seen = 0
-
-    def count(chunk: bytes) -> bytes:
-        nonlocal seen
-        seen += len(chunk)
-        if seen > limit:
-            on_exceeded()
-            return b""
-        return chunk
-
-    return count
+    _http1.Http1Server.read_body = _read_body_bounded  # type: ignore[method-assign]
 
 
 class Limits:
@@ -134,18 +257,3 @@ class Limits:
         except ValueError as e:
             raise exceptions.OptionsError(str(e)) from None
         install_limits(head, self.max_body)
-
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        """Chunked bodies have no declared length: count them on the way through."""
-        request = flow.request
-        if flow.response is None and "chunked" in header(request.headers, "transfer-encoding"):
-            request.stream = body_counter(self.max_body, lambda: _drop_client(flow))
-
-
-def _drop_client(flow: http.HTTPFlow) -> None:
-    """A chunked body went over the limit mid-stream: nothing more of it goes upstream."""
-    logger.warning("request body from %s over the limit; closing", flow.client_conn.peername[0])
-
-    asyncio.get_running_loop().call_soon(
-        close_for_client, flow.client_conn.id, None, "request body too large"
-    )

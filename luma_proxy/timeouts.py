@@ -1,4 +1,4 @@
-"""Deadlines for slow peers: connecting to a container, its response, a client's headers.
+"""Deadlines for slow peers: connecting to a container, its response, a client's head and body.
 
 mitmproxy has none of these (a black-holed container hangs a request for the
 kernel's minutes; a client trickling header bytes is never cut off). When a
@@ -24,6 +24,7 @@ from mitmproxy.proxy import server_hooks
 
 from .connections import close_for_client
 from .environ import env_float
+from .limits import BODIES, TIMED_OUT, refuse
 from .streaming import stream_response
 
 logger = logging.getLogger("luma_proxy")
@@ -63,7 +64,10 @@ class Timeouts:
         self.connect_timeout = 5.0
         self.response_timeout = 60.0
         self.header_timeout = 30.0
-        self.tick = sweep_tick(self.connect_timeout, self.response_timeout, self.header_timeout)
+        self.body_timeout = 120.0
+        self.body_idle_timeout = 10.0
+        self.tick = sweep_tick(self.connect_timeout, self.response_timeout, self.header_timeout,
+                               self.body_idle_timeout)
         self.pending: dict[str, Pending] = {"header": {}, "response": {}, "connect": {}}
         self._header, self._response, self._connect = self.pending.values()
         self._sweeper: asyncio.Task[None] | None = None
@@ -82,9 +86,18 @@ class Timeouts:
             "Seconds a client has to send a complete request head, on a new connection or "
             "after the previous response (slow clients, idle keep-alive).",
         )
+        loader.add_option(
+            "luma_body_timeout", float, env_float("LUMA_PROXY_BODY_TIMEOUT", 120.0),
+            "Seconds a client has to send a whole HTTP/1 request body (408).",
+        )
+        loader.add_option(
+            "luma_body_idle_timeout", float, env_float("LUMA_PROXY_BODY_IDLE_TIMEOUT", 10.0),
+            "Seconds a request body may pause between bytes (408).",
+        )
 
     def configure(self, updated: set[str]) -> None:
-        names = ("luma_connect_timeout", "luma_response_timeout", "luma_header_timeout")
+        names = ("luma_connect_timeout", "luma_response_timeout", "luma_header_timeout",
+                 "luma_body_timeout", "luma_body_idle_timeout")
         if not updated.intersection(names):
             return
         for name in names:
@@ -93,7 +106,8 @@ class Timeouts:
                 raise exceptions.OptionsError(f"{name} must be > 0")
         for name in names:
             setattr(self, name.removeprefix("luma_"), getattr(ctx.options, name))
-        self.tick = sweep_tick(self.connect_timeout, self.response_timeout, self.header_timeout)
+        self.tick = sweep_tick(self.connect_timeout, self.response_timeout, self.header_timeout,
+                               self.body_idle_timeout)
 
     # ------------------------------------------------------------ machinery
     def running(self) -> None:
@@ -121,7 +135,25 @@ class Timeouts:
                 _, client_id, target = pending.pop(key)
                 fired += 1
                 self._fire(kind, client_id, target)
+        if BODIES:
+            fired += self._sweep_bodies(now)
         return fired
+
+    def _sweep_bodies(self, now: float) -> int:
+        """408 and close for an HTTP/1 body that paused too long or takes too long in all.
+
+        Its upstream connection goes with the client's: the container never sees
+        the request complete.
+        """
+        late = [client_id for client_id, (begun, last, _) in BODIES.items()
+                if now - last > self.body_idle_timeout or now - begun > self.body_timeout]
+        for client_id in late:
+            server = BODIES.pop(client_id)[2]
+            answer = refuse(408) if server.response is None else None
+            if close_for_client(client_id, None, "body timeout", answer):
+                TIMED_OUT.add(client_id)
+                logger.info("body timeout: closing client")
+        return len(late)
 
     def _fire(self, kind: str, client_id: str, target: Any) -> None:
         """Cancel the task that reads ``target`` (a connection, or a flow's server side)."""
@@ -160,6 +192,9 @@ class Timeouts:
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._header.pop(client.id, None)
+        if BODIES:
+            BODIES.pop(client.id, None)
+        TIMED_OUT.discard(client.id)
 
     # ------------------------------------------------------------- upstream
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
