@@ -21,7 +21,7 @@ from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.utils import human
 
-from . import pages
+from . import engine_patches, pages
 from .connections import close_for_client
 from .flowinfo import header
 
@@ -134,6 +134,7 @@ class Limits:
         except ValueError as e:
             raise exceptions.OptionsError(str(e)) from None
         install_limits(head, self.max_body)
+        engine_patches.install(self.max_body)  # HTTP/2 bodies are counted there
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Chunked bodies have no declared length: count them on the way through."""
