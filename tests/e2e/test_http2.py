@@ -263,3 +263,25 @@ def test_h2_body_limit(site: Site, tmp_path: Path) -> None:
     big = [one for one in site.upstream.received if one.startswith(b"POST /big")]
     for upstream in big:  # streamed up to the limit at most, and never completed
         assert len(upstream) < 1024 * 1024 + 64 * 1024 and not complete(upstream)
+
+
+def test_rapid_reset_gets_goaway_and_others_are_served(site: Site) -> None:
+    s, conn = h2_connect(site.https_port)
+    goaway = None
+    with s:
+        for n in range(400):  # 400 streams opened and reset at once (CVE-2023-44487)
+            stream = 1 + 2 * n
+            conn.send_headers(stream, req("/flood"), end_stream=True)
+            conn.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
+        s.sendall(conn.data_to_send())
+        while goaway is None:
+            data = s.recv(65536)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ConnectionTerminated):
+                    goaway = event
+    assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    s2, conn2 = h2_connect(site.https_port)
+    with s2:
+        assert h2_exchange(s2, conn2, 1, req("/other")).status == 200
