@@ -177,8 +177,10 @@ def site(dns, cli, start_proxy, proxy_kind, tmp_path: Path):
     if proxy_kind == "run":
         proxy = start_proxy("run", args=("--https-port", str(https_port)), env=env)
     else:
-        proxy = start_proxy("mitmdump", args=(
-            "--mode", f"reverse:http://127.0.0.1:1/@127.0.0.1:{https_port}"), env=env)
+        http_port = free_port()
+        proxy = start_proxy("mitmdump", port=http_port, env=env, args=(
+            "--mode", f"reverse:http://127.0.0.1:1/@127.0.0.1:{http_port}",
+            "--mode", f"reverse:http://127.0.0.1:1/@127.0.0.1:{https_port}"))
     yield Site(proxy, https_port, upstream)
     upstream.close()
 
