@@ -29,7 +29,7 @@ from mitmproxy.proxy import server_hooks
 from . import pages
 from .balancer import Balancer
 from .environ import env_float
-from .flowinfo import MULTIPLEXED, header_values, host_header
+from .flowinfo import MULTIPLEXED, header_values, host_header, valid_h2_target
 from .forwarding import Network, asked_websocket, parse_trusted_proxies, set_forwarding_headers
 from .health import HealthChecker, unhealthy_ips
 from .models import Health, HealthEntry, Service, Settings, State
@@ -550,7 +550,11 @@ class LumaProxy:
 
     @staticmethod
     def _answered(flow: http.HTTPFlow) -> None:
-        if flow.response is not None and flow.request.stream:
+        if flow.response is not None and flow.request.data.http_version in MULTIPLEXED:
+            # One stream of a multiplexed connection: answer it; its body, if any,
+            # is read up to the body limit (engine_patches), never the whole connection killed.
+            flow.request.stream = False
+        elif flow.response is not None and flow.request.stream:
             # Answered here (404, 503, redirect...) while a large body is still coming:
             # mitmproxy can neither stream it nowhere nor answer before reading it all
             # into memory. Close instead; small bodies are read and answered normally.
@@ -567,6 +571,10 @@ class LumaProxy:
             return None
         raw_host = hosts[0] if hosts else None
         authority = request.authority
+        if request.data.http_version in MULTIPLEXED and not valid_h2_target(
+                request.data.method, request.data.path, request.data.authority):
+            flow.response = pages.page(400)  # would be written into the container's request line
+            return None
         if authority and request.data.http_version in MULTIPLEXED:
             raw_host = authority  # what request.host_header is, without a second scan
         if authority and hosts and self.table.canonical(authority) != self.table.canonical(

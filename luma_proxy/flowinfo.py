@@ -8,6 +8,7 @@ when no response object exists (upstream connect failure, client gone).
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 from mitmproxy import http
@@ -141,3 +142,18 @@ def client_ip(flow: http.HTTPFlow) -> str:
         return ""
     ip = str(peer[0])
     return ip.removeprefix("::ffff:")
+
+
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_ORIGIN_PATH = re.compile(rb"/[\x21-\x7e]*")
+
+
+def valid_h2_target(method: bytes, path: bytes, authority: bytes) -> bool:
+    """An HTTP/2 request whose parts can become an HTTP/1 request line as they are.
+
+    ``:method`` a token, ``:path`` origin-form (a leading slash, no space, control
+    or non-ASCII byte: never an absolute URL or ``*``), ``:authority`` without
+    whitespace or controls. Anything else is answered 400 (RFC 9113 §8.3.1).
+    """
+    return (_TOKEN.fullmatch(method) is not None and _ORIGIN_PATH.fullmatch(path) is not None
+            and _ORIGIN_PATH.fullmatch(b"/" + authority) is not None)

@@ -30,7 +30,7 @@ from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers.http import ErrorCode, ReceiveHttp, RequestProtocolError, _http1
 from mitmproxy.utils import human
 
-from . import pages
+from . import engine_patches, pages
 
 DEFAULT_MAX_HEADER = "64k"
 DEFAULT_MAX_BODY = "1g"
@@ -257,3 +257,4 @@ class Limits:
         except ValueError as e:
             raise exceptions.OptionsError(str(e)) from None
         install_limits(head, self.max_body)
+        engine_patches.install(self.max_body)  # HTTP/2 bodies are counted there

@@ -1,0 +1,289 @@
+"""HTTP/2 end to end (issue 13, points 1-6): a frame-level client against a real proxy
+process, and what the container receives recorded byte for byte."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import pytest
+
+from tests.e2e.conftest import Proxy
+from tests.e2e.docker_double import free_port
+from tests.e2e.test_https import make_cert
+
+RAW_IP = "127.0.50.1"
+
+
+class RawUpstream:
+    """A container that records every byte it receives and answers each connection once."""
+
+    def __init__(self, ip: str = RAW_IP) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((ip, 0))
+        self.sock.listen(64)
+        self.ip, self.port = ip, self.sock.getsockname()[1]
+        self.received: list[bytes] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        data = b""
+        conn.settimeout(5)
+        with conn:
+            try:
+                while not complete(data):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                if complete(data):
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                                 b"Connection: close\r\n\r\nok")
+            except OSError:
+                pass
+            finally:
+                with self.lock:
+                    self.received.append(data)
+
+    @property
+    def raw(self) -> bytes:
+        with self.lock:
+            return b"".join(self.received)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def complete(data: bytes) -> bool:
+    """One whole HTTP/1.1 request: head, then a body framed by Content-Length or chunked."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    lower = head.lower()
+    if b"transfer-encoding: chunked" in lower:
+        return body.endswith(b"0\r\n\r\n")
+    for line in lower.split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":")[1])
+    return True
+
+
+@dataclass
+class H2Answer:
+    status: int | None = None
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    body: bytes = b""
+    reset: int | None = None
+    goaway: h2.events.ConnectionTerminated | None = None
+
+
+def h2_connect(port: int) -> tuple[ssl.SSLSocket, h2.connection.H2Connection]:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=15),
+                        server_hostname="blog.test")
+    assert s.selected_alpn_protocol() == "h2"
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False))
+    conn.initiate_connection()
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**24})
+    conn.increment_flow_control_window(2**24)
+    s.sendall(conn.data_to_send())
+    return s, conn
+
+
+def h2_exchange(s: ssl.SSLSocket, conn: h2.connection.H2Connection, stream: int,
+                headers: list[tuple[str, str]], body: bytes | None = None) -> H2Answer:
+    """Send one request on ``stream``; read until it ends, is reset, or the connection goes."""
+    conn.send_headers(stream, headers, end_stream=body is None)
+    answer = H2Answer()
+    sent = 0
+    while True:
+        if body is not None and sent < len(body):
+            room = min(conn.local_flow_control_window(stream), conn.max_outbound_frame_size,
+                       len(body) - sent)
+            if room > 0:
+                conn.send_data(stream, body[sent:sent + room], end_stream=sent + room == len(body))
+                sent += room
+        s.sendall(conn.data_to_send())
+        data = s.recv(65536)
+        if not data:
+            return answer
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream:
+                answer.headers = dict(event.headers)
+                answer.status = int(answer.headers[b":status"])
+            elif isinstance(event, h2.events.DataReceived) and event.stream_id == stream:
+                answer.body += event.data
+                conn.acknowledge_received_data(event.flow_controlled_length, stream)
+            elif isinstance(event, h2.events.StreamEnded) and event.stream_id == stream:
+                s.sendall(conn.data_to_send())
+                return answer
+            elif isinstance(event, h2.events.StreamReset) and event.stream_id == stream:
+                answer.reset = event.error_code
+                return answer
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                answer.goaway = event
+                return answer
+
+
+def req(path: str = "/", authority: str = "blog.test", method: str = "GET",
+        extra: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+    return [(":method", method), (":scheme", "https"), (":path", path),
+            (":authority", authority), *(extra or [])]
+
+
+@dataclass
+class Site:
+    proxy: Proxy
+    https_port: int
+    upstream: RawUpstream
+
+
+@pytest.fixture
+def site(dns, cli, start_proxy, proxy_kind, tmp_path: Path):
+    upstream = RawUpstream()
+    dns.set_alias("raw", [upstream.ip])
+    dns.set_alias("down", ["127.0.50.9"])
+    cert, key = make_cert(["blog.test", "down.test"])
+    (tmp_path / "c.pem").write_bytes(cert)
+    (tmp_path / "k.pem").write_bytes(key)
+    tls = ("--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem"))
+    cli("deploy", "--host", "blog.test", "--target", f"raw:{upstream.port}", "--project", "p",
+        *tls)
+    cli("deploy", "--host", "down.test", "--target", "down:1", "--project", "p", *tls)
+    cli("updatehealth", "--host", "down.test", "--healthy", "false")
+    https_port = free_port()
+    env = {"LUMA_PROXY_MAX_BODY_SIZE": "1m", "LUMA_PROXY_HEALTH_INTERVAL": "3600"}
+    if proxy_kind == "run":
+        proxy = start_proxy("run", args=("--https-port", str(https_port)), env=env)
+    else:
+        http_port = free_port()
+        proxy = start_proxy("mitmdump", port=http_port, env=env, args=(
+            "--mode", f"reverse:http://127.0.0.1:1/@127.0.0.1:{http_port}",
+            "--mode", f"reverse:http://127.0.0.1:1/@127.0.0.1:{https_port}"))
+    yield Site(proxy, https_port, upstream)
+    upstream.close()
+
+
+def requests_upstream(raw: list[bytes]) -> list[bytes]:
+    """Request lines the container parsed (health checks left out)."""
+    lines = [one.split(b"\r\n", 1)[0] for one in raw if one]
+    return [line for line in lines if not line.startswith(b"GET /up ")]
+
+
+def test_own_answers_reach_h2_clients(site: Site) -> None:
+    s, conn = h2_connect(site.https_port)
+    with s:
+        unknown = h2_exchange(s, conn, 1, req(authority="nope.test"))
+        assert (unknown.status, unknown.reset) == (404, None)
+        down = h2_exchange(s, conn, 3, req(authority="down.test"))
+        assert (down.status, down.reset) == (503, None)
+        assert down.headers[b"retry-after"] == b"5"
+        for answer in (unknown, down):
+            assert not answer.headers.get(b"server", b"").startswith(b"mitmproxy")
+        # the same connection still serves a routed request afterwards
+        ok = h2_exchange(s, conn, 7, req("/after"))
+        assert (ok.status, ok.body) == (200, b"ok")
+    assert requests_upstream(site.upstream.received) == [b"GET /after HTTP/1.1"]
+
+
+def test_goaway_debug_data_says_nothing_internal(site: Site) -> None:
+    s, conn = h2_connect(site.https_port)
+    with s:  # Host naming another host than :authority: hyper-h2 refuses the connection
+        bad = h2_exchange(s, conn, 1, req(extra=[("host", "evil.test")]))
+    assert bad.goaway is not None and bad.goaway.additional_data in (None, b"closing")
+    assert requests_upstream(site.upstream.received) == []
+
+
+def test_h2_body_without_length_is_framed_chunked(site: Site) -> None:
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: evil.test\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+    s, conn = h2_connect(site.https_port)
+    with s:
+        answer = h2_exchange(s, conn, 1, req("/upload", method="POST"), body=smuggled)
+    assert (answer.status, answer.body) == (200, b"ok")
+    raw = site.upstream.raw
+    assert requests_upstream(site.upstream.received) == [b"POST /upload HTTP/1.1"]
+    head, _, body = raw[raw.index(b"POST /upload"):].partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert body == b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled)
+
+
+@pytest.mark.parametrize("path", ["http://evil.test/x", "x", "/a b", "*", "/a\x7f"])
+def test_h2_request_line_only_from_valid_parts(site: Site, path: str) -> None:
+    s, conn = h2_connect(site.https_port)
+    with s:
+        bad = h2_exchange(s, conn, 1, req(path))
+        assert bad.status == 400
+        ok = h2_exchange(s, conn, 3, req("/fine"))  # a stream error, not a closed connection
+        assert ok.status == 200
+    assert requests_upstream(site.upstream.received) == [b"GET /fine HTTP/1.1"]
+
+
+def test_h2_malformed_request_is_a_stream_error(site: Site) -> None:
+    s, conn = h2_connect(site.https_port)
+    with s:
+        bad = h2_exchange(s, conn, 1, req(authority="blog.test:99999"))  # no such port
+        assert bad.reset == h2.errors.ErrorCodes.PROTOCOL_ERROR and bad.goaway is None
+        ok = h2_exchange(s, conn, 3, req("/next"))
+        assert ok.status == 200
+    assert requests_upstream(site.upstream.received) == [b"GET /next HTTP/1.1"]
+
+
+def test_h2_body_limit(site: Site, tmp_path: Path) -> None:
+    """nghttp sends the body, with a content-length; the limit counts DATA frames either way."""
+    declared = True
+    body = b"x" * (2 * 1024 * 1024)
+    (tmp_path / "body").write_bytes(body)
+    cmd = ["nghttp", "-v", "-H", ":authority: blog.test", "-H", ":method: POST",
+           "-d", str(tmp_path / "body") if declared else "-",
+           f"https://127.0.0.1:{site.https_port}/big"]
+    out = subprocess.run(cmd, input=None if declared else body, capture_output=True,
+                         timeout=60).stdout.decode(errors="replace")
+    assert ("content-length: 2097152" in out) is declared
+    assert "(stream_id=13) :status: 413" in out, out[-1500:]
+    assert "server: mitmproxy" not in out
+    big = [one for one in site.upstream.received if one.startswith(b"POST /big")]
+    for upstream in big:  # streamed up to the limit at most, and never completed
+        assert len(upstream) < 1024 * 1024 + 64 * 1024 and not complete(upstream)
+
+
+def test_rapid_reset_gets_goaway_and_others_are_served(site: Site) -> None:
+    s, conn = h2_connect(site.https_port)
+    goaway = None
+    with s:
+        for n in range(400):  # 400 streams opened and reset at once (CVE-2023-44487)
+            stream = 1 + 2 * n
+            conn.send_headers(stream, req("/flood"), end_stream=True)
+            conn.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
+        s.sendall(conn.data_to_send())
+        while goaway is None:
+            data = s.recv(65536)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ConnectionTerminated):
+                    goaway = event
+    assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    s2, conn2 = h2_connect(site.https_port)
+    with s2:
+        assert h2_exchange(s2, conn2, 1, req("/other")).status == 200
