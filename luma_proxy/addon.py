@@ -131,6 +131,7 @@ class LumaProxy:
         self._tasks: list[asyncio.Task[None]] = []
         self._leader_fd: int | None = None
         self._kick = asyncio.Event()
+        self._alias_of: dict[str, tuple[str, str]] = {}  # ip -> (alias, host) last sent there
 
     # ----------------------------------------------------------------- options
     def load(self, loader: Any) -> None:
@@ -584,6 +585,20 @@ class LumaProxy:
         data.port = route.port
         flow.metadata["luma_service"] = route.service.host
         flow.metadata["luma_ip"] = ip
+        self._alias_of[ip] = (route.alias, route.service.host)
+
+    async def alternatives(self, ip: str, port: int, fresh: bool) -> tuple[str, ...]:
+        """The IPs a failed connect to ``ip`` may be retried on (retry.Connector)."""
+        found = self._alias_of.get(ip)
+        if found is None:
+            return ()
+        alias, host = found
+        if fresh:
+            self.resolver.expire_ip(ip)
+        ips = await self.resolver.resolve(alias)
+        health = self.health.get(host)
+        unhealthy = unhealthy_ips(health) if health is not None else frozenset()
+        return tuple(other for other in ips if other not in unhealthy)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Stream what is large or has no length (SSE, long polls) instead of buffering it."""
@@ -624,9 +639,10 @@ def all_addons() -> list[Any]:
     from .limits import Limits
     from .metrics import Metrics
     from .requestid import RequestId
+    from .retry import Retry
     from .timeouts import Timeouts
     from .tls import Https
 
     router = LumaProxy()
-    return [RequestId(), Limits(), Https(router), router, Timeouts(), AccessLog(), Metrics(),
-            Drain()]
+    return [RequestId(), Limits(), Https(router), router, Retry(router.alternatives), Timeouts(),
+            AccessLog(), Metrics(), Drain()]
