@@ -6,16 +6,21 @@ import signal
 import time
 from pathlib import Path
 
-from tests.e2e.bluegreen import Deployment, LoadGenerator
+import pytest
+
+from tests.e2e.bluegreen import BIN, LUMA, Deployment, LoadGenerator
 
 
-def test_refused_connects_to_a_dead_replica_are_retried_on_the_survivor(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [(LUMA, "run"), (str(BIN / "mitmdump"),),
+                                     (str(BIN / "mitmweb"),)], ids=["run", "mitmdump", "mitmweb"])
+def test_refused_connects_to_a_dead_replica_are_retried_on_the_survivor(
+        tmp_path: Path, command: tuple[str, ...]) -> None:
     """SIGKILL one of two replicas under new-connection load: no request sent after it fails.
 
     Health checks are far apart (600 s) and the dead IP stays in DNS, so only the connect
     retry can save the requests that pick it.
     """
-    with Deployment(tmp_path / "bg", health_interval=600) as dep:
+    with Deployment(tmp_path / "bg", health_interval=600, proxy_command=command) as dep:
         assert dep.live is not None and dep.proxy is not None
         dead, survivor = dep.live.replicas
         load = LoadGenerator(dep.proxy.port, dep.host, keepalive=0, fresh=4).start()
