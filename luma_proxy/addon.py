@@ -588,7 +588,7 @@ class LumaProxy:
         self._alias_of[ip] = (route.alias, route.service.host)
 
     async def alternatives(self, ip: str, port: int, fresh: bool) -> tuple[str, ...]:
-        """The IPs a failed connect to ``ip`` may be retried on (retry.Connector)."""
+        """The IPs a failed connect to ``ip`` may be retried on (engine_patches.Connector)."""
         found = self._alias_of.get(ip)
         if found is None:
             return ()
@@ -636,13 +636,13 @@ def all_addons() -> list[Any]:
     """Everything luma-proxy adds to mitmproxy, in hook order."""
     from .accesslog import AccessLog
     from .drain import Drain
+    from .engine_patches import ConnectRetry
     from .limits import Limits
     from .metrics import Metrics
     from .requestid import RequestId
-    from .retry import Retry
     from .timeouts import Timeouts
     from .tls import Https
 
     router = LumaProxy()
-    return [RequestId(), Limits(), Https(router), router, Retry(router.alternatives), Timeouts(),
-            AccessLog(), Metrics(), Drain()]
+    return [RequestId(), Limits(), Https(router), router, ConnectRetry(router.alternatives),
+            Timeouts(), AccessLog(), Metrics(), Drain()]

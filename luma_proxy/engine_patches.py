@@ -1,8 +1,10 @@
-"""Retry and race a container connect: the one seam in mitmproxy's connection opening.
+"""mitmproxy 12 internals luma-proxy patches: the one module that touches them.
+
+Connection opening (issue 15): retry and race a container connect.
 
 mitmproxy has no retry API. ``ConnectionHandler.open_connection`` (mitmproxy/proxy/
 server.py) connects with ``asyncio.open_connection`` looked up through that module's
-``asyncio`` name. ``install`` points that single name at a namespace whose
+``asyncio`` name. ``install_connect_retry`` points that single name at a namespace whose
 ``open_connection`` is ``Connector.open``; nothing else in the process changes, and the
 same seam serves ``luma-proxy run``, ``mitmdump -s`` and ``mitmweb -s``. This is the only
 place that touches that mitmproxy internal.
@@ -89,7 +91,7 @@ def _close_result(task: asyncio.Task[Any]) -> None:
             writer.close()
 
 
-def install(connector: Connector) -> None:
+def install_connect_retry(connector: Connector) -> None:
     """Point mitmproxy's server module (only) at ``connector`` for TCP connects."""
     from mitmproxy.proxy import server  # mitmproxy internal: its module-global ``asyncio``
 
@@ -99,7 +101,7 @@ def install(connector: Connector) -> None:
     server.asyncio = shim  # type: ignore[attr-defined]
 
 
-class Retry:
+class ConnectRetry:
     """The addon: option ``luma_retry_timeout`` and the seam, installed on load."""
 
     def __init__(self, alternatives: Alternatives) -> None:
@@ -110,7 +112,7 @@ class Retry:
             "luma_retry_timeout", float, env_float("LUMA_PROXY_RETRY_TIMEOUT", 5.0),
             "Seconds to keep retrying a failed container connect on other IPs of the alias.",
         )
-        install(self.connector)
+        install_connect_retry(self.connector)
 
     def configure(self, updated: set[str]) -> None:
         if "luma_retry_timeout" in updated:

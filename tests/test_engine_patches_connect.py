@@ -6,7 +6,7 @@ import asyncio
 import socket
 import time
 
-from luma_proxy.retry import Connector
+from luma_proxy.engine_patches import Connector
 
 
 async def _serve(host: str) -> tuple[asyncio.Server, int]:
