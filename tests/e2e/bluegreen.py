@@ -305,6 +305,13 @@ class Deployment:
         log = self.workdir / "proxy.log"
         cmd = [*self.proxy_command, "--http-port", str(port), "--listen-host", "127.0.0.1",
                "--state", str(self.state)]
+        engine = Path(self.proxy_command[0]).name
+        if engine in ("mitmdump", "mitmweb"):  # the addon script; the state comes from the env
+            cmd = [*self.proxy_command, "-q", "--listen-host", "127.0.0.1", "-p", str(port),
+                   "-s", str(Path(__file__).parents[2] / "addons" / "luma.py")]
+            if engine == "mitmweb":
+                cmd += ["--no-web-open-browser", "--web-host", "127.0.0.1",
+                        "--web-port", str(free_port())]
         with log.open("wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                     env=self._env(), cwd=self.workdir)
