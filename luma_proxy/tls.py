@@ -34,6 +34,15 @@ CHALLENGE_PREFIX = c.CHALLENGE_PREFIX.encode()  # matched on the raw path: no de
 logger = logging.getLogger("luma_proxy.tls")
 
 TICK = 1.0
+# Mozilla "intermediate" TLS 1.2 suites: forward-secret key exchange, AEAD only,
+# in the server's order of preference (mitmproxy sets OP_CIPHER_SERVER_PREFERENCE).
+# TLS 1.3 suites are all of that kind; TLS 1.2 is mitmproxy's minimum already.
+INTERMEDIATE_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305",
+)
 MAX_PARALLEL_ORDERS = 4
 
 
@@ -142,6 +151,15 @@ class Https:
         return loaded is not None and loaded.not_after > now()
 
     # ------------------------------------------------------------- TLS
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        """Only the intermediate suites, unless the operator set ``ciphers_client``.
+
+        Set on the connection before mitmproxy's tlsconfig builds its context from it.
+        """
+        client = data.context.client
+        if not client.cipher_list and not ctx.options.ciphers_client:
+            client.cipher_list = list(INTERMEDIATE_CIPHERS)
+
     def tls_start_client(self, data: tls.TlsData) -> None:
         """Put this SNI's certificate where mitmproxy's TLS layer looks first.
 
