@@ -70,6 +70,19 @@ def wants_certificate(service: Service, loaded: c.Loaded | None, at: datetime.da
     return requested is not None and requested > issued
 
 
+def misdirected(router: LumaProxy, sni: str | None, host: str | None) -> bool:
+    """The TLS SNI names a configured host other than ``Host``: RFC 9110's 421.
+
+    A connection opened for one service (its certificate, its TLS) must not carry
+    requests for another; an SNI naming no configured host is left to routing.
+    """
+    if not sni:
+        return False
+    table = router.table
+    named = table.canonical(sni)
+    return named is not None and named in table.services and named != table.canonical(host or "")
+
+
 class Https:
     def __init__(self, router: LumaProxy) -> None:
         self.router = router
@@ -126,7 +139,12 @@ class Https:
             path = request.path
             self._answer_challenge(flow, path[len(c.CHALLENGE_PREFIX):].split("?", 1)[0])
             return
-        if self.https_port and not flow.client_conn.tls_established:
+        if flow.client_conn.tls_established:
+            if misdirected(self.router, flow.client_conn.sni, host_header(request)):
+                flow.response = http.Response.make(421, b"Misdirected Request\n",
+                                                   {"Content-Type": "text/plain"})
+            return
+        if self.https_port:
             host = host_header(request)
             found = self.router.table.lookup(host)
             if isinstance(found, Service) and found.ssl and self.active(found.host):

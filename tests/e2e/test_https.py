@@ -252,3 +252,21 @@ def test_tls12_offers_only_forward_secret_aead_suites(https: Https) -> None:
     assert handshake(https.https_port, "unknown.test",
                      "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-GCM-SHA256"
                      ) == "ECDHE-ECDSA-AES128-GCM-SHA256"
+
+
+def test_sni_of_another_configured_host_gets_421_h1_and_h2(https: Https, cli) -> None:
+    for host in ("blog.test", "shop.test"):
+        cli("deploy", "--host", host, "--target", f"blog:{https.app_port}", "--project", "p",
+            "--no-ssl")
+    https.proxy()
+    for flag in ("--http1.1", "--http2"):
+        r = https.curl("shop.test", "/", flag, "-k", "-H", "Host: blog.test",
+                       "-o", "/dev/null", "-w", "%{http_code}")
+        assert r.stdout == "421", (flag, r.stdout, r.stderr)
+        # Same host in another spelling, and an SNI naming no configured host: served.
+        r = https.curl("shop.test", "/", flag, "-k", "-H", "Host: SHOP.test",
+                       "-o", "/dev/null", "-w", "%{http_code}")
+        assert r.stdout == "200", (flag, r.stdout, r.stderr)
+        r = https.curl("other.test", "/", flag, "-k", "-H", "Host: blog.test",
+                       "-o", "/dev/null", "-w", "%{http_code}")
+        assert r.stdout == "200", (flag, r.stdout, r.stderr)
