@@ -175,6 +175,8 @@ class Https:
         Set on the connection before mitmproxy's tlsconfig builds its context from it.
         """
         client = data.context.client
+        if client.sni and (host := self.router.table.canonical(client.sni)):
+            client.sni = host  # one spelling: the certificate store keeps one entry per host
         if not client.cipher_list and not ctx.options.ciphers_client:
             client.cipher_list = list(INTERMEDIATE_CIPHERS)
 

@@ -222,6 +222,8 @@ def test_custom_certificate(https: Https, cli, state_path: Path, tmp_path: Path)
     wait_until(lambda: https.peer_cert("shop.test").subject.rfc4514_string() != "", timeout=5)
     served = https.peer_cert("shop.test")
     assert served == x509.load_pem_x509_certificate(cert_pem)
+    for variant in ("SHOP.test", "Shop.Test", "SHOP.TEST."):  # DNS names ignore case
+        assert https.peer_cert(variant) == served, variant
     assert "ordering one" not in proxy.logs()
     assert cert_status(cli, "shop.test")["source"] == "custom"
 
