@@ -30,7 +30,8 @@ or keeps them. (A body another mitmproxy script streams later is logged as 0.)
 The line is built with one pre-configured ``json`` encoder call (or a few
 f-strings for text) and written to stdout by ``LineWriter``, not through
 ``logging`` (a ``LogRecord`` costs more than the line): the lines of 50 ms
-leave together, with one ``write`` and one ``flush``. The proxy's other log
+leave together, as ``os.write`` calls of whole lines of at most PIPE_BUF bytes
+each, so ``--workers`` sharing one stdout pipe never tear a line. The proxy's other log
 records stay where the logging setup puts them; ``configure_logging("json")``
 makes them JSON lines on stdout as well.
 """
@@ -42,9 +43,10 @@ import json
 import logging
 import os
 import re
+import select
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from mitmproxy import ctx, exceptions, http
@@ -183,6 +185,26 @@ FLUSH_EVERY = 0.05  # seconds a line may wait for the ones after it
 MAX_PENDING = 512  # lines; more are written at once
 
 
+def pipe_chunks(lines: list[str], limit: int = select.PIPE_BUF) -> Iterator[bytes]:
+    """Whole lines joined into pieces of at most ``limit`` bytes (a longer line alone).
+
+    Why: ``--workers`` share one stdout. The kernel keeps a pipe write whole only
+    up to PIPE_BUF bytes; a bigger one can be split and interleaved with another
+    worker's, tearing lines. Each piece is one ``os.write``: a line is never cut.
+    """
+    piece: list[bytes] = []
+    size = 0
+    for line in lines:
+        data = line.encode() + b"\n"
+        if piece and size + len(data) > limit:
+            yield b"".join(piece)
+            piece, size = [], 0
+        piece.append(data)
+        size += len(data)
+    if piece:
+        yield b"".join(piece)
+
+
 class LineWriter:
     """Writes the lines of up to ``interval`` seconds with one ``write`` and one ``flush``.
 
@@ -224,8 +246,16 @@ class LineWriter:
             return
         stream = self.stream if self.stream is not None else sys.stdout
         try:
-            stream.write("\n".join(lines) + "\n")
-            stream.flush()
+            try:
+                fd = stream.fileno()
+            except (OSError, ValueError, AttributeError):  # io.StringIO and the like
+                stream.write("\n".join(lines) + "\n")
+                stream.flush()
+                return
+            stream.flush()  # whatever print() left in its buffer goes first
+            for chunk in pipe_chunks(lines):
+                while chunk:
+                    chunk = chunk[os.write(fd, chunk):]
         except (OSError, ValueError) as e:  # EPIPE, closed file
             if not self.failed:
                 self.failed = True

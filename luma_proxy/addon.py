@@ -532,6 +532,8 @@ class LumaProxy:
         an answer given here can close such a request instead of reading it all.
         """
         request = flow.request
+        if flow.response is not None and not request.stream:
+            return None  # answered before us (ACME, redirect, 421): read, then answered
         if request.stream or stream_request(request):
             stream_counted(request)  # also a chunked upload the size limit counts
         try:

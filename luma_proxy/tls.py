@@ -34,6 +34,15 @@ CHALLENGE_PREFIX = c.CHALLENGE_PREFIX.encode()  # matched on the raw path: no de
 logger = logging.getLogger("luma_proxy.tls")
 
 TICK = 1.0
+# Mozilla "intermediate" TLS 1.2 suites: forward-secret key exchange, AEAD only,
+# in the server's order of preference (mitmproxy sets OP_CIPHER_SERVER_PREFERENCE).
+# TLS 1.3 suites are all of that kind; TLS 1.2 is mitmproxy's minimum already.
+INTERMEDIATE_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305",
+)
 MAX_PARALLEL_ORDERS = 4
 
 
@@ -59,6 +68,19 @@ def wants_certificate(service: Service, loaded: c.Loaded | None, at: datetime.da
     requested = service.renew_requested_at
     issued = datetime.datetime.fromtimestamp(loaded.mtime_ns / 1e9, datetime.UTC)
     return requested is not None and requested > issued
+
+
+def misdirected(router: LumaProxy, sni: str | None, host: str | None) -> bool:
+    """The TLS SNI names a configured host other than ``Host``: RFC 9110's 421.
+
+    A connection opened for one service (its certificate, its TLS) must not carry
+    requests for another; an SNI naming no configured host is left to routing.
+    """
+    if not sni:
+        return False
+    table = router.table
+    named = table.canonical(sni)
+    return named is not None and named in table.services and named != table.canonical(host or "")
 
 
 class Https:
@@ -117,7 +139,12 @@ class Https:
             path = request.path
             self._answer_challenge(flow, path[len(c.CHALLENGE_PREFIX):].split("?", 1)[0])
             return
-        if self.https_port and not flow.client_conn.tls_established:
+        if flow.client_conn.tls_established:
+            if misdirected(self.router, flow.client_conn.sni, host_header(request)):
+                flow.response = http.Response.make(421, b"Misdirected Request\n",
+                                                   {"Content-Type": "text/plain"})
+            return
+        if self.https_port:
             host = host_header(request)
             found = self.router.table.lookup(host)
             if isinstance(found, Service) and found.ssl and self.active(found.host):
@@ -142,6 +169,17 @@ class Https:
         return loaded is not None and loaded.not_after > now()
 
     # ------------------------------------------------------------- TLS
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        """Only the intermediate suites, unless the operator set ``ciphers_client``.
+
+        Set on the connection before mitmproxy's tlsconfig builds its context from it.
+        """
+        client = data.context.client
+        if client.sni and (host := self.router.table.canonical(client.sni)):
+            client.sni = host  # one spelling: the certificate store keeps one entry per host
+        if not client.cipher_list and not ctx.options.ciphers_client:
+            client.cipher_list = list(INTERMEDIATE_CIPHERS)
+
     def tls_start_client(self, data: tls.TlsData) -> None:
         """Put this SNI's certificate where mitmproxy's TLS layer looks first.
 

@@ -6,7 +6,9 @@ import asyncio
 import io
 import json
 import logging
+import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -296,3 +298,41 @@ def test_configure_logging_json_swaps_the_root_handler() -> None:
     assert json.loads(stream.getvalue())["msg"] == "cannot save health: disk full"
     with pytest.raises(ValueError):
         configure_logging("xml")
+
+
+WRITER_PROCESS = """
+import asyncio, sys
+from luma_proxy.accesslog import LineWriter
+
+async def main() -> None:
+    writer = LineWriter(interval=0)
+    for n in range(3000):
+        writer(f"begin {sys.argv[1]} {n} " + "x" * 180 + " end")
+        if n % 400 == 399:
+            await asyncio.sleep(0)  # a batch of 400 lines (~80 kB) leaves
+    writer.flush()
+
+asyncio.run(main())
+"""
+
+
+def test_workers_sharing_one_pipe_never_tear_a_line() -> None:
+    """Real processes, one pipe: every line arrives whole (batches far above PIPE_BUF)."""
+    import re
+    import subprocess
+
+    read, write = os.pipe()
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER_PROCESS, str(w)], stdout=write)
+             for w in range(4)]
+    os.close(write)
+    chunks = []
+    with os.fdopen(read, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(4096):  # a slow reader: the pipe is full, writers wait
+            chunks.append(chunk)
+            time.sleep(0.0005)
+    data = b"".join(chunks)
+    assert all(p.wait(timeout=60) == 0 for p in procs)
+    lines = data.decode().splitlines()
+    whole = re.compile(r"begin \d \d+ x{180} end")
+    torn = [line for line in lines if not whole.fullmatch(line)]
+    assert not torn and len(lines) == 4 * 3000

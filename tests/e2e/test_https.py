@@ -222,5 +222,53 @@ def test_custom_certificate(https: Https, cli, state_path: Path, tmp_path: Path)
     wait_until(lambda: https.peer_cert("shop.test").subject.rfc4514_string() != "", timeout=5)
     served = https.peer_cert("shop.test")
     assert served == x509.load_pem_x509_certificate(cert_pem)
+    for variant in ("SHOP.test", "Shop.Test", "SHOP.TEST."):  # DNS names ignore case
+        assert https.peer_cert(variant) == served, variant
     assert "ordering one" not in proxy.logs()
     assert cert_status(cli, "shop.test")["source"] == "custom"
+
+
+def handshake(port: int, sni: str, ciphers: str) -> str | None:
+    """The cipher a TLS 1.2 client offering only ``ciphers`` gets, or None if refused."""
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    client.set_ciphers(ciphers)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                client.wrap_socket(raw, server_hostname=sni) as tls:
+            return tls.cipher()[0]
+    except ssl.SSLError:
+        return None
+
+
+def test_tls12_offers_only_forward_secret_aead_suites(https: Https) -> None:
+    https.proxy()
+    for cbc in ("ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA384",
+                "ECDHE-ECDSA-AES128-SHA256"):
+        assert handshake(https.https_port, "unknown.test", cbc) is None, cbc
+    assert handshake(https.https_port, "unknown.test",
+                     "ECDHE-ECDSA-AES128-GCM-SHA256") == "ECDHE-ECDSA-AES128-GCM-SHA256"
+    # Server order: offered weakest-first, the proxy still picks its first choice.
+    assert handshake(https.https_port, "unknown.test",
+                     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-GCM-SHA256"
+                     ) == "ECDHE-ECDSA-AES128-GCM-SHA256"
+
+
+def test_sni_of_another_configured_host_gets_421_h1_and_h2(https: Https, cli) -> None:
+    for host in ("blog.test", "shop.test"):
+        cli("deploy", "--host", host, "--target", f"blog:{https.app_port}", "--project", "p",
+            "--no-ssl")
+    https.proxy()
+    for flag in ("--http1.1", "--http2"):
+        r = https.curl("shop.test", "/", flag, "-k", "-H", "Host: blog.test",
+                       "-o", "/dev/null", "-w", "%{http_code}")
+        assert r.stdout == "421", (flag, r.stdout, r.stderr)
+        # Same host in another spelling, and an SNI naming no configured host: served.
+        r = https.curl("shop.test", "/", flag, "-k", "-H", "Host: SHOP.test",
+                       "-o", "/dev/null", "-w", "%{http_code}")
+        assert r.stdout == "200", (flag, r.stdout, r.stderr)
+        r = https.curl("other.test", "/", flag, "-k", "-H", "Host: blog.test",
+                       "-o", "/dev/null", "-w", "%{http_code}")
+        assert r.stdout == "200", (flag, r.stdout, r.stderr)
