@@ -316,6 +316,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.spawns
 def test_workers_sharing_one_pipe_never_tear_a_line() -> None:
     """Real processes, one pipe: every line arrives whole (batches far above PIPE_BUF)."""
     import re
