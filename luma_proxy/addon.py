@@ -64,13 +64,6 @@ DUMMY_REVERSE = "reverse:http://127.0.0.1:1/"
 _UNREAD = object()  # the signature of a file not read yet
 
 
-# A Luma CLI deploy can leave an alias empty or unhealthy for the seconds between the
-# old container stopping and the new one answering; 10 s covers that and stays far
-# below the 30-60 s after which clients and load balancers give up themselves.
-HOLD_TIMEOUT = 10.0
-HOLD_POLL = 0.05  # how often a held request looks again (DNS answers are cached 1 s)
-
-
 @dataclass(slots=True)
 class Routes:
     """A parsed state file and how it differs from the view it was compared with."""
@@ -154,10 +147,6 @@ class LumaProxy:
         loader.add_option(
             "luma_dns_ttl", float, env_float("LUMA_PROXY_DNS_TTL", 1.0),
             "Seconds an alias's DNS answer is reused; 0 resolves on every request.",
-        )
-        loader.add_option(
-            "luma_hold_timeout", float, env_float("LUMA_PROXY_HOLD_TIMEOUT", HOLD_TIMEOUT),
-            "Seconds a request waits for a container when none can take it, before 503.",
         )
         loader.add_option(
             "luma_health_interval", float, env_float("LUMA_PROXY_HEALTH_INTERVAL", 30.0),
@@ -548,26 +537,9 @@ class LumaProxy:
         return None
 
     async def _route_resolved(self, flow: http.HTTPFlow, route: Route) -> None:
-        """Resolve, then route; with nothing to route to, hold until a container can
-        take the request or ``luma_hold_timeout`` passes (then 503 with Retry-After)."""
         try:
-            deadline = time.monotonic() + ctx.options.luma_hold_timeout
-            held = False
-            while True:
-                if admit(route.health) is None:
-                    ips = await self.resolver.resolve(route.alias)
-                    if self._send(flow, route, ips):
-                        break
-                if time.monotonic() >= deadline:
-                    flow.response = pages.page(503)
-                    break
-                if not held:
-                    held = True
-                    flow.metadata["luma_held"] = True
-                    logger.info("holding a request for %s: no container can take it",
-                                route.service.host)
-                await asyncio.sleep(HOLD_POLL)
-                route.health = self.health.get(route.service.host)
+            ips = await self.resolver.resolve(route.alias)
+            self._send(flow, route, ips)
         except Exception:
             self._failed(flow)
             return
@@ -620,22 +592,25 @@ class LumaProxy:
             return None
         service = found
         health = self.health.get(service.host)
+        if (reject := admit(health)) is not None:
+            flow.response = pages.page(reject.status)
+            return None
         alias, port = self.table.target(service)
         route = Route(service, health, alias, port, raw_host or "")
-        if admit(health) is not None:
-            return route  # unhealthy: held for a container (_route_resolved), then 503
         ips = self.resolver.cached(alias)
-        if ips is None or not self._send(flow, route, ips):
+        if ips is None:
             return route
+        self._send(flow, route, ips)
         return None
 
-    def _send(self, flow: http.HTTPFlow, route: Route, ips: tuple[str, ...]) -> bool:
-        """Pick a container of the service and point the request at it; False if none."""
+    def _send(self, flow: http.HTTPFlow, route: Route, ips: tuple[str, ...]) -> None:
+        """Pick a container of the service and point the request at it (or answer 503)."""
         health = route.health
         unhealthy = unhealthy_ips(health) if health is not None else frozenset()
         ip = self.balancer.pick(route.alias, route.port, ips, flow.client_conn.id, unhealthy)
         if ip is None:
-            return False
+            flow.response = pages.page(503)
+            return
         request = flow.request
         scheme = "https" if flow.client_conn.tls_established else "http"
         set_forwarding_headers(
@@ -651,7 +626,6 @@ class LumaProxy:
         flow.metadata["luma_service"] = route.service.host
         flow.metadata["luma_ip"] = ip
         self._alias_of[ip] = (route.alias, route.service.host)
-        return True
 
     async def alternatives(self, ip: str, port: int, fresh: bool) -> tuple[str, ...]:
         """The IPs a failed connect to ``ip`` may be retried on (engine_patches.Connector)."""

@@ -42,7 +42,7 @@ async def test_routes_to_container_ip_and_keeps_host(state: Path) -> None:
 async def test_unknown_unhealthy_and_duplicate_host(state: Path) -> None:
     addon = LumaProxy()
     with taddons.context(addon) as tctx:
-        tctx.configure(addon, luma_state=str(state), luma_hold_timeout=0)  # no hold: 503 now
+        tctx.configure(addon, luma_state=str(state))
         f = flow_for("nope.test")
         await call([addon], "requestheaders", f)
         assert f.response is not None and f.response.status_code == 404
@@ -59,7 +59,7 @@ async def test_unknown_unhealthy_and_duplicate_host(state: Path) -> None:
 async def test_ejected_ip_gives_503(state: Path) -> None:
     addon = LumaProxy()
     with taddons.context(addon) as tctx:
-        tctx.configure(addon, luma_state=str(state), luma_hold_timeout=0)  # no hold: 503 now
+        tctx.configure(addon, luma_state=str(state))
         addon.balancer.eject("127.0.0.9", 3000)
         f = flow_for("blog.test")
         await call([addon], "requestheaders", f)
