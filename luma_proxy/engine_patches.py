@@ -276,7 +276,7 @@ class ConnectRetry:
 
     def load(self, loader: Any) -> None:
         loader.add_option(
-            "luma_retry_timeout", float, env_float("LUMA_PROXY_RETRY_TIMEOUT", 5.0),
+            "luma_retry_timeout", float, env_float("LUMA_PROXY_RETRY_TIMEOUT", 1.0),
             "Seconds to keep retrying a failed container connect on other IPs of the alias.",
         )
         install_connect_retry(self.connector)

@@ -71,16 +71,18 @@ def wants_certificate(service: Service, loaded: c.Loaded | None, at: datetime.da
 
 
 def misdirected(router: LumaProxy, sni: str | None, host: str | None) -> bool:
-    """The TLS SNI names a configured host other than ``Host``: RFC 9110's 421.
+    """The TLS SNI and ``Host`` name two different configured hosts: RFC 9110's 421.
 
     A connection opened for one service (its certificate, its TLS) must not carry
-    requests for another; an SNI naming no configured host is left to routing.
+    requests for another. An SNI or a Host naming no configured host is left to
+    routing (404 for an unknown Host), which serves no other host's content either.
     """
     if not sni:
         return False
     table = router.table
-    named = table.canonical(sni)
-    return named is not None and named in table.services and named != table.canonical(host or "")
+    named, asked = table.canonical(sni), table.canonical(host or "")
+    return (named is not None and named in table.services and asked is not None
+            and asked in table.services and named != asked)
 
 
 class Https:

@@ -133,7 +133,9 @@ def test_dead_replica_is_ejected_and_dead_alias_is_503(tmp_path: Path) -> None:
 
     Health checks are far apart (600 s), so this is passive ejection alone.
     """
-    with Deployment(tmp_path / "bg", health_interval=600) as dep:
+    retry = 1.0  # LUMA_PROXY_RETRY_TIMEOUT: how long refused connects are retried
+    with Deployment(tmp_path / "bg", health_interval=600,
+                    proxy_env={"LUMA_PROXY_RETRY_TIMEOUT": str(retry)}) as dep:
         assert dep.live is not None
         dead, survivor = dep.live.replicas
         load = run_load(dep, keepalive=10, fresh=2)
@@ -145,17 +147,17 @@ def test_dead_replica_is_ejected_and_dead_alias_is_503(tmp_path: Path) -> None:
 
         after = [s for s in samples if s.sent >= killed]
         failed = [s for s in after if not s.ok]
-        # The floor: requests in flight on the dead replica, and new connections picked for it
-        # before its first refused connect ejected it; at most about one per client. Ejection
-        # ends after 2 s and the IP is tried again with real traffic: one more failure.
-        assert 1 <= len(failed) <= 12 + 2, explain(samples, dep)
+        # The floor: requests in flight on the dead replica (at most about one per client);
+        # refused connects are retried on the survivor (engine_patches.Connector).
+        assert len(failed) <= 12 + 2, explain(samples, dep)
         assert {s.status for s in failed} <= {502}, explain(samples, dep)
         settled = [s for s in after if killed + 0.5 <= s.sent < killed + 2.0]
         assert settled and all(s.ok and s.container == survivor.name for s in settled), (
             explain(samples, dep)
         )
 
-        # Every IP of the alias gone: once both are ejected, 503 at once, not a hang.
+        # Every IP of the alias gone: retried for at most the retry timeout, then an
+        # answer (502, or 503 once both are ejected), never a hang.
         survivor.proc.send_signal(signal.SIGKILL)
         survivor.proc.wait(5)
         replies = []
@@ -163,7 +165,7 @@ def test_dead_replica_is_ejected_and_dead_alias_is_503(tmp_path: Path) -> None:
             began = time.monotonic()
             status, _, _ = dep.get("/", timeout=5)
             replies.append((status, time.monotonic() - began))
-        assert all(took < 1.0 for _, took in replies), replies
+        assert all(took < retry + 1.5 for _, took in replies), replies
         assert replies[-1][0] == 503 and {s for s, _ in replies} <= {502, 503}, replies
 
         # The alias itself gone (NXDOMAIN): 503 as soon as the cached answer expires.
