@@ -115,8 +115,10 @@ def _settings(raw: Any) -> Settings:
 def certificate_dirs(raw: dict[str, Any]) -> dict[str, str]:
     """Normalised host -> the directory name the Go proxy used, where they differ (case)."""
     out = {}
-    for body in (raw.get("projects") or {}).values():
-        for key in ((body or {}).get("hosts") or {}) if isinstance(body, dict) else {}:
+    projects = raw.get("projects")
+    for body in projects.values() if isinstance(projects, dict) else ():
+        hosts = body.get("hosts") if isinstance(body, dict) else None
+        for key in hosts if isinstance(hosts, dict) else ():
             try:
                 host = normalize_host(key)
             except ValueError:
