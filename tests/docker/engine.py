@@ -44,8 +44,10 @@ DAEMON_FLAGS = ["--iptables=false", "--ip-masq=false", "--ip-forward=false",
 NFT_TABLE = "luma_proxy_tests"
 BASE_IMAGE = "luma-test/bookworm"
 PYTHON_IMAGE = "luma-test/python:3.12"
-APP_IMAGE = "luma-test/app"
-PROXY_IMAGE = "luma-test/proxy"
+# One tag per checkout, so that two checkouts sharing one engine never test each other's image.
+_CHECKOUT = hashlib.sha256(str(ROOT).encode()).hexdigest()[:8]
+APP_IMAGE = f"luma-test/app:{_CHECKOUT}"
+PROXY_IMAGE = f"luma-test/proxy:{_CHECKOUT}"
 
 
 class EngineError(RuntimeError):
