@@ -56,7 +56,10 @@ def test_health_rounds_write_the_health_file_and_never_the_state_file(
                timeout=10)
     c.healthy = False
     wait_until(lambda: proxy.get("blog.test").status == 503, timeout=10)
-    assert entry_of(state_path, "blog.test").healthy is False  # type: ignore[union-attr]
+    # The round that turned the service away is written to the health file
+    # right after it is applied in memory: wait for the write, don't race it.
+    wait_until(lambda: entry_of(state_path, "blog.test").healthy is False,  # type: ignore[union-attr]
+               timeout=5)
     # ... and the state file is the one the CLI wrote: same bytes, same inode, same mtime.
     assert file_id(state_path) == routes
     assert b'"health":' not in state_path.read_bytes()
