@@ -14,12 +14,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from .models import Health, Service, now
+from .models import UNCHECKED, Health, Service, now
 from .resolver import Resolver
 
 MAX_HEAD = 16 * 1024
 MAX_BODY = 4 * 1024
-UNCHECKED = Health()  # the previous health of a service never checked
 
 
 @dataclass(frozen=True, slots=True)

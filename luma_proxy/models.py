@@ -125,6 +125,9 @@ class Health(BaseModel):
     containers: dict[str, bool] = Field(default_factory=dict)
 
 
+UNCHECKED = Health()  # the health of a service never checked
+
+
 class Service(BaseModel):
     """One routed host. The desired part is written by the CLI."""
 
