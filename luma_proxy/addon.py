@@ -43,6 +43,7 @@ from .registry import (
 )
 from .resolver import Resolver, parse_dns_server
 from .router import HostTable, Reject, admit
+from .served import Beacon
 from .streaming import stream_counted, stream_request, stream_response
 
 logger = logging.getLogger("luma_proxy")
@@ -116,6 +117,7 @@ class LumaProxy:
         self.balancer = Balancer()
         self.resolver = Resolver()
         self.store: Store | None = None
+        self.beacon: Beacon | None = None  # tells the CLI which routes are in force
         self._reader = StateReader()
         self._health_reader = HealthReader()
         self._health_writer = HealthReader()  # the leader's: keeps the lines it wrote
@@ -189,6 +191,10 @@ class LumaProxy:
             raise exceptions.OptionsError("luma_health_interval must be > 0")
         if "luma_state" in updated:
             self.store = Store(opts.luma_state)
+            if self.beacon is not None:
+                self.beacon.close()
+            self.beacon = Beacon(opts.luma_state)
+            self.beacon.open()  # no beacon (read-only disk): the CLI simply does not wait
             self._reader, self._health_reader = StateReader(), HealthReader()
             self._health_writer = HealthReader()
             self._signature, self._health_signature = _UNREAD, _UNREAD
@@ -232,6 +238,9 @@ class LumaProxy:
         if self._leader_fd is not None:
             os.close(self._leader_fd)
             self._leader_fd = None
+        if self.beacon is not None:
+            self.beacon.close()
+            self.beacon = None
 
     # ------------------------------------------------------------- the state
     def reload(self) -> bool:
@@ -280,6 +289,7 @@ class LumaProxy:
                 logger.error("keeping the last good routes: %s", routes)
                 self._last_error = str(routes)
             self._signature = signature  # parse this version once: read again when it changes
+            self._served()
             return False
         self._signature = signature
         self._last_error = None
@@ -291,7 +301,13 @@ class LumaProxy:
         if self._health_signature is None:  # no health file: the state file's old health
             self._take_health(None, Observed(None, self._candidates(self._legacy,
                                                                     self.table.services)))
+        self._served()
         return True
+
+    def _served(self) -> None:
+        """Tell a waiting CLI (served.py) which state version this process has in force."""
+        if self.beacon is not None:
+            self.beacon.serve(self._signature)
 
     def _read_health(self, services: dict[str, Service]) -> Observed | RegistryError:
         """Parse the health file and pick the entries that may change the view (in a thread)."""

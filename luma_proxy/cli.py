@@ -21,6 +21,7 @@ import click
 
 from . import startup
 from .models import (
+    UNCHECKED,
     Health,
     HealthEntry,
     Service,
@@ -119,7 +120,6 @@ def update_health(store: Store, change: Any, seed: dict[str, HealthEntry]) -> An
         raise CliError(str(e)) from None
 
 
-UNCHECKED = Health()
 
 
 def drop_stale_health(store: Store, host: str, service: Service | None) -> None:
@@ -159,10 +159,19 @@ def cli() -> None:
               help="Use this certificate (PEM, full chain) instead of ACME.")
 @click.option("--tls-key", type=click.Path(dir_okay=False), default=None,
               help="Private key (PEM) of --tls-cert.")
+@click.option("--wait", is_flag=True,
+              help="Also wait until TARGET passes a health check (exit 1 if it does not).")
+@click.option("--wait-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Seconds --wait waits for a passing health check.")
 @state_option
 def deploy(host: str, target: str, project: str, health_path: str, app: str, ssl: bool,
-           force: bool, tls_cert: str | None, tls_key: str | None, state_path: str) -> None:
-    """Route HOST to TARGET (creates it, or updates it in place)."""
+           force: bool, tls_cert: str | None, tls_key: str | None, wait: bool,
+           wait_timeout: float, state_path: str) -> None:
+    """Route HOST to TARGET (creates it, or updates it in place).
+
+    Returns once every running proxy process serves the change, so the old
+    containers may be stopped right after it.
+    """
     host = checked(normalize_host, host)
     alias, port = checked(parse_target, target)
     project = checked(parse_name, project, "project")
@@ -207,8 +216,62 @@ def deploy(host: str, target: str, project: str, health_path: str, app: str, ssl
     store = store_for(state_path)
     verb = update(store, change)
     drop_stale_health(store, host, deployed[0])
+    await_proxies(store)
+    if wait:
+        wait_healthy(store, deployed[0], wait_timeout)
     click.echo(f"✅ {verb} {host} -> {alias}:{port} (project {project}, "
                f"{'https' if ssl else 'http only'})")
+
+
+def await_proxies(store: Store) -> None:
+    """Return once every running proxy process serves what is on disk now (served.py).
+
+    A proxy that does not within the bound gets a warning on stdout (the Luma
+    CLI reads stderr as failure, and the change is saved all the same).
+    """
+    from .environ import env_float
+    from .served import wait_served
+
+    timeout = env_float("LUMA_PROXY_SERVED_TIMEOUT", 5.0)
+    pending = wait_served(store.path, store.signature, timeout)
+    if pending:
+        click.echo(f"⚠️  saved, but {pending} running proxy process(es) did not take the "
+                   f"change within {timeout:g}s; they serve it once they reload")
+
+
+def wait_healthy(store: Store, service: Service, timeout: float) -> None:
+    """``deploy --wait``: probe the new target as the proxy would until it passes.
+
+    The passing result is written to the health file, so the proxy routes to
+    the target at once instead of waiting for its own next check.
+    """
+    import asyncio
+
+    from .health import HealthChecker
+    from .resolver import Resolver, parse_dns_server
+
+    dns = os.environ.get("LUMA_PROXY_DNS")
+    resolver = Resolver(checked(parse_dns_server, dns) if dns else None, 0)
+    checker = HealthChecker(resolver, lambda _results: None, min(5.0, max(timeout, 0.1)))
+
+    async def until_healthy() -> Health:
+        deadline = time.monotonic() + timeout
+        health = UNCHECKED
+        while True:
+            health = await checker.check(service, health)
+            if health.healthy or time.monotonic() >= deadline:
+                return health
+            await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    health = asyncio.run(until_healthy())
+    if not health.healthy:
+        raise CliError(f"{service.host}: {service.target} did not pass a health check within "
+                       f"{timeout:g}s ({health.last_error})")
+
+    def change(entries: dict[str, HealthEntry]) -> None:
+        entries[service.host] = HealthEntry.of(service.routing_key(), health)
+
+    update_health(store, change, {})
 
 
 def route_networks(alias: str) -> list[str] | None:
@@ -268,6 +331,7 @@ def remove(host: str, state_path: str) -> None:
     store = store_for(state_path)
     update(store, change)
     drop_stale_health(store, host, None)
+    await_proxies(store)
     click.echo(f"✅ Removed {host}")
 
 
@@ -298,6 +362,7 @@ def switch(host: str, target: str, state_path: str) -> None:
     store = store_for(state_path)
     update(store, change)
     drop_stale_health(store, host, switched[0])
+    await_proxies(store)
     click.echo(f"✅ Switched {host} -> {alias}:{port}")
 
 
