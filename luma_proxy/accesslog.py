@@ -138,6 +138,9 @@ def access_entry(
     }
     if error:
         entry["error"] = clip(error, MAX_ERROR)
+    held = metadata.get("luma_held")
+    if held is not None:  # waited for a container (addon.LumaProxy._hold)
+        entry["held_ms"] = round(held * 1000, 3)
     return entry
 
 
@@ -175,6 +178,8 @@ def render_text(e: dict[str, Any]) -> str:
     )
     if "error" in e:
         line += f" error={_text(e['error'])}"
+    if "held_ms" in e:
+        line += f" held={e['held_ms']}ms"
     return line
 
 

@@ -31,8 +31,9 @@ from .balancer import Balancer
 from .environ import env_float
 from .flowinfo import MULTIPLEXED, header_values, host_header, valid_h2_target
 from .forwarding import Network, asked_websocket, parse_trusted_proxies, set_forwarding_headers
-from .health import HealthChecker, unhealthy_ips
+from .health import HealthChecker, probe, unreachable
 from .models import Health, HealthEntry, Service, Settings, State
+from .proving import Prover
 from .registry import (
     IMPORT_SUFFIX,
     HealthReader,
@@ -49,6 +50,7 @@ from .streaming import stream_counted, stream_request, stream_response
 logger = logging.getLogger("luma_proxy")
 
 RELOAD_POLL = 0.2
+HOLD_POLL = 0.2  # a held request asks DNS again at least this often
 UNHEALTHY_RECHECK = 2.0  # seconds between checks of a service that is unhealthy
 # Options of mitmproxy's own addons that routing by Host needs. Options of
 # built-ins a lean master does not load are simply absent, so each is optional.
@@ -138,6 +140,7 @@ class LumaProxy:
         self._leader_fd: int | None = None
         self._kick = asyncio.Event()
         self._alias_of: dict[str, tuple[str, str]] = {}  # ip -> (alias, host) last sent there
+        self.prover = Prover(self._probe)
 
     # ----------------------------------------------------------------- options
     def load(self, loader: Any) -> None:
@@ -156,6 +159,11 @@ class LumaProxy:
         )
         loader.add_option(
             "luma_health_timeout", float, 5.0, "Timeout of one health check request."
+        )
+        loader.add_option(
+            "luma_hold_timeout", float, env_float("LUMA_PROXY_HOLD_TIMEOUT", 10.0),
+            "Seconds a request waits for a container when its service has none that can "
+            "take it (a single-replica redeploy, every replica restarting); then 503.",
         )
         loader.add_option(
             "luma_trusted_proxies", str, os.environ.get("LUMA_PROXY_TRUSTED_PROXIES", ""),
@@ -187,6 +195,8 @@ class LumaProxy:
                 self.trusted = parse_trusted_proxies(opts.luma_trusted_proxies)
             except ValueError as e:
                 raise exceptions.OptionsError(str(e)) from None
+        if "luma_hold_timeout" in updated and opts.luma_hold_timeout < 0:
+            raise exceptions.OptionsError("luma_hold_timeout must be >= 0")
         if "luma_health_interval" in updated and opts.luma_health_interval <= 0:
             raise exceptions.OptionsError("luma_health_interval must be > 0")
         if "luma_state" in updated:
@@ -235,6 +245,7 @@ class LumaProxy:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
+        self.prover.close()
         if self._leader_fd is not None:
             os.close(self._leader_fd)
             self._leader_fd = None
@@ -359,8 +370,17 @@ class LumaProxy:
                 # service deployed elsewhere meanwhile is not what the entry observed.
                 continue
             health[host] = entry
+            self._forget_failed(current, entry)
             taken += 1
         return taken > 0
+
+    def _forget_failed(self, service: Service, health: Health) -> None:
+        """Containers a health check failed must prove themselves again (proving.py)."""
+        failed = [ip for ip, ok in health.containers.items() if not ok]
+        if failed:
+            _alias, port = self.table.target(service)
+            for ip in failed:
+                self.prover.forget(ip, port)
 
     def apply(self, services: dict[str, Service]) -> None:
         """Swap in a whole new set of services (what changed is found by identity)."""
@@ -389,6 +409,7 @@ class LumaProxy:
             self._dirty.add(host)
         if unused:
             self.resolver.discard(unused)
+            self.prover.discard(unused)
         if self.checker and removed:
             self.checker.discard(removed)
         if changed or removed:
@@ -492,6 +513,7 @@ class LumaProxy:
                                "healthy" if health.healthy else "unhealthy",
                                f" ({health.last_error})" if health.last_error else "")
             self.health[host] = health
+            self._forget_failed(services[host], health)
         self._tasks.append(asyncio.create_task(self._persist(results)))
         self._tasks = [t for t in self._tasks if not t.done()]
 
@@ -555,7 +577,8 @@ class LumaProxy:
     async def _route_resolved(self, flow: http.HTTPFlow, route: Route) -> None:
         try:
             ips = await self.resolver.resolve(route.alias)
-            self._send(flow, route, ips)
+            if not self._send(flow, route, ips):
+                await self._hold(flow, route)
         except Exception:
             self._failed(flow)
             return
@@ -608,25 +631,42 @@ class LumaProxy:
             return None
         service = found
         health = self.health.get(service.host)
-        if (reject := admit(health)) is not None:
-            flow.response = pages.page(reject.status)
+        if (reject := admit(health)) is not None and not unreachable(health):
+            flow.response = pages.page(reject.status)  # the app itself said it is unhealthy
             return None
         alias, port = self.table.target(service)
         route = Route(service, health, alias, port, raw_host or "")
         ips = self.resolver.cached(alias)
-        if ips is None:
-            return route
-        self._send(flow, route, ips)
+        if ips is None or not self._send(flow, route, ips):
+            return route  # ask DNS, or hold until a container can take it
         return None
 
-    def _send(self, flow: http.HTTPFlow, route: Route, ips: tuple[str, ...]) -> None:
-        """Pick a container of the service and point the request at it (or answer 503)."""
-        health = route.health
-        unhealthy = unhealthy_ips(health) if health is not None else frozenset()
-        ip = self.balancer.pick(route.alias, route.port, ips, flow.client_conn.id, unhealthy)
+    async def _hold(self, flow: http.HTTPFlow, route: Route) -> None:
+        """No container can take the request yet: wait for one, up to the hold timeout.
+
+        A single-replica redeploy, a new alias whose containers are still proving
+        themselves, every replica restarting: the request waits (re-asking DNS)
+        instead of failing, then gets 503 with ``Retry-After``.
+        """
+        started = time.monotonic()
+        deadline = started + ctx.options.luma_hold_timeout
+        flow.metadata["luma_held"] = True
+        while (remaining := deadline - time.monotonic()) > 0:
+            await self.prover.wait(route.alias, route.port, min(HOLD_POLL, remaining))
+            ips = await self.resolver.resolve(route.alias)
+            if self._send(flow, route, ips):
+                flow.metadata["luma_held"] = time.monotonic() - started
+                return
+        flow.metadata["luma_held"] = time.monotonic() - started
+        flow.response = pages.page(503)
+
+    def _send(self, flow: http.HTTPFlow, route: Route, ips: tuple[str, ...]) -> bool:
+        """Point the request at a proven container of the service; False if none can take it."""
+        usable = self.prover.usable(route.alias, route.port, ips, route.service.health_path,
+                                    route.health)
+        ip = self.balancer.pick(route.alias, route.port, usable, flow.client_conn.id)
         if ip is None:
-            flow.response = pages.page(503)
-            return
+            return False
         request = flow.request
         scheme = "https" if flow.client_conn.tls_established else "http"
         set_forwarding_headers(
@@ -642,6 +682,14 @@ class LumaProxy:
         flow.metadata["luma_service"] = route.service.host
         flow.metadata["luma_ip"] = ip
         self._alias_of[ip] = (route.alias, route.service.host)
+        return True
+
+    async def _probe(self, ip: str, port: int, host: str, path: str) -> bool:
+        """One health probe of a container that must prove itself (proving.py)."""
+        result = await probe(ip, port, host, path, ctx.options.luma_health_timeout)
+        if result.ok:
+            self.balancer.restore(ip, port)  # a passing check outranks a passive ejection
+        return result.ok
 
     async def alternatives(self, ip: str, port: int, fresh: bool) -> tuple[str, ...]:
         """The IPs a failed connect to ``ip`` may be retried on (engine_patches.Connector)."""
@@ -652,9 +700,11 @@ class LumaProxy:
         if fresh:
             self.resolver.expire_ip(ip)
         ips = await self.resolver.resolve(alias)
-        health = self.health.get(host)
-        unhealthy = unhealthy_ips(health) if health is not None else frozenset()
-        return tuple(other for other in ips if other not in unhealthy)
+        service = self.table.services.get(host)
+        path = service.health_path if service is not None else "/up"
+        proven = self.prover.usable(alias, port, ips, path, self.health.get(host))
+        # Proven containers first; an unproven one only when nothing else is left.
+        return (*proven, *(other for other in ips if other not in proven))
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Stream what is large or has no length (SSE, long polls) instead of buffering it."""
@@ -677,6 +727,7 @@ class LumaProxy:
             return  # the client left while we connected: that says nothing about the container
         ip, port = data.server.address[0], data.server.address[1]
         self.resolver.expire_ip(ip)
+        self.prover.forget(ip, port)
         delay = self.balancer.eject(ip, port)
         logger.warning("upstream %s:%s failed to connect (%s); out of rotation for %.0fs",
                        ip, port, data.server.error, delay)

@@ -195,6 +195,7 @@ def install(body_limit: int | None = None) -> None:
 # ------------------------------------------------------------------ connection opening
 RACE_DELAY = 0.25  # a healthy container on a Docker network answers a SYN in well under 1 ms
 RETRY_PAUSE = 0.05  # between rounds once every known IP failed (a container restarting)
+HOLD_PAUSE = 0.2  # between rounds past the retry timeout, while held for a container
 
 Alternatives = Callable[[str, int, bool], Awaitable[Sequence[str]]]
 
@@ -203,14 +204,17 @@ class Connector:
     """Opens a connection to one of an alias's IPs, retrying and racing."""
 
     def __init__(self, alternatives: Alternatives, timeout: float = 5.0,
-                 opener: Callable[..., Awaitable[Any]] = asyncio.open_connection) -> None:
+                 opener: Callable[..., Awaitable[Any]] = asyncio.open_connection,
+                 hold: float = 0.0) -> None:
         self.alternatives = alternatives  # (ip, port, fresh) -> the alias's IPs
         self.timeout = timeout
+        self.hold = hold  # how long to keep at it once every IP failed (nothing to route to)
         self.opener = opener  # one attempt to one IP
 
     async def open(self, host: str, port: int, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
+        started = loop.time()
+        deadline = started + self.timeout
         tried = {host}
         pending: set[asyncio.Task[Any]] = {self._attempt(host, port, kwargs)}
         error: BaseException | None = None
@@ -237,8 +241,12 @@ class Connector:
                     tried.add(others[0])
                     pending.add(self._attempt(others[0], port, kwargs))
                 elif not pending:
-                    tried = set()  # every IP failed once: try them again shortly
-                    await asyncio.sleep(min(RETRY_PAUSE, max(0.0, deadline - loop.time())))
+                    # Every IP failed once: no container can take it now (a single
+                    # replica redeployed, all restarting). Wait for one, up to the hold.
+                    deadline = max(deadline, started + self.hold)
+                    tried = set()  # ... trying them again shortly
+                    pause = RETRY_PAUSE if loop.time() < started + self.timeout else HOLD_PAUSE
+                    await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
                     tried.add(host)
                     pending.add(self._attempt(host, port, kwargs))
         finally:
@@ -286,3 +294,5 @@ class ConnectRetry:
             if ctx.options.luma_retry_timeout <= 0:
                 raise exceptions.OptionsError("luma_retry_timeout must be > 0")
             self.connector.timeout = ctx.options.luma_retry_timeout
+        if "luma_hold_timeout" in updated and "luma_hold_timeout" in ctx.options:
+            self.connector.hold = ctx.options.luma_hold_timeout  # LumaProxy's option

@@ -97,8 +97,17 @@ def combine(
     )
 
 
-def unhealthy_ips(health: Health) -> frozenset[str]:
-    return frozenset(ip for ip, ok in health.containers.items() if not ok)
+# Failures where a container answered (or an operator decided): the service is
+# unhealthy and says so, 503 at once. Any other failure means no container could
+# be reached (none behind the alias, refused, timed out): requests are held.
+ANSWERED = ("HTTP ", "malformed HTTP response", "response headers too large", "set by hand")
+
+
+def unreachable(health: Health | None) -> bool:
+    """Unhealthy only because no container could be reached (a gap, a restart)."""
+    if health is None or health.healthy is not False or health.last_error is None:
+        return False
+    return not health.last_error.startswith(ANSWERED)
 
 
 class HealthChecker:

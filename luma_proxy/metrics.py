@@ -226,6 +226,11 @@ class Metrics:
             "luma_upstream_connect_errors", "Failed connects to containers, by service.",
             ["service"], registry=self.registry,
         )
+        self.held = Counter(
+            "luma_http_requests_held", "Requests that waited for a container, by service and "
+            "outcome (routed, or 503 when the hold timed out).",
+            ["service", "outcome"], registry=self.registry,
+        )
         self.registry.register(HealthCollector(self.router))
         self.registry.register(CertExpiryCollector(self.cert_providers))
         self.enabled = False
@@ -361,6 +366,9 @@ class Metrics:
         if histogram is None:
             histogram = self._histograms[service] = self.duration.labels(service)
         histogram.observe(max(0.0, time.time() - flow.request.timestamp_start))
+        if flow.metadata.get("luma_held") is not None:
+            routed = flow.metadata.get("luma_ip") is not None
+            self.held.labels(service, "routed" if routed else "503").inc()
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
         if not self.enabled:

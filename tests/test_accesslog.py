@@ -337,3 +337,14 @@ def test_workers_sharing_one_pipe_never_tear_a_line() -> None:
     whole = re.compile(r"begin \d \d+ x{180} end")
     torn = [line for line in lines if not whole.fullmatch(line)]
     assert not torn and len(lines) == 4 * 3000
+
+
+async def test_a_held_request_says_how_long_it_waited(chain, out) -> None:
+    addons, tctx = chain
+    router = next(a for a in addons if isinstance(a, LumaProxy))
+    tctx.configure(router, luma_hold_timeout=0.2)
+    router.balancer.eject("127.0.0.9", 3000)
+    await through(addons, flow_for("blog.test"))
+    entry = json.loads((await lines(out))[0])
+    assert entry["status"] == 503 and 200 <= entry["held_ms"] < 2000
+    assert render_text(entry).endswith(f" held={entry['held_ms']}ms")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -56,24 +58,46 @@ async def test_unknown_unhealthy_and_duplicate_host(state: Path) -> None:
         assert f.response is not None and f.response.status_code == 400
 
 
-async def test_ejected_ip_gives_503(state: Path) -> None:
+async def test_ejected_ip_gives_503_once_the_hold_is_over(state: Path) -> None:
     addon = LumaProxy()
     with taddons.context(addon) as tctx:
-        tctx.configure(addon, luma_state=str(state))
+        tctx.configure(addon, luma_state=str(state), luma_hold_timeout=0)
         addon.balancer.eject("127.0.0.9", 3000)
         f = flow_for("blog.test")
         await call([addon], "requestheaders", f)
         assert f.response is not None and f.response.status_code == 503
+        assert f.response.headers["Retry-After"]
+        assert f.metadata["luma_held"] < 0.1  # held, and not for long
+
+
+async def test_a_held_request_is_routed_when_its_container_is_back(state: Path) -> None:
+    """Nothing to route to (the only IP ejected): wait, don't fail."""
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(state), luma_hold_timeout=10)
+        addon.balancer.eject("127.0.0.9", 3000)  # 2 s out of rotation
+        f = flow_for("blog.test")
+        started = time.monotonic()
+        await call([addon], "requestheaders", f)
+        assert f.response is None and f.request.host == "127.0.0.9"
+        assert 1.5 < f.metadata["luma_held"] < 5 and time.monotonic() - started < 5
 
 
 async def test_routing_is_synchronous_unless_the_alias_must_be_resolved(tmp_path: Path) -> None:
     """The hot path awaits nothing while the alias's IPs are cached (docs/performance.md)."""
     from tests.e2e.docker_double import FakeDockerDNS
 
+    async def up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the proving probe (proving.py)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        writer.close()
+
+    container = await asyncio.start_server(up, "127.0.0.21", 0)
+    port = container.sockets[0].getsockname()[1]
     path = tmp_path / "state.json"
     Store(path).update(lambda s: s.services.update({"app.test": Service(
-        name="a", host="app.test", target="app:3000", project="p")}))
-    with FakeDockerDNS() as dns:
+        name="a", host="app.test", target=f"app:{port}", project="p")}))
+    with FakeDockerDNS() as dns, contextlib.closing(container):
         dns.set_alias("app", ["127.0.0.21"])
         addon = LumaProxy()
         with taddons.context(addon) as tctx:
@@ -86,7 +110,7 @@ async def test_routing_is_synchronous_unless_the_alias_must_be_resolved(tmp_path
             assert addon.requestheaders(second) is None  # cached: routed at once
             for f in (first, second):
                 assert f.response is None and (f.request.host, f.request.port) == (
-                    "127.0.0.21", 3000)
+                    "127.0.0.21", port)
             assert asked >= 1 and dns.queries["app"] == asked
 
 

@@ -73,3 +73,47 @@ def test_a_black_hole_is_raced_and_the_live_ip_wins_fast() -> None:
 
 async def _const(value: list[str]) -> list[str]:
     return value
+
+
+def test_with_nothing_to_connect_to_it_holds_until_a_container_comes() -> None:
+    """The only replica gone (a redeploy gap): past the retry timeout, up to the hold."""
+    port = _closed_port("127.0.0.6")
+    appeared: list[asyncio.Server] = []
+
+    async def alternatives(ip: str, p: int, fresh: bool) -> list[str]:
+        return ["127.0.0.7"] if appeared else []
+
+    async def main() -> tuple[str, float]:
+        async def bring_up() -> None:
+            await asyncio.sleep(1.5)  # three times the retry timeout below
+            appeared.append(await asyncio.start_server(lambda r, w: w.close(),
+                                                       "127.0.0.7", port))
+        task = asyncio.ensure_future(bring_up())
+        started = time.monotonic()
+        try:
+            _, writer = await Connector(alternatives, 0.5, hold=5.0).open("127.0.0.6", port)
+            peer = writer.get_extra_info("peername")[0]
+            writer.close()
+            return peer, time.monotonic() - started
+        finally:
+            await task
+            appeared[0].close()
+
+    peer, took = asyncio.run(main())
+    assert peer == "127.0.0.7" and 1.4 < took < 3.0
+
+
+def test_the_hold_is_bounded_too() -> None:
+    port = _closed_port("127.0.0.8")
+
+    async def alternatives(ip: str, p: int, fresh: bool) -> list[str]:
+        return []
+
+    started = time.monotonic()
+    try:
+        asyncio.run(Connector(alternatives, 0.2, hold=1.0).open("127.0.0.8", port))
+    except OSError:
+        pass
+    else:
+        raise AssertionError("connect succeeded with no listener")
+    assert 0.9 < time.monotonic() - started < 2.5

@@ -20,13 +20,17 @@ from luma_proxy.health import (
     judge_status,
     parse_status_line,
     probe,
-    unhealthy_ips,
 )
 from luma_proxy.models import Health, Service
 from luma_proxy.resolver import Resolver
 from tests.e2e.docker_double import FakeDockerDNS
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def failed_ips(health: Health) -> set[str]:
+    return {ip for ip, ok in health.containers.items() if not ok}
+
 
 
 def respond(status: str, body: bytes = b"ok", extra: str = "") -> Handler:
@@ -281,7 +285,7 @@ def test_combine_healthy_if_alias_ok() -> None:
     h = combine(Health(), OK, {"10.0.0.1": BAD}, at=T1)
     assert h.healthy is True and h.last_error is None
     assert h.containers == {"10.0.0.1": False}
-    assert unhealthy_ips(h) == {"10.0.0.1"}
+    assert failed_ips(h) == {"10.0.0.1"}
     assert h.checked_at == T1
 
 
@@ -290,7 +294,7 @@ def test_combine_healthy_if_any_container_ok() -> None:
                 {"10.0.0.1": BAD, "10.0.0.2": OK}, at=T1)
     assert h.healthy is True
     assert h.last_error is None
-    assert unhealthy_ips(h) == {"10.0.0.1"}
+    assert failed_ips(h) == {"10.0.0.1"}
 
 
 def test_combine_unhealthy_errors() -> None:
@@ -300,7 +304,7 @@ def test_combine_unhealthy_errors() -> None:
     assert h.last_error == "no containers behind the alias"
     h = combine(Health(), Probe(False), {"a": Probe(False, "x"), "b": Probe(False, "y")}, at=T1)
     assert h.healthy is False and h.last_error == "x"
-    assert unhealthy_ips(h) == {"a", "b"}
+    assert failed_ips(h) == {"a", "b"}
 
 
 def test_combine_changed_at_only_moves_on_a_change() -> None:
@@ -392,7 +396,7 @@ def test_checker_probes_alias_and_each_container(dns: FakeDockerDNS) -> None:
     mixed, down, gone = asyncio.run(scenario())
     assert mixed.healthy is True
     assert mixed.containers == {"127.0.0.2": True, "127.0.0.3": False, "127.0.0.4": False}
-    assert unhealthy_ips(mixed) == {"127.0.0.3", "127.0.0.4"}
+    assert failed_ips(mixed) == {"127.0.0.3", "127.0.0.4"}
     assert seen_hosts and all(h.startswith(b"Host: blog:") for h in seen_hosts)
 
     assert down.healthy is False

@@ -214,3 +214,17 @@ async def test_a_worker_records_but_leaves_the_port_to_the_supervisor(
         with pytest.raises(OSError):
             await scrape(port)
         m.done()
+
+
+async def test_held_requests_are_counted_by_outcome(chain) -> None:
+    addons, tctx = chain
+    m, router = addons[2], addons[1]
+    tctx.configure(router, luma_hold_timeout=0.3)
+    router.balancer.eject("127.0.0.9", 3000)  # nothing to route to for 2 s
+    held = await through(addons, flow_for("blog.test"))
+    assert held.response is not None and held.response.status_code == 503
+    router.balancer.restore("127.0.0.9", 3000)
+    await through(addons, flow_for("blog.test"))  # not held: not counted
+    assert value(m, "luma_http_requests_held_total", service="blog.test", outcome="503") == 1
+    assert value(m, "luma_http_requests_held_total", service="blog.test",
+                 outcome="routed") is None

@@ -173,6 +173,9 @@ def start_proxy(
             "LUMA_PROXY_STATE": str(state_path),
             "LUMA_PROXY_DNS": dns.address,
             "LUMA_PROXY_HEALTH_INTERVAL": "1",
+            # A request with no container to go to waits this long, then 503: 1 s keeps
+            # the tests of 503s quick; test_hold.py sets the hold it tests.
+            "LUMA_PROXY_HOLD_TIMEOUT": "1",
             "HOME": str(tmp_path),  # mitmproxy's confdir (CA) lands here, not in ~
             **(env or {}),
         }

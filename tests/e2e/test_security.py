@@ -319,17 +319,19 @@ def test_refusing_container_is_ejected_and_answered_fast(dns, containers, cli,
     dns.set_alias("app", [alive.ip, dead_ip])
     cli("deploy", "--host", "app.test", "--target", f"app:{port}", "--project", "p",
         "--no-ssl")
-    proxy = start_proxy("run", env={"LUMA_PROXY_HEALTH_INTERVAL": "600"})
+    proxy = start_proxy("run", env={"LUMA_PROXY_HEALTH_INTERVAL": "600",
+                                    "LUMA_PROXY_HOLD_TIMEOUT": "0.5"})
     statuses = [proxy.get("app.test").status for _ in range(20)]
-    assert statuses.count(502) <= 1  # at most the one request that found it dead
-    assert statuses.count(200) >= 19
+    assert statuses == [200] * 20  # the refusing IP never proved itself: never picked
 
     dns.set_alias("app", [dead_ip])
     time.sleep(1.2)  # past the DNS cache
     started = time.monotonic()
-    replies = [proxy.get("app.test").status for _ in range(5)]
-    assert set(replies) <= {502, 503} and replies[-1] == 503
-    assert time.monotonic() - started < 5
+    replies = [proxy.get("app.test") for _ in range(5)]
+    # Nothing can take them: each waits the hold (0.5 s), then 503 with Retry-After.
+    assert [r.status for r in replies] == [503] * 5
+    assert all(r.headers.get("retry-after") for r in replies)
+    assert 2.5 <= time.monotonic() - started < 6
 
 
 def test_no_admin_surface_only_configured_ports(start_proxy) -> None:
