@@ -38,7 +38,8 @@ def main() -> int:
 
     def paced(flow, deploys: int):  # spread the deploys over --seconds
         def run(bed: scenarios.Bed) -> tuple[Load, str]:
-            current = scenarios.first_deploy(bed, per_colour=flow is scenarios.per_colour_deploy)
+            per_colour = flow in (scenarios.per_colour_deploy, scenarios.per_colour_stop_at_once)
+            current = scenarios.first_deploy(bed, per_colour=per_colour)
             pause = args.seconds / max(deploys, 1)
 
             def steps(_load: Load) -> None:
@@ -65,8 +66,12 @@ def main() -> int:
     table = {
         "luma_cli": ("Luma CLI flow (CONTRACT.md 4)", paced(scenarios.luma_cli_deploy,
                                                             args.deploys)),
+        "disconnect": ("one alias, old ones `docker network disconnect`ed",
+                       paced(scenarios.disconnect_deploy, args.deploys)),
         "per_colour": ("per-colour alias + deploy --target, stop old 2 s later",
                        paced(scenarios.per_colour_deploy, args.deploys)),
+        "per_colour_now": ("per-colour alias + deploy --target, `docker stop` old at once",
+                           paced(scenarios.per_colour_stop_at_once, args.deploys)),
         "kill": ("docker kill: one replica, then all old after a switch", kill),
         "single": ("single replica redeployed", single),
         "recreate": ("proxy re-created (luma proxy update), then restarted", recreate),

@@ -19,7 +19,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from mitmproxy.proxy import server_hooks
 
 from . import pages
 from .balancer import Balancer
+from .dockerevents import EngineEvents
 from .environ import env_float
 from .flowinfo import MULTIPLEXED, header_values, host_header, valid_h2_target
 from .forwarding import Network, asked_websocket, parse_trusted_proxies, set_forwarding_headers
@@ -141,6 +142,7 @@ class LumaProxy:
         self._kick = asyncio.Event()
         self._alias_of: dict[str, tuple[str, str]] = {}  # ip -> (alias, host) last sent there
         self.prover = Prover(self._probe)
+        self.engine_events = EngineEvents(self._engine_changes)
 
     # ----------------------------------------------------------------- options
     def load(self, loader: Any) -> None:
@@ -240,12 +242,14 @@ class LumaProxy:
         ]
         logger.info("luma-proxy routing %d host(s) from %s", len(self.table.services),
                     self.store.path if self.store else "-")
+        self.engine_events.start(asyncio.get_running_loop().call_soon_threadsafe)
 
     def done(self) -> None:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
         self.prover.close()
+        self.engine_events.stop()
         if self._leader_fd is not None:
             os.close(self._leader_fd)
             self._leader_fd = None
@@ -703,8 +707,24 @@ class LumaProxy:
         service = self.table.services.get(host)
         path = service.health_path if service is not None else "/up"
         proven = self.prover.usable(alias, port, ips, path, self.health.get(host))
-        # Proven containers first; an unproven one only when nothing else is left.
-        return (*proven, *(other for other in ips if other not in proven))
+        # Proven containers first; an unproven one only when nothing else is left;
+        # never one the engine says is stopping.
+        return (*proven, *(other for other in ips
+                           if other not in proven and not self.prover.is_retired(other)))
+
+    def _engine_changes(self, changes: Iterable[tuple[str, str]]) -> None:
+        """Docker's events (dockerevents.py), ahead of DNS: stopping IPs out, new ones asked."""
+        joined = False
+        for change, ip in changes:
+            if change == "leaving":
+                self.prover.retire(ip)
+                self.resolver.expire_ip(ip)
+                logger.info("docker: %s is stopping or gone: no new requests", ip)
+            else:
+                self.prover.unretire(ip)
+                joined = True
+        if joined:
+            self.resolver.expire_all()  # its alias is asked again: the new IP proves itself
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Stream what is large or has no length (SSE, long polls) instead of buffering it."""

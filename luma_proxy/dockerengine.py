@@ -34,7 +34,7 @@ def available(path: str = SOCKET) -> bool:
     return os.path.exists(path)
 
 
-def _client(path: str = SOCKET) -> Any:
+def engine_client(path: str = SOCKET) -> Any:
     if not available(path):
         raise EngineUnavailable(f"docker socket {path} is not mounted")
     import docker  # ~0.2 s: only when the socket is there
@@ -43,11 +43,11 @@ def _client(path: str = SOCKET) -> Any:
         client = docker.DockerClient(base_url=f"unix://{path}", timeout=TIMEOUT)
         client.ping()
     except Exception as e:
-        raise EngineUnavailable(f"docker socket {path}: {_reason(e)}") from None
+        raise EngineUnavailable(f"docker socket {path}: {reason_of(e)}") from None
     return client
 
 
-def _reason(e: Exception) -> str:
+def reason_of(e: Exception) -> str:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     if "Permission denied" in text:
         return "permission denied"
@@ -60,12 +60,12 @@ def _own_container(client: Any) -> Any:
         return client.containers.get(socket.gethostname())
     except Exception as e:
         raise EngineUnavailable(f"this process is not in a container the engine knows "
-                                f"({_reason(e)})") from None
+                                f"({reason_of(e)})") from None
 
 
 def alias_networks(alias: str, path: str = SOCKET) -> list[str]:
     """The networks of this container on which some container answers to ``alias``."""
-    client = _client(path)
+    client = engine_client(path)
     own = _own_container(client)
     out = []
     for name in own.attrs["NetworkSettings"]["Networks"]:
@@ -87,7 +87,7 @@ def alias_networks(alias: str, path: str = SOCKET) -> list[str]:
 
 def join(networks: Iterable[str], path: str = SOCKET) -> tuple[list[str], list[str]]:
     """Connect this container to each network it is not on; (joined, failed) names."""
-    client = _client(path)
+    client = engine_client(path)
     own = _own_container(client)
     current = set(own.attrs["NetworkSettings"]["Networks"])
     joined, failed = [], []
@@ -95,7 +95,7 @@ def join(networks: Iterable[str], path: str = SOCKET) -> tuple[list[str], list[s
         try:
             client.networks.get(name).connect(own.id)
         except Exception as e:
-            logger.error("docker: cannot join network %s: %s", name, _reason(e))
+            logger.error("docker: cannot join network %s: %s", name, reason_of(e))
             failed.append(name)
         else:
             joined.append(name)

@@ -49,6 +49,9 @@ class Prover:
         self._aliases: dict[tuple[str, int], _Alias] = {}
         self._probing: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._last_probe: dict[tuple[str, int], float] = {}
+        # IPs whose container the engine says is stopping or gone (dockerevents.py):
+        # no requests, no probes, until they leave the answer or a container joins on them.
+        self._retired: set[str] = set()
 
     def usable(self, alias: str, port: int, ips: tuple[str, ...], health_path: str,
                health: Health | None = None) -> tuple[str, ...]:
@@ -73,9 +76,11 @@ class Prover:
         answer = frozenset(ips)
         if answer != state.answer:
             state.proven &= answer  # gone means gone: an IP that comes back starts clean
+            if self._retired:
+                self._retired -= state.answer - answer
             state.answer = answer
         for ip in ips:
-            if ip not in state.proven:
+            if ip not in state.proven and ip not in self._retired:
                 self._start_probe(alias, ip, port, health_path)
         state.last_ips = ips
         state.usable = tuple(ip for ip in ips if ip in state.proven)
@@ -111,7 +116,7 @@ class Prover:
             state = self._aliases.get((alias, port))
             if state is not None:
                 state.probing -= 1
-                if passed and ip in state.answer:
+                if passed and ip in state.answer and ip not in self._retired:
                     state.proven.add(ip)
                     state.last_ips = None
                 # Held requests wake once the alias's probes are all in (a few ms when
@@ -127,6 +132,18 @@ class Prover:
             if (port is None or p == port) and ip in state.proven:
                 state.proven.discard(ip)
                 state.last_ips = None
+
+    def retire(self, ip: str) -> None:
+        """The engine says ``ip``'s container is stopping or gone: no new requests."""
+        self.forget(ip)
+        self._retired.add(ip)
+
+    def unretire(self, ip: str) -> None:
+        """A container joined a network with ``ip`` (Docker reuses addresses)."""
+        self._retired.discard(ip)
+
+    def is_retired(self, ip: str) -> bool:
+        return ip in self._retired
 
     async def wait(self, alias: str, port: int, timeout: float) -> None:
         """Until an IP of ``alias`` is proven, or ``timeout`` (the caller looks again)."""

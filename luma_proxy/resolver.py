@@ -235,6 +235,11 @@ class Resolver:
             if ip in entry.ips:
                 entry.expires = 0.0
 
+    def expire_all(self) -> None:
+        """A container joined a network (Docker's event): every alias is asked again."""
+        for entry in self._cache.values():
+            entry.expires = 0.0
+
     def discard(self, aliases: Iterable[str]) -> None:
         """Drop the cache entries of aliases no longer routed (bounded memory)."""
         for alias in aliases:

@@ -188,13 +188,18 @@ def luma_cli_deploy(bed: Bed, old: list[str], old_how: str = "stop") -> list[str
     return new
 
 
-def per_colour_deploy(bed: Bed, old: list[str]) -> list[str]:
-    """One alias per colour, then ``deploy --target``; the old colour is stopped 2 s later."""
+def disconnect_deploy(bed: Bed, old: list[str]) -> list[str]:
+    """The Luma CLI's flow, but the old containers leave with ``docker network disconnect``."""
+    return luma_cli_deploy(bed, old, old_how="disconnect")
+
+
+def per_colour_deploy(bed: Bed, old: list[str], wait: float = 2.0) -> list[str]:
+    """One alias per colour, then ``deploy --target``; the old colour is stopped ``wait`` later."""
     colour = bed.next_colour()
     new = [bed.start_app([f"{APP}-{colour}"]) for _ in range(bed.replicas)]
     assert bed.luma_health_check(f"{APP}-{colour}")
     bed.deploy(f"{APP}-{colour}:{APP_PORT}")
-    time.sleep(2)
+    time.sleep(wait)
     for name in old:
         bed.stop_app(name)
     return new
@@ -220,13 +225,29 @@ def scenario_luma_cli(bed: Bed, deploys: int = 3, **kw: int) -> Load:
     return run_under_load(bed, steps, **kw)
 
 
-def scenario_per_colour(bed: Bed, deploys: int = 3, **kw: int) -> Load:
+def per_colour_stop_at_once(bed: Bed, old: list[str]) -> list[str]:
+    """``deploy --target``, then ``docker stop`` of the old colour the moment it returns."""
+    return per_colour_deploy(bed, old, wait=0.0)
+
+
+def scenario_per_colour(bed: Bed, deploys: int = 3, wait: float = 2.0, **kw: int) -> Load:
     current = first_deploy(bed, per_colour=True)
 
     def steps(_load: Load) -> None:
         nonlocal current
         for _ in range(deploys):
-            current = per_colour_deploy(bed, current)
+            current = per_colour_deploy(bed, current, wait)
+
+    return run_under_load(bed, steps, **kw)
+
+
+def scenario_disconnect(bed: Bed, deploys: int = 3, **kw: int) -> Load:
+    current = first_deploy(bed)
+
+    def steps(_load: Load) -> None:
+        nonlocal current
+        for _ in range(deploys):
+            current = disconnect_deploy(bed, current)
 
     return run_under_load(bed, steps, **kw)
 
