@@ -10,7 +10,7 @@ message, so callers can log it and schedule a retry (`backoff_delay`) without
 knowing anything about ``acme``/``requests``/``josepy`` exception types.
 
 The pure helpers (`certificate_not_after`, `certificate_covers`,
-`key_matches_certificate`, `needs_renewal`, `backoff_delay`) live in
+`key_matches_certificate`, `renewal_due`, `backoff_delay`) live in
 `certinfo` and are re-exported here; the proxy imports this module only when it
 orders a certificate.
 """
@@ -43,7 +43,7 @@ from .certinfo import (
     certificate_covers,
     certificate_not_after,
     key_matches_certificate,
-    needs_renewal,
+    renewal_due,
 )
 
 __all__ = [
@@ -55,7 +55,7 @@ __all__ = [
     "certificate_not_after",
     "key_matches_certificate",
     "load_or_create_account_key",
-    "needs_renewal",
+    "renewal_due",
 ]
 
 USER_AGENT = "luma-proxy-acme"

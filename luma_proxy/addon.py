@@ -26,11 +26,11 @@ from typing import Any
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.proxy import server_hooks
 
-from . import pages
+from . import engine_patches, pages
 from .balancer import Balancer
 from .dockerevents import EngineEvents
 from .environ import env_float
-from .flowinfo import MULTIPLEXED, header_values, host_header, valid_h2_target
+from .flowinfo import CLIENT_GONE, MULTIPLEXED, header_values, host_header, valid_h2_target
 from .forwarding import Network, asked_websocket, parse_trusted_proxies, set_forwarding_headers
 from .health import HealthChecker, probe, unreachable
 from .models import Health, HealthEntry, Service, Settings, State
@@ -61,8 +61,6 @@ ENGINE_OPTIONS: dict[str, Any] = {
     "block_global": False,  # the proxy is meant for public clients
     "onboarding": False,  # would answer Host: mitm.it itself
 }
-# mitmproxy cancels a pending upstream connect with this message when the client leaves.
-CLIENT_GONE = "client disconnected"
 # Where requests would go if the addon ever failed to route one: nothing listens there.
 DUMMY_REVERSE = "reverse:http://127.0.0.1:1/"
 _UNREAD = object()  # the signature of a file not read yet
@@ -243,6 +241,7 @@ class LumaProxy:
         logger.info("luma-proxy routing %d host(s) from %s", len(self.table.services),
                     self.store.path if self.store else "-")
         self.engine_events.start(asyncio.get_running_loop().call_soon_threadsafe)
+        engine_patches.set_reroute(self.reroute)
 
     def done(self) -> None:
         for task in self._tasks:
@@ -250,6 +249,7 @@ class LumaProxy:
         self._tasks = []
         self.prover.close()
         self.engine_events.stop()
+        engine_patches.set_reroute(None)
         if self._leader_fd is not None:
             os.close(self._leader_fd)
             self._leader_fd = None
@@ -385,11 +385,6 @@ class LumaProxy:
             _alias, port = self.table.target(service)
             for ip in failed:
                 self.prover.forget(ip, port)
-
-    def apply(self, services: dict[str, Service]) -> None:
-        """Swap in a whole new set of services (what changed is found by identity)."""
-        routes = diff_routes(State.model_construct(services=services), self.table.services)
-        self._apply_changes(services, routes.changed, routes.removed)
 
     def _apply_changes(self, services: dict[str, Service], changed: dict[str, Service],
                        removed: list[str]) -> None:
@@ -687,6 +682,30 @@ class LumaProxy:
         flow.metadata["luma_ip"] = ip
         self._alias_of[ip] = (route.alias, route.service.host)
         return True
+
+    def reroute(self, flow: http.HTTPFlow) -> None:
+        """A request its container closed under is sent again (engine_patches): elsewhere.
+
+        The IP must prove itself again; the request goes to another proven IP of
+        the alias if there is one, else to the same address on a new connection
+        (the connect retry then moves it on if that refuses).
+        """
+        failed = flow.metadata.get("luma_ip")
+        service = self.table.services.get(flow.metadata.get("luma_service", ""))
+        if failed is None or service is None:
+            return
+        alias, port = self.table.target(service)
+        self.prover.forget(failed, port)
+        self.resolver.expire_ip(failed)
+        ips = self.resolver.cached(alias) or ()
+        usable = self.prover.usable(alias, port, ips, service.health_path,
+                                    self.health.get(service.host))
+        others = tuple(ip for ip in usable if ip != failed)
+        ip = self.balancer.pick(alias, port, others, flow.client_conn.id)
+        if ip is not None:
+            flow.request.data.host = ip
+            flow.metadata["luma_ip"] = ip
+            self._alias_of[ip] = (alias, service.host)
 
     async def _probe(self, ip: str, port: int, host: str, path: str) -> bool:
         """One health probe of a container that must prove itself (proving.py)."""

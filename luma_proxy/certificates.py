@@ -30,6 +30,7 @@ from .certinfo import (
     certificate_covers,
     certificate_not_after,
     key_matches_certificate,
+    renewal_due,
 )
 from .paths import certs_dir as certs_dir
 
@@ -61,14 +62,7 @@ class Loaded:
     not_before: datetime.datetime | None = None
 
     def due(self, at: datetime.datetime, before: datetime.timedelta = RENEW_BEFORE) -> bool:
-        """Renew 30 days before expiry, or after 2/3 of a shorter lifetime.
-
-        The second rule keeps short-lived certificates (a test CA's, or future
-        short-lived public ones) from being renewed in a loop.
-        """
-        if self.not_before is not None:
-            before = min(before, (self.not_after - self.not_before) / 3)
-        return self.not_after - at <= before
+        return renewal_due(self.not_after, at, self.not_before, before)
 
 
 def host_dir(root: Path, host: str) -> Path:

@@ -84,12 +84,19 @@ def key_matches_certificate(cert_pem: bytes, key_pem: bytes) -> bool:
     return key.public_key().public_bytes(der, spki) == cert.public_key().public_bytes(der, spki)
 
 
-def needs_renewal(
+def renewal_due(
     not_after: datetime.datetime,
     now: datetime.datetime,
+    not_before: datetime.datetime | None = None,
     before: datetime.timedelta = RENEW_BEFORE,
 ) -> bool:
-    """True once *now* is within *before* of *not_after* (or past it). Naive means UTC."""
+    """Renew *before* expiry (30 days), or after 2/3 of a shorter lifetime. Naive means UTC.
+
+    The second rule keeps short-lived certificates (a test CA's, or future
+    short-lived public ones) from being renewed in a loop.
+    """
+    if not_before is not None:
+        before = min(before, (_as_utc(not_after) - _as_utc(not_before)) / 3)
     return _as_utc(not_after) - _as_utc(now) <= before
 
 

@@ -32,6 +32,13 @@ place that touches that mitmproxy internal.
 A refused, reset or timed-out connect is retried on another IP of the alias (asking DNS
 again once the cached answer is exhausted) until ``luma_retry_timeout``; a connect not
 done after ``RACE_DELAY`` races one to another IP, and the first to complete wins.
+
+**A request the container closed under.** An app that stops closes its idle keep-alive
+connections; a request written on one just then gets no answer at all ("server closed
+connection", mitmproxy's 502). ``HttpStream.handle_protocol_error`` is wrapped: such a
+request is sent once more, on a new connection to another container (``set_reroute``
+picks it), when that is safe: an idempotent method, the whole request sent and still
+held (never a streamed body), no response byte received, not retried before.
 """
 
 from __future__ import annotations
@@ -58,7 +65,9 @@ RESET_WINDOW = 10.0
 GOAWAY_TEXT = b"closing"
 TOO_LARGE = "request body too large"
 
-_state: dict[str, Any] = {"body_limit": 1024**3, "installed": False}
+_state: dict[str, Any] = {"body_limit": 1024**3, "installed": False, "reroute": None}
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+SERVER_CLOSED = "server closed connection"  # mitmproxy's text: no response byte came
 _MULTIPLEXED = (b"HTTP/2.0", b"HTTP/3")
 
 
@@ -165,6 +174,50 @@ def _server_h2_event(self: Any, event: Any) -> Generator[Any, Any, bool]:
     return (yield from _original_server_event(self, event))
 
 
+_original_handle_protocol_error = http_layer.HttpStream.handle_protocol_error
+
+
+def set_reroute(reroute: Callable[[Any], None] | None) -> None:
+    """``reroute(flow)`` points a request that will be sent again at another container."""
+    _state["reroute"] = reroute
+
+
+def may_resend(method: str, streamed: bool, answered: bool, sent: bool, retried: bool,
+               message: str) -> bool:
+    """The rule: only what a container provably never answered, and only when safe."""
+    return (message == SERVER_CLOSED and method.upper() in IDEMPOTENT and not streamed
+            and not answered and sent and not retried)
+
+
+def _handle_protocol_error(self: Any, event: Any) -> Generator[Any, Any, None]:
+    flow = self.flow
+    if isinstance(event, _events.ResponseProtocolError) and may_resend(
+            flow.request.method, bool(flow.request.stream), flow.response is not None,
+            self.client_state == self.state_done
+            and self.server_state == self.state_wait_for_response_headers,
+            bool(flow.metadata.get("luma_resent")), event.message):
+        flow.metadata["luma_resent"] = True
+        if _state["reroute"] is not None:
+            _state["reroute"](flow)
+        if not (yield from self.make_server_connection()):
+            return  # its own error (connect failed) was handled there
+        content = flow.request.raw_content
+        trailers = flow.request.trailers
+        yield _events_send(self, _events.RequestHeaders(
+            self.stream_id, flow.request, not (content or trailers)))
+        if content:
+            yield _events_send(self, _events.RequestData(self.stream_id, content))
+        if trailers:
+            yield _events_send(self, _events.RequestTrailers(self.stream_id, trailers))
+        yield _events_send(self, _events.RequestEndOfMessage(self.stream_id))
+        return
+    yield from _original_handle_protocol_error(self, event)
+
+
+def _events_send(self: Any, event: Any) -> Any:
+    return http_layer.SendHttp(event, self.context.server)
+
+
 def _protocol_error(self: Any, message: str,
                     error_code: int = h2.errors.ErrorCodes.PROTOCOL_ERROR
                     ) -> Generator[Any, Any, None]:
@@ -186,6 +239,7 @@ def install(body_limit: int | None = None) -> None:
     stream.state_wait_for_request_headers = _wait_for_request_headers  # type: ignore[method-assign]
     stream.state_stream_request_body = _stream_request_body  # type: ignore[method-assign]
     stream.state_consume_request_body = _consume_request_body  # type: ignore[method-assign]
+    stream.handle_protocol_error = _handle_protocol_error  # type: ignore[method-assign]
     _http2.Http2Server.handle_h2_event = _server_h2_event  # type: ignore[method-assign]
     _http2.Http2Connection.protocol_error = _protocol_error  # type: ignore[method-assign]
     # The `server` header of mitmproxy's own HTTP/2 error answers (502 and the like).

@@ -11,6 +11,9 @@ import os
 
 logger = logging.getLogger("luma_proxy")
 
+# Set for each worker of ``run --workers N``: its metrics go to that directory.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
 
 def env_float(name: str, default: float) -> float:
     """The variable as a number; a malformed value is ignored (and said so), not fatal."""

@@ -24,6 +24,8 @@ BAD_REQUEST = 400
 
 # request.is_http2 or request.is_http3, as bytes: bodies end with a flag, not a length.
 MULTIPLEXED = (b"HTTP/2.0", b"HTTP/3")
+# mitmproxy cancels a pending upstream connect with this message when the client leaves.
+CLIENT_GONE = "client disconnected"
 
 
 @functools.cache
@@ -118,7 +120,7 @@ def error_status(flow: http.HTTPFlow) -> int:
     if flow.response is not None:
         return flow.response.status_code
     message = (flow.error.msg if flow.error else "").lower()
-    if "client disconnected" in message or "by client" in message:
+    if CLIENT_GONE in message or "by client" in message:
         return CLIENT_CLOSED
     if message.startswith("request body exceeds"):
         return TOO_LARGE

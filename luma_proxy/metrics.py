@@ -11,7 +11,7 @@ and ``done`` stops it by closing its socket. Series (own registry)::
     luma_upstream_connect_errors_total{service}        from server_connect_error
     luma_service_healthy{service}                      1/0, absent until first check
     luma_container_healthy{service, ip}                1/0 per container IP
-    luma_certificate_expiry_timestamp_seconds{host}    from register_cert_expiry()
+    luma_certificate_expiry_timestamp_seconds{host}    from the https addon's expiry()
 
 With ``PROMETHEUS_MULTIPROC_DIR`` set (a worker of ``run --workers N``) the
 addon records into that directory and does not bind: the supervisor serves the
@@ -21,19 +21,14 @@ sum (``workers.py``); the in-flight gauge is summed over live processes.
 clients cannot create series by sending made-up Host headers. Health and
 certificate series are read at scrape time, never updated on the hot path.
 
-Certificate expiry comes from callables returning ``{host: not_after_unix_time}``:
-the ``expiry()`` method of the certificate addon (looked up at scrape time as
-the addon named ``https``, or ``lumaproxy.certificates``), and any registered
-explicitly::
-
-    from luma_proxy.metrics import register_cert_expiry
-    unregister = register_cert_expiry(lambda: {"blog.com": 1767225600.0})
+Certificate expiry comes from the ``expiry()`` method of the certificate addon
+(``{host: not_after_unix_time}``), looked up at scrape time as the addon named
+``https``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -47,36 +42,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
+from .environ import MULTIPROC_ENV
 from .flowinfo import error_status, service_host, status_class
 
 logger = logging.getLogger("luma_proxy")
 
 IN_FLIGHT = "luma_in_flight"
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 MAX_UPSTREAMS = 4096
 MAX_REQUEST_HEAD = 16 * 1024
 READ_TIMEOUT = 10.0
 
 type ExpiryProvider = Callable[[], Mapping[str, float]]
-_cert_expiry_providers: list[ExpiryProvider] = []
-
-
-def register_cert_expiry(provider: ExpiryProvider) -> Callable[[], None]:
-    """Expose ``provider()`` ({host: not_after timestamp}) at every scrape.
-
-    Returns a function that unregisters it (call it from the provider's ``done``).
-    A provider that raises is skipped for that scrape.
-    """
-    _cert_expiry_providers.append(provider)
-
-    def unregister() -> None:
-        with contextlib.suppress(ValueError):
-            _cert_expiry_providers.remove(provider)
-
-    return unregister
-
-
 # ------------------------------------------------------------- collectors
 class HealthCollector:
     """Health per service and per container IP, read from the routing addon at scrape time."""
@@ -107,7 +84,7 @@ class HealthCollector:
 
 
 class CertExpiryCollector:
-    """``not_after`` per host from the registered providers and any found by ``discover``."""
+    """``not_after`` per host from the providers ``discover`` finds at scrape time."""
 
     def __init__(self, discover: Callable[[], list[ExpiryProvider]] = list) -> None:
         self.discover = discover
@@ -121,7 +98,7 @@ class CertExpiryCollector:
             "Unix time at which the host's certificate expires.", labels=["host"],
         )
         seen: dict[str, float] = {}
-        for provider in [*self.discover(), *_cert_expiry_providers]:
+        for provider in self.discover():
             try:
                 seen.update({str(h): float(t) for h, t in provider().items()})
             except Exception as e:  # a broken provider must not break the scrape
@@ -309,14 +286,9 @@ class Metrics:
         return self._router
 
     def cert_providers(self) -> list[ExpiryProvider]:
-        """``expiry()`` of the certificate addon, found defensively at scrape time."""
-        found = []
-        for source in (getattr(self.router(), "certificates", None),
-                       ctx.master.addons.get("https")):
-            expiry = getattr(source, "expiry", None)
-            if callable(expiry):
-                found.append(expiry)
-        return found
+        """``expiry()`` of the certificate addon, found at scrape time (absent: none)."""
+        expiry = getattr(ctx.master.addons.get("https"), "expiry", None)
+        return [expiry] if callable(expiry) else []
 
     # -------------------------------------------------------------- hot path
     def _hooks(self, on: bool) -> None:

@@ -24,7 +24,7 @@ from .addon import LumaProxy
 from .certinfo import backoff_delay
 from .environ import env_float
 from .flowinfo import host_header
-from .models import Service
+from .models import Service, now
 
 if TYPE_CHECKING:
     from .acme_client import AcmeIssuer
@@ -44,10 +44,6 @@ INTERMEDIATE_CIPHERS = (
     "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305",
 )
 MAX_PARALLEL_ORDERS = 4
-
-
-def now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
 
 
 def redirect_location(host_header: str, path: str, https_port: int) -> str:

@@ -58,6 +58,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from .environ import MULTIPROC_ENV
+
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
@@ -66,7 +68,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("luma_proxy")
 
 WORKER_FD_ENV = "LUMA_PROXY_WORKER_FD"
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 READY = b"ready\n"
 GO = b"go\n"
 

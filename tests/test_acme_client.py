@@ -23,7 +23,7 @@ from luma_proxy.certinfo import (
     certificate_covers,
     certificate_not_after,
     key_matches_certificate,
-    needs_renewal,
+    renewal_due,
 )
 
 UTC = datetime.UTC
@@ -170,25 +170,41 @@ def test_key_matches_rejects_unusable_keys() -> None:
         key_matches_certificate(b"garbage", _key_pem(key))
 
 
-# -- needs_renewal / backoff_delay ------------------------------------------------------
+# -- renewal_due (the rule Loaded.due applies) / backoff_delay ---------------------------
 
 
-def test_needs_renewal_window() -> None:
+def test_renewal_is_due_30_days_before_expiry() -> None:
     day = datetime.timedelta(days=1)
-    assert not needs_renewal(NOT_AFTER, NOT_AFTER - 31 * day)
-    assert needs_renewal(NOT_AFTER, NOT_AFTER - 30 * day)  # boundary is inclusive
-    assert needs_renewal(NOT_AFTER, NOT_AFTER - 29 * day)
-    assert needs_renewal(NOT_AFTER, NOT_AFTER + day)  # already expired
-    assert not needs_renewal(NOT_AFTER, NOT_AFTER - 2 * day, before=day)
-    assert needs_renewal(NOT_AFTER, NOT_AFTER - 2 * day, before=3 * day)
+    assert not renewal_due(NOT_AFTER, NOT_AFTER - 31 * day)
+    assert renewal_due(NOT_AFTER, NOT_AFTER - 30 * day)  # boundary is inclusive
+    assert renewal_due(NOT_AFTER, NOT_AFTER - 29 * day)
+    assert renewal_due(NOT_AFTER, NOT_AFTER + day)  # already expired
+    assert not renewal_due(NOT_AFTER, NOT_AFTER - 2 * day, before=day)
+    assert renewal_due(NOT_AFTER, NOT_AFTER - 2 * day, before=3 * day)
 
 
-def test_needs_renewal_handles_naive_and_other_zones() -> None:
+def test_a_short_lived_certificate_is_renewed_after_two_thirds_of_its_life() -> None:
+    issued = NOT_AFTER - datetime.timedelta(hours=3)  # a 3-hour certificate
+    assert not renewal_due(NOT_AFTER, issued, issued)  # not at once (no renewal loop)
+    assert not renewal_due(NOT_AFTER, issued + datetime.timedelta(minutes=119), issued)
+    assert renewal_due(NOT_AFTER, issued + datetime.timedelta(hours=2), issued)
+
+
+def test_loaded_certificates_apply_the_same_rule() -> None:
+    from luma_proxy.certificates import Loaded
+
+    issued = NOT_AFTER - datetime.timedelta(days=90)
+    loaded = Loaded(None, NOT_AFTER, 0, issued)  # type: ignore[arg-type]
+    assert not loaded.due(NOT_AFTER - datetime.timedelta(days=31))
+    assert loaded.due(NOT_AFTER - datetime.timedelta(days=30))
+
+
+def test_renewal_due_handles_naive_and_other_zones() -> None:
     naive = NOT_AFTER.replace(tzinfo=None)
     plus2 = datetime.timezone(datetime.timedelta(hours=2))
     just_outside = (NOT_AFTER - datetime.timedelta(days=30, minutes=1)).astimezone(plus2)
-    assert not needs_renewal(naive, just_outside)
-    assert needs_renewal(naive, just_outside + datetime.timedelta(minutes=2))
+    assert not renewal_due(naive, just_outside)
+    assert renewal_due(naive, just_outside + datetime.timedelta(minutes=2))
 
 
 def test_backoff_is_exponential_and_capped() -> None:

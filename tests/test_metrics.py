@@ -14,7 +14,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from luma_proxy.addon import LumaProxy
-from luma_proxy.metrics import HOT_HOOKS, Metrics, metrics_response, register_cert_expiry
+from luma_proxy.metrics import HOT_HOOKS, CertExpiryCollector, Metrics, metrics_response
 from luma_proxy.models import Health
 from luma_proxy.requestid import RequestId
 from tests.e2e.docker_double import free_port
@@ -127,24 +127,23 @@ class FakeCertificates:
         return {"blog.test": 1_800_000_000.0}
 
 
-def test_certificate_expiry_from_the_certificate_addon_and_registered_providers() -> None:
+def test_certificate_expiry_from_the_certificate_addon() -> None:
     m = Metrics()
     with taddons.context(FakeCertificates(), m):
         name = "luma_certificate_expiry_timestamp_seconds"
         assert value(m, name, host="blog.test") == 1_800_000_000
-        unregister = register_cert_expiry(lambda: {"shop.test": 1_900_000_000})
+    with taddons.context(Metrics()) as tctx:  # no certificate addon: no series, no error
+        assert tctx.master.addons.get("https") is None
 
-        def broken() -> dict[str, float]:
-            raise RuntimeError("store is being rebuilt")
 
-        unregister_broken = register_cert_expiry(broken)
-        try:
-            assert value(m, name, host="shop.test") == 1_900_000_000
-            assert value(m, name, host="blog.test") == 1_800_000_000
-        finally:
-            unregister()
-            unregister_broken()
-        assert value(m, name, host="shop.test") is None
+def test_a_broken_expiry_provider_does_not_break_the_scrape() -> None:
+    def broken() -> dict[str, float]:
+        raise RuntimeError("store is being rebuilt")
+
+    collector = CertExpiryCollector(lambda: [broken, lambda: {"shop.test": 1_900_000_000}])
+    (family,) = collector.collect()
+    assert [(s.labels, s.value) for s in family.samples] == [({"host": "shop.test"},
+                                                                1_900_000_000)]
 
 
 def test_metrics_response() -> None:

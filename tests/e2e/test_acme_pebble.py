@@ -26,7 +26,7 @@ from luma_proxy.acme_client import (
     IssuedCertificate,
     certificate_covers,
     key_matches_certificate,
-    needs_renewal,
+    renewal_due,
 )
 from tests.e2e.docker_double import FakeDockerDNS
 from tests.e2e.pebble import Pebble, find_pebble, free_port
@@ -244,8 +244,8 @@ def test_short_validity_certificates_are_due_for_renewal(
 
     now = datetime.datetime.now(datetime.UTC)
     assert now < issued.not_after <= now + datetime.timedelta(hours=1)
-    assert needs_renewal(issued.not_after, now)
-    assert not needs_renewal(issued.not_after, now, before=datetime.timedelta(minutes=1))
+    assert renewal_due(issued.not_after, now)  # within 30 days: due by the plain rule
+    assert not renewal_due(issued.not_after, now, before=datetime.timedelta(minutes=1))
 
 
 def test_issuer_survives_ca_forgetting_its_account(
