@@ -735,10 +735,16 @@ class LumaProxy:
         """Docker's events (dockerevents.py), ahead of DNS: stopping IPs out, new ones asked."""
         joined = False
         for change, ip in changes:
-            if change == "leaving":
+            if change in ("stopping", "gone"):
                 self.prover.retire(ip)
                 self.resolver.expire_ip(ip)
-                logger.info("docker: %s is stopping or gone: no new requests", ip)
+            if change == "gone":
+                # Its connections can only hang now: close them, so a request waiting
+                # there is sent again elsewhere (engine_patches: the resend seam).
+                closed = engine_patches.close_upstreams(ip)
+                logger.info("docker: %s is gone (%d upstream connection(s) closed)", ip, closed)
+            elif change == "stopping":
+                logger.info("docker: %s is stopping: no new requests", ip)
             else:
                 self.prover.unretire(ip)
                 joined = True

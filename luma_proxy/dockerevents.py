@@ -27,7 +27,8 @@ from .dockerengine import SOCKET, EngineUnavailable, available, engine_client, r
 
 logger = logging.getLogger("luma_proxy.docker")
 
-LEAVING = ("kill", "stop", "die", "pause", "destroy")  # container actions: no new requests
+STOPPING = ("kill", "stop", "pause")  # the app may still finish what it has: no new requests
+GONE = ("die", "destroy")  # nothing at that address will answer again
 RECONNECT_PAUSE = 5.0  # seconds before following the events again after the stream broke
 
 
@@ -50,17 +51,21 @@ class Addresses:
 
 
 def changes(event: Mapping[str, Any], addresses: Addresses) -> list[tuple[str, str]]:
-    """``("leaving" | "joining", ip)`` for one engine event (pure but for inspecting)."""
+    """``("stopping" | "gone" | "joining", ip)`` for one engine event (pure but for inspecting).
+
+    ``gone`` also covers a network ``disconnect``: a disconnected container's
+    address does not refuse, its connections just hang.
+    """
     kind, action = event.get("Type"), (event.get("Action") or "").split(":")[0]
     actor = event.get("Actor") or {}
     attributes = actor.get("Attributes") or {}
     if kind == "container":
         cid = actor.get("ID") or event.get("id") or ""
-        if action in LEAVING:
+        if action in STOPPING or action in GONE:
             ips = list(addresses.of(cid).values())
             if action == "destroy":
                 addresses.by_container.pop(cid, None)
-            return [("leaving", ip) for ip in ips]
+            return [("stopping" if action in STOPPING else "gone", ip) for ip in ips]
         if action in ("start", "unpause"):
             addresses.by_container.pop(cid, None)  # learn its addresses afresh
             return [("joining", ip) for ip in addresses.of(cid).values()]
@@ -69,7 +74,7 @@ def changes(event: Mapping[str, Any], addresses: Addresses) -> list[tuple[str, s
         cid, network = attributes.get("container", ""), actor.get("ID", "")
         if action == "disconnect":
             ip = addresses.of(cid).pop(network, None)
-            return [("leaving", ip)] if ip else []
+            return [("gone", ip)] if ip else []
         if action == "connect":
             addresses.by_container.pop(cid, None)
             ip = addresses.of(cid).get(network)

@@ -214,6 +214,27 @@ def _handle_protocol_error(self: Any, event: Any) -> Generator[Any, Any, None]:
     yield from _original_handle_protocol_error(self, event)
 
 
+def close_upstreams(ip: str) -> int:
+    """Abort every upstream connection to ``ip`` (its container is gone); how many.
+
+    mitmproxy keeps them in each client connection's handler (``Proxyserver.
+    connections``, ``ConnectionHandler.transports``); there is no API for this.
+    """
+    from mitmproxy import connection
+
+    proxyserver = ctx.master.addons.get("proxyserver")
+    closed = 0
+    for handler in list(getattr(proxyserver, "connections", {}).values()):
+        for conn, io in list(handler.transports.items()):
+            if (isinstance(conn, connection.Server) and conn.peername
+                    and conn.peername[0] == ip and io.writer is not None):
+                transport = getattr(io.writer, "transport", None)
+                if transport is not None:
+                    transport.abort()
+                    closed += 1
+    return closed
+
+
 def _events_send(self: Any, event: Any) -> Any:
     return http_layer.SendHttp(event, self.context.server)
 
@@ -270,7 +291,7 @@ class Connector:
         started = loop.time()
         deadline = started + self.timeout
         tried = {host}
-        pending: set[asyncio.Task[Any]] = {self._attempt(host, port, kwargs)}
+        attempts: dict[asyncio.Task[Any], str] = {self._attempt(host, port, kwargs): host}
         error: BaseException | None = None
         fresh = False
         try:
@@ -279,32 +300,47 @@ class Connector:
                 if remaining <= 0:
                     raise error if error is not None else TimeoutError(
                         f"no container took the connection within {self.timeout:g}s")
-                done, pending = await asyncio.wait(
-                    pending, timeout=min(RACE_DELAY, remaining),
-                    return_when=asyncio.FIRST_COMPLETED)
+                if attempts:
+                    done, _ = await asyncio.wait(
+                        attempts, timeout=min(RACE_DELAY, remaining),
+                        return_when=asyncio.FIRST_COMPLETED)
+                else:  # nothing to try: wait for the alias to offer a container
+                    done = set()
+                    await asyncio.sleep(min(HOLD_PAUSE, remaining))
                 for task in done:
+                    del attempts[task]
                     if task.exception() is None:
                         return task.result()
                     error = task.exception()
-                if done and pending:
+                if done and attempts:
                     continue  # one failed, another still racing: give it its chance
-                others = [ip for ip in await self.alternatives(host, port, fresh)
-                          if ip not in tried]
+                current = list(await self.alternatives(host, port, fresh))
+                if fresh:
+                    # DNS was asked again: a connect still hanging to an address that
+                    # left the alias (a gone container does not refuse) is given up.
+                    for task, ip in list(attempts.items()):
+                        if ip not in current:
+                            del attempts[task]
+                            task.cancel()
+                            task.add_done_callback(_close_result)
+                others = [ip for ip in current if ip not in tried]
                 fresh = not others  # exhausted: ask DNS next time
                 if others:
                     tried.add(others[0])
-                    pending.add(self._attempt(others[0], port, kwargs))
-                elif not pending:
+                    attempts[self._attempt(others[0], port, kwargs)] = others[0]
+                elif not attempts:
                     # Every IP failed once: no container can take it now (a single
-                    # replica redeployed, all restarting). Wait for one, up to the hold.
+                    # replica redeployed, all restarting). Wait for one, up to the hold,
+                    # trying again what the alias offers then.
                     deadline = max(deadline, started + self.hold)
-                    tried = set()  # ... trying them again shortly
                     pause = RETRY_PAUSE if loop.time() < started + self.timeout else HOLD_PAUSE
                     await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
-                    tried.add(host)
-                    pending.add(self._attempt(host, port, kwargs))
+                    current = list(await self.alternatives(host, port, True))
+                    tried = set(current[:1])
+                    for ip in current[:1]:
+                        attempts[self._attempt(ip, port, kwargs)] = ip
         finally:
-            for task in pending:
+            for task in attempts:
                 task.cancel()
                 task.add_done_callback(_close_result)
 

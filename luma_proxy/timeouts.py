@@ -62,6 +62,7 @@ def passed(pending: Pending, now: float) -> list[str]:
 class Timeouts:
     def __init__(self) -> None:
         self.connect_timeout = 5.0
+        self.hold = 0.0  # LumaProxy's luma_hold_timeout, when it is loaded
         self.response_timeout = 60.0
         self.header_timeout = 30.0
         self.body_timeout = 120.0
@@ -96,6 +97,9 @@ class Timeouts:
         )
 
     def configure(self, updated: set[str]) -> None:
+        if "luma_hold_timeout" in updated and "luma_hold_timeout" in ctx.options:
+            # A connect may wait that long for a container (engine_patches.Connector).
+            self.hold = ctx.options.luma_hold_timeout
         names = ("luma_connect_timeout", "luma_response_timeout", "luma_header_timeout",
                  "luma_body_timeout", "luma_body_idle_timeout")
         if not updated.intersection(names):
@@ -198,7 +202,7 @@ class Timeouts:
 
     # ------------------------------------------------------------- upstream
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self._connect[data.server.id] = (time.monotonic() + self.connect_timeout,
+        self._connect[data.server.id] = (time.monotonic() + self.connect_timeout + self.hold,
                                          data.client.id, data.server)
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:

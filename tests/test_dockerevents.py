@@ -29,9 +29,9 @@ def test_docker_stop_takes_the_ip_out_at_the_kill_before_dns_does() -> None:
 
     known = Addresses(inspect)
     # docker stop: kill (signal 15), then die, stop, network disconnect, destroy (rm).
-    assert changes(container_event("kill"), known) == [("leaving", "10.213.0.5")]
-    assert changes(container_event("die"), known) == [("leaving", "10.213.0.5")]
-    assert changes(network_event("disconnect"), known) == [("leaving", "10.213.0.5")]
+    assert changes(container_event("kill"), known) == [("stopping", "10.213.0.5")]
+    assert changes(container_event("die"), known) == [("gone", "10.213.0.5")]
+    assert changes(network_event("disconnect"), known) == [("gone", "10.213.0.5")]
     assert changes(container_event("destroy"), known) == []
     assert inspected == ["c1"]  # asked once; after that the cache answers
 
