@@ -690,6 +690,9 @@ class LumaProxy:
         the alias if there is one, else to the same address on a new connection
         (the connect retry then moves it on if that refuses).
         """
+        timeouts = ctx.master.addons.get("timeouts")
+        if timeouts is not None:
+            timeouts.request(flow)  # it goes upstream again: a fresh response deadline
         failed = flow.metadata.get("luma_ip")
         service = self.table.services.get(flow.metadata.get("luma_service", ""))
         if failed is None or service is None:

@@ -183,10 +183,14 @@ def set_reroute(reroute: Callable[[Any], None] | None) -> None:
 
 
 def may_resend(method: str, streamed: bool, answered: bool, sent: bool, retried: bool,
-               message: str) -> bool:
-    """The rule: only what a container provably never answered, and only when safe."""
+               message: str, cut: bool = False) -> bool:
+    """The rule: only what a container provably never answered, and only when safe.
+
+    ``cut``: the proxy itself closed the connection (a response timeout): a slow
+    container is not a closing one.
+    """
     return (message == SERVER_CLOSED and method.upper() in IDEMPOTENT and not streamed
-            and not answered and sent and not retried)
+            and not answered and sent and not retried and not cut)
 
 
 def _handle_protocol_error(self: Any, event: Any) -> Generator[Any, Any, None]:
@@ -195,7 +199,8 @@ def _handle_protocol_error(self: Any, event: Any) -> Generator[Any, Any, None]:
             flow.request.method, bool(flow.request.stream), flow.response is not None,
             self.client_state == self.state_done
             and self.server_state == self.state_wait_for_response_headers,
-            bool(flow.metadata.get("luma_resent")), event.message):
+            bool(flow.metadata.get("luma_resent")), event.message,
+            bool(flow.metadata.get("luma_cut"))):
         flow.metadata["luma_resent"] = True
         if _state["reroute"] is not None:
             _state["reroute"](flow)

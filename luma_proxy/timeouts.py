@@ -164,6 +164,7 @@ class Timeouts:
         if isinstance(target, http.HTTPFlow):
             if streaming_response(target):
                 return
+            target.metadata["luma_cut"] = True  # we closed it: never resent (engine_patches)
             target = target.server_conn
         if close_for_client(client_id, target, f"{kind} timeout"):
             logger.info("%s timeout: closing %s", kind, "client" if target is None else

@@ -23,6 +23,7 @@ def test_a_get_the_container_closed_under_is_sent_again() -> None:
     {"retried": True},  # once only
     {"message": "Cannot parse HTTP response: bad"},  # the container answered, badly
     {"message": "killed"},
+    {"cut": True},  # the proxy closed it (a response timeout): a slow container
 ])
 def test_anything_else_keeps_its_error(change: dict) -> None:
     assert not may_resend(**{**SAFE, **change})
