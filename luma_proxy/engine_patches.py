@@ -59,6 +59,7 @@ from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _events, _hooks, _http2
 
 from .environ import env_float
+from .pages import page_body
 
 MAX_RESETS = 200
 RESET_WINDOW = 10.0
@@ -162,8 +163,15 @@ def _server_h2_event(self: Any, event: Any) -> Generator[Any, Any, bool]:
         try:
             _http2.parse_h2_request_headers(event.headers)
         except ValueError:
-            # Malformed request (RFC 9113 §8.1.1): a stream error, the connection lives on.
-            self.h2_conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            # Malformed request (RFC 9113 §8.1.1; e.g. Host and :authority that differ):
+            # the client gets a 400 on that stream, and the connection lives on.
+            body = page_body(400)
+            self.h2_conn.send_headers(event.stream_id, [
+                (b":status", b"400"), (b"content-type", b"text/html; charset=utf-8"),
+                (b"content-length", str(len(body)).encode())])
+            self.h2_conn.send_data(event.stream_id, body, end_stream=True)
+            if event.stream_ended is None:  # its body would follow: we want none of it
+                self.h2_conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.NO_ERROR)
             return False
     elif isinstance(event, h2.events.StreamReset):
         times = self.__dict__.setdefault("_luma_resets", [])

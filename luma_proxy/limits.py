@@ -163,6 +163,10 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BadChunking(Exception):
+    """A chunked body that does not parse (mitmproxy would close without an answer)."""
+
+
 class CountedReader:
     """h11's chunked body reader, counting the body and dropping trailers.
 
@@ -176,7 +180,10 @@ class CountedReader:
         self.reader, self.limit, self.seen = reader, limit, 0
 
     def __call__(self, buf: Any) -> Any:
-        event = self.reader(buf)
+        try:
+            event = self.reader(buf)
+        except h11.ProtocolError as e:
+            raise BadChunking(str(e)) from None
         if type(event) is h11.Data:
             self.seen += len(event.data)
             if self.seen > self.limit:
@@ -216,6 +223,13 @@ def _read_body_bounded(
         yield from _refuse(self.conn, 413)
         yield ReceiveHttp(RequestProtocolError(self.stream_id, BODY_TOO_LARGE,
                                                code=ErrorCode.REQUEST_TOO_LARGE))
+        self.state = self.done
+        return
+    except BadChunking as e:  # 400, and the upstream request is cut, never completed
+        BODIES.pop(self.conn.id, None)
+        yield from _refuse(self.conn, 400)
+        yield ReceiveHttp(RequestProtocolError(self.stream_id, f"HTTP/1 protocol error: {e}",
+                                               code=ErrorCode.GENERIC_CLIENT_ERROR))
         self.state = self.done
         return
     if getattr(self.state, "__func__", None) is _read_body_bounded:  # more body to come

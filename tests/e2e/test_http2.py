@@ -242,11 +242,12 @@ def test_h2_request_line_only_from_valid_parts(site: Site, path: str) -> None:
     assert requests_upstream(site.upstream.received) == [b"GET /fine HTTP/1.1"]
 
 
-def test_h2_malformed_request_is_a_stream_error(site: Site) -> None:
+def test_h2_malformed_request_is_400_on_its_stream_only(site: Site) -> None:
     s, conn = h2_connect(site.https_port)
     with s:
         bad = h2_exchange(s, conn, 1, req(authority="blog.test:99999"))  # no such port
-        assert bad.reset == h2.errors.ErrorCodes.PROTOCOL_ERROR and bad.goaway is None
+        assert bad.status == 400 and bad.goaway is None
+        assert b"400 Bad Request" in bad.body and b"mitmproxy" not in bad.body
         ok = h2_exchange(s, conn, 3, req("/next"))
         assert ok.status == 200
     assert requests_upstream(site.upstream.received) == [b"GET /next HTTP/1.1"]
