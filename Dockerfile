@@ -112,4 +112,6 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
 # `docker run IMAGE` serves; `docker run IMAGE list` (or any subcommand) and
 # `docker exec luma-proxy luma-proxy ...` run the CLI.
 ENTRYPOINT ["luma-proxy-entrypoint"]
-CMD ["run", "--http-port", "80", "--https-port", "443", "--log-format", "json"]
+# --workers auto: one process per core. Measured on a real engine (docs/docker.md):
+# every deploy flow still lost nothing, with 1.3-1.6x the requests served.
+CMD ["run", "--http-port", "80", "--https-port", "443", "--log-format", "json", "--workers", "auto"]

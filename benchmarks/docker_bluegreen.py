@@ -1,7 +1,7 @@
 """Deploy flows at full length on a real Docker engine; prints one table.
 
     .venv/bin/python benchmarks/docker_bluegreen.py [--seconds 30] [--deploys 5]
-        [--keepalive 50] [--fresh 10] [--only luma_cli,per_colour,...]
+        [--keepalive 50] [--fresh 10] [--only luma_cli,per_colour,...] [--workers auto]
 
 Uses a running dockerd as it is, or starts one of its own (root), exactly as
 tests/docker does (tests/docker/engine.py), builds the images offline, and runs
@@ -31,6 +31,8 @@ def main() -> int:
     parser.add_argument("--keepalive", type=int, default=50)
     parser.add_argument("--fresh", type=int, default=10)
     parser.add_argument("--only", default="")
+    parser.add_argument("--workers", default="",
+                        help="run the image with `run ... --workers N|auto` instead of its CMD")
     args = parser.parse_args()
     engine = Engine().ensure()
     images = engine.images()
@@ -77,11 +79,13 @@ def main() -> int:
         "recreate": ("proxy re-created (luma proxy update), then restarted", recreate),
     }
     only = [k for k in args.only.split(",") if k] or list(table)
+    proxy_cmd = (["run", "--http-port", "80", "--https-port", "443", "--log-format", "json",
+                  "--workers", args.workers] if args.workers else [])
     rows = []
     try:
         for key in only:
             title, run = table[key]
-            bed = scenarios.Bed(engine, images, tag=key).setup()
+            bed = scenarios.Bed(engine, images, tag=key, proxy_cmd=proxy_cmd).setup()
             try:
                 load, note = run(bed)
             finally:

@@ -31,7 +31,8 @@ HADOLINT_CONFIG = ROOT / ".hadolint.yaml"
 INSTALL_SH = ROOT / "docker" / "install.sh"
 VENV_PATH = "/opt/luma-proxy"
 DATA_DIR = "/var/lib/luma-proxy"
-DEFAULT_CMD = ["run", "--http-port", "80", "--https-port", "443", "--log-format", "json"]
+DEFAULT_CMD = ["run", "--http-port", "80", "--https-port", "443", "--log-format", "json",
+               "--workers", "auto"]
 # Deselect with -m "not slow". Until "slow" is registered under [tool.pytest.ini_options]
 # markers, pytest warns about it on every run; that warning is silenced here, not the mark.
 with warnings.catch_warnings():
@@ -194,7 +195,7 @@ BREAKAGES = {
     "HEALTHCHECK --interval": ("# HEALTHCHECK --interval", "no HEALTHCHECK"),
     "ln -s /opt/luma-proxy/bin/luma-proxy": ("ln -s /opt/luma-proxy/bin/mitmdump", "symlink"),
     "PYTHONDONTWRITEBYTECODE=1": ("PYTHONDONTWRITEBYTECODE=", "PYTHONDONTWRITEBYTECODE"),
-    '"--log-format", "json"]': ('"--log-format", "text"]', "CMD"),
+    '"--workers", "auto"]': ('"--workers", "1"]', "CMD"),
     "RUN sh docker/install.sh": ("RUN pip install", "docker/install.sh"),
 }
 

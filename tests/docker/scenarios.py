@@ -48,6 +48,7 @@ class Bed:
     colour: str = "blue"
     generation: int = 0
     apps: list[str] = field(default_factory=list)
+    proxy_cmd: list[str] = field(default_factory=list)  # instead of the image's CMD
 
     @property
     def proxy(self) -> str:
@@ -68,7 +69,7 @@ class Bed:
                 "-v", f"{self.home}/.luma/luma-proxy-certs:/var/lib/luma-proxy/certs",
                 "-v", f"{self.home}/.luma/luma-proxy-config:/tmp",
                 "-v", f"{self.socket_path}:/var/run/docker.sock",
-                self.images["proxy"]]
+                self.images["proxy"], *self.proxy_cmd]
 
     def setup(self) -> Bed:
         """``luma setup``: the host dirs (owned by the SSH user), the network, the proxy."""
@@ -296,12 +297,16 @@ def scenario_single_replica(bed: Bed, gap: float = 2.0, **kw: int) -> Load:
     return run_under_load(bed, steps, **kw)
 
 
-def scenario_proxy_recreate(bed: Bed, **kw: int) -> tuple[Load, float, float]:
+def scenario_proxy_recreate(bed: Bed, before: Callable[[], None] | None = None,
+                            **kw: int) -> tuple[Load, float, float]:
     """The proxy re-created (``luma proxy update``), then restarted, under load.
 
+    ``before`` runs after the first deploy (e.g. a deploy with a certificate).
     Returns the load and the seconds until the route answered 200 again each time.
     """
     first_deploy(bed)
+    if before is not None:
+        before()
     back: list[float] = []
 
     def until_routed(timeout: float = 60) -> float:

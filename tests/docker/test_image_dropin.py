@@ -85,14 +85,26 @@ def test_every_command_the_luma_cli_runs_through_docker_exec(bed: Bed) -> None:
     assert bed.engine.docker("exec", bed.proxy, "sh", "-c", "command -v curl").returncode == 0
 
 
-def test_proxy_update_keeps_routes_and_certificates_and_rejoins_the_network(bed: Bed) -> None:
+def test_proxy_update_keeps_routes_and_certificates_and_rejoins_the_network(
+        bed: Bed, tmp_path: Path) -> None:
     from tests.docker.scenarios import scenario_proxy_recreate
 
-    cert_pem, key_pem = make_cert([HOST])
+    secure = "secure.example.test"  # a second host with its own certificate (HOST stays http)
+    cert_pem, key_pem = make_cert([secure])
     config = bed.home / ".luma" / "luma-proxy-config"
     (config / "c.pem").write_bytes(cert_pem)
     (config / "k.pem").write_bytes(key_pem)
-    load, recreated, restarted = scenario_proxy_recreate(bed, keepalive=10, fresh=2)
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(cert_pem)
+
+    def with_certificate() -> None:
+        result = bed.exec("deploy", "--host", secure, "--target", f"{PROJECT}-web:{APP_PORT}",
+                          "--project", PROJECT, "--tls-cert", "/tmp/c.pem", "--tls-key",
+                          "/tmp/k.pem")
+        assert (result.returncode, result.stderr) == (0, ""), result.stderr
+
+    load, recreated, restarted = scenario_proxy_recreate(bed, with_certificate, keepalive=10,
+                                                         fresh=2)
     print(f"\nproxy re-created under load: routed again after {recreated:.1f} s; "
           f"restarted: {restarted:.1f} s; {load.summary()}")
     assert recreated < 30 and restarted < 30
@@ -101,7 +113,15 @@ def test_proxy_update_keeps_routes_and_certificates_and_rejoins_the_network(bed:
                                  bed.proxy).stdout
     assert bed.network in json.loads(networks)
     listed = json.loads(bed.exec("list", "--json").stdout)["services"]
-    assert [s["host"] for s in listed] == [HOST]
+    assert sorted(s["host"] for s in listed) == [HOST, secure]
+    # The certificate came through both: the same one is served over HTTPS.
+    certs = bed.home / ".luma" / "luma-proxy-certs"
+    assert (certs / secure / "cert.pem").read_bytes() == cert_pem
+    deadline = time.monotonic() + 15
+    while (got := https_get(bed.https_port, secure, ca)).returncode != 0 \
+            and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert got.returncode == 0 and got.stdout.startswith(bed.engine.prefix), got.stderr
 
 
 def test_hardened_run_and_root_without_capabilities(engine: Engine, images: dict[str, str]
@@ -129,6 +149,13 @@ def test_hardened_run_and_root_without_capabilities(engine: Engine, images: dict
         assert (result.returncode, result.stderr) == (0, ""), result.stderr
         assert engine.docker("exec", name, "test", "-s",
                              "/var/lib/luma-proxy/state.json", check=False).returncode == 0
+        # No Docker socket here: said in one line, and routing goes on from DNS alone.
+        engine.docker("restart", name)  # run's start now has a route whose networks it lacks
+        time.sleep(3)
+        logs = engine.docker("logs", name, check=False)
+        said = [line for line in (logs.stdout + logs.stderr).splitlines()
+                if "/var/run/docker.sock not mounted" in line]
+        assert len(said) == 2, logs.stdout[-2000:]  # once per start: the first and the restart
     finally:
         engine.docker("rm", "-f", name, check=False)
         engine.docker("volume", "rm", volume, check=False)
