@@ -33,6 +33,7 @@ from .models import (
     parse_name,
     parse_target,
 )
+from .paths import RESERVED_HOSTS
 from .registry import IMPORT_SUFFIX, RegistryError, Store, default_state_path
 from .workers import workers_option
 
@@ -173,6 +174,9 @@ def deploy(host: str, target: str, project: str, health_path: str, app: str, ssl
     containers may be stopped right after it.
     """
     host = checked(normalize_host, host)
+    if host in RESERVED_HOSTS:
+        raise CliError(f"host {host} is reserved: its certificate directory would be "
+                       "the ACME account key's file")
     alias, port = checked(parse_target, target)
     project = checked(parse_name, project, "project")
     health_path = checked(parse_health_path, health_path)

@@ -19,6 +19,11 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+# The ACME account key, in certs/ beside the hosts' directories (the Go layout).
+# A host of that name would have its directory collide with it: refused.
+ACCOUNT_KEY = "account.key"
+RESERVED_HOSTS = frozenset({ACCOUNT_KEY})
+
 DATA_DIR = Path("/var/lib/luma-proxy")
 DEFAULT_STATE = str(DATA_DIR / "state.json")
 REGISTRY_SUBDIR = ".luma-proxy"  # inside a certs directory

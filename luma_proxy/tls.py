@@ -25,6 +25,7 @@ from .certinfo import backoff_delay
 from .environ import env_float
 from .flowinfo import host_header
 from .models import Service, now
+from .paths import ACCOUNT_KEY
 
 if TYPE_CHECKING:
     from .acme_client import AcmeIssuer
@@ -253,7 +254,7 @@ class Https:
         email = opts.luma_acme_email or self.router.settings.acme_email or None
         key = (url, email, opts.luma_acme_ca_bundle)
         if self._issuer is None or self._issuer_key != key:
-            self._issuer = AcmeIssuer(url, self.root / "account.key", email,
+            self._issuer = AcmeIssuer(url, self.root / ACCOUNT_KEY, email,
                                       opts.luma_acme_ca_bundle or None)
             self._issuer_key = key
         return self._issuer

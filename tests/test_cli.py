@@ -261,6 +261,9 @@ BAD = {
                                      "true"],
     "--healthy maybe": ["updatehealth", "--host", "blog.com", "--healthy", "maybe"],
     "unknown command": ["frobnicate"],
+    # certs/account.key is the ACME account key: a host's directory would collide with it
+    "host named like the account key": ["deploy", "--host", "Account.Key", "--target", "b:1",
+                                        "--project", "p"],
 }
 
 
