@@ -139,7 +139,7 @@ class LumaProxy:
         self._leader_fd: int | None = None
         self._kick = asyncio.Event()
         self._alias_of: dict[str, tuple[str, str]] = {}  # ip -> (alias, host) last sent there
-        self.prover = Prover(self._probe)
+        self.prover = Prover(self._probe, self._departed)
         self.engine_events = EngineEvents(self._engine_changes)
 
     # ----------------------------------------------------------------- options
@@ -682,6 +682,17 @@ class LumaProxy:
         flow.metadata["luma_ip"] = ip
         self._alias_of[ip] = (route.alias, route.service.host)
         return True
+
+    @staticmethod
+    def _departed(ip: str) -> None:
+        """An IP left an alias's answer: its idle pooled connections go (never reused)."""
+        try:
+            closed = engine_patches.close_idle_upstreams(ip)
+        except Exception:  # never let connection bookkeeping fail a request
+            logger.exception("closing idle connections to %s failed", ip)
+            return
+        if closed:
+            logger.info("%s left its alias: %d idle upstream connection(s) closed", ip, closed)
 
     def reroute(self, flow: http.HTTPFlow) -> None:
         """A request its container closed under is sent again (engine_patches): elsewhere.

@@ -248,6 +248,50 @@ def close_upstreams(ip: str) -> int:
     return closed
 
 
+def close_idle_upstreams(ip: str) -> int:
+    """Close the *idle* HTTP/1 upstream connections to ``ip`` (it left its alias); how many.
+
+    A connection with a request on it (or a WebSocket) is left alone: a container
+    leaving DNS may still be finishing what it has. mitmproxy keeps its upstream
+    connections per client connection in its HTTP layer (``HttpLayer.connections``:
+    server connection -> ``HttpClient`` -> ``Http1Client``, idle when its ``stream_id``
+    is None).
+    """
+    from mitmproxy import connection
+    from mitmproxy.proxy.layers.http import _http1
+
+    proxyserver = ctx.master.addons.get("proxyserver")
+    closed = 0
+    for handler in list(getattr(proxyserver, "connections", {}).values()):
+        for http_layer_ in _http_layers(getattr(handler, "layer", None)):
+            for conn, child in list(http_layer_.connections.items()):
+                client = getattr(child, "child_layer", None)  # HttpClient -> Http1Client
+                if (isinstance(conn, connection.Server) and conn.peername
+                        and conn.peername[0] == ip and type(client) is _http1.Http1Client
+                        and client.stream_id is None):
+                    io = handler.transports.get(conn)
+                    transport = getattr(getattr(io, "writer", None), "transport", None)
+                    if transport is not None:
+                        transport.abort()
+                        closed += 1
+    return closed
+
+
+def _http_layers(root: Any) -> list[Any]:
+    """The HTTP layers under one connection's layer stack (modes, TLS, next-layer links)."""
+    found, seen, todo = [], set(), [root]
+    while todo:
+        layer = todo.pop()
+        if layer is None or id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        if isinstance(layer, http_layer.HttpLayer):
+            found.append(layer)
+        todo.extend((getattr(layer, "layer", None), getattr(layer, "child_layer", None),
+                     getattr(getattr(layer, "_handle_event", None), "__self__", None)))
+    return found
+
+
 def _events_send(self: Any, event: Any) -> Any:
     return http_layer.SendHttp(event, self.context.server)
 

@@ -44,8 +44,9 @@ class _Alias:
 class Prover:
     """Which IPs of each ``(alias, port)`` may take requests; probes the others."""
 
-    def __init__(self, probe: Probe) -> None:
+    def __init__(self, probe: Probe, departed: Callable[[str], None] | None = None) -> None:
         self.probe = probe
+        self.departed = departed  # called with each IP that leaves an alias's answer
         self._aliases: dict[tuple[str, int], _Alias] = {}
         self._probing: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._last_probe: dict[tuple[str, int], float] = {}
@@ -76,9 +77,13 @@ class Prover:
         answer = frozenset(ips)
         if answer != state.answer:
             state.proven &= answer  # gone means gone: an IP that comes back starts clean
+            gone = state.answer - answer
             if self._retired:
-                self._retired -= state.answer - answer
+                self._retired -= gone
             state.answer = answer
+            if self.departed is not None:
+                for ip in gone:
+                    self.departed(ip)
         for ip in ips:
             if ip not in state.proven and ip not in self._retired:
                 self._start_probe(alias, ip, port, health_path)
