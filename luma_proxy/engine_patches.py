@@ -36,9 +36,9 @@ done after ``RACE_DELAY`` races one to another IP, and the first to complete win
 **A request the container closed under.** An app that stops closes its idle keep-alive
 connections; a request written on one just then gets no answer at all ("server closed
 connection", mitmproxy's 502). ``HttpStream.handle_protocol_error`` is wrapped: such a
-request is sent once more, on a new connection to another container (``set_reroute``
+request is sent again, on a new connection to another container (``set_reroute``
 picks it), when that is safe: an idempotent method, the whole request sent and still
-held (never a streamed body), no response byte received, not retried before.
+held (never a streamed body), no response byte received; at most ``MAX_RESENDS`` times.
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ TOO_LARGE = "request body too large"
 
 _state: dict[str, Any] = {"body_limit": 1024**3, "installed": False, "reroute": None}
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# A request can meet two closing containers in one deploy (the old one stopping,
+# then a new one disconnected and reconnected by the Luma CLI): twice, no more.
+MAX_RESENDS = 2
 SERVER_CLOSED = "server closed connection"  # mitmproxy's text: no response byte came
 _MULTIPLEXED = (b"HTTP/2.0", b"HTTP/3")
 
@@ -207,9 +210,9 @@ def _handle_protocol_error(self: Any, event: Any) -> Generator[Any, Any, None]:
             flow.request.method, bool(flow.request.stream), flow.response is not None,
             self.client_state == self.state_done
             and self.server_state == self.state_wait_for_response_headers,
-            bool(flow.metadata.get("luma_resent")), event.message,
+            flow.metadata.get("luma_resent", 0) >= MAX_RESENDS, event.message,
             bool(flow.metadata.get("luma_cut"))):
-        flow.metadata["luma_resent"] = True
+        flow.metadata["luma_resent"] = flow.metadata.get("luma_resent", 0) + 1
         if _state["reroute"] is not None:
             _state["reroute"](flow)
         if not (yield from self.make_server_connection()):

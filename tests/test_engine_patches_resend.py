@@ -20,7 +20,7 @@ def test_a_get_the_container_closed_under_is_sent_again() -> None:
     {"streamed": True},  # the body is gone: it cannot be sent again
     {"answered": True},  # a response byte came: the container took it
     {"sent": False},  # not sent whole (the client's body still coming)
-    {"retried": True},  # once only
+    {"retried": True},  # MAX_RESENDS reached
     {"message": "Cannot parse HTTP response: bad"},  # the container answered, badly
     {"message": "killed"},
     {"cut": True},  # the proxy closed it (a response timeout): a slow container

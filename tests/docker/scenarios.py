@@ -63,7 +63,10 @@ class Bed:
         """The Luma CLI's ``docker run`` (ports on loopback only)."""
         # --network: the bed's engine has no default bridge (it keeps containers inside
         # the machine); this network plays docker0, where the Luma CLI's run lands.
+        # The one change to the CLI's command: ACME orders (the CLI deploys --ssl) go to
+        # a closed port on the container's loopback, never to Let's Encrypt.
         return ["run", "-d", "--name", self.proxy, "--restart", "always",
+                "-e", "LUMA_PROXY_ACME_DIRECTORY=https://127.0.0.1:9/directory",
                 "--network", self.bridge,
                 "-p", f"127.0.0.1:{self.http_port}:80", "-p", f"127.0.0.1:{self.https_port}:443",
                 "-v", f"{self.home}/.luma/luma-proxy-certs:/var/lib/luma-proxy/certs",
