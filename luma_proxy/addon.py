@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import time
@@ -42,6 +41,7 @@ from .registry import (
     StateReader,
     Store,
     default_state_path,
+    hold_lock,
 )
 from .resolver import Resolver, parse_dns_server
 from .router import HostTable, Reject, admit
@@ -428,18 +428,8 @@ class LumaProxy:
         if self._leader_fd is not None:
             return True
         assert self.store is not None
-        path = str(self.store.path) + ".health.lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        self._leader_fd = fd
-        return True
+        self._leader_fd = hold_lock(str(self.store.path) + ".health.lock")
+        return self._leader_fd is not None
 
     async def _health_loop(self) -> None:
         """Every service each interval; new or changed ones at once; unhealthy ones often.
@@ -649,15 +639,15 @@ class LumaProxy:
         """
         started = time.monotonic()
         deadline = started + ctx.options.luma_hold_timeout
-        flow.metadata["luma_held"] = True
-        while (remaining := deadline - time.monotonic()) > 0:
-            await self.prover.wait(route.alias, route.port, min(HOLD_POLL, remaining))
-            ips = await self.resolver.resolve(route.alias)
-            if self._send(flow, route, ips):
-                flow.metadata["luma_held"] = time.monotonic() - started
-                return
-        flow.metadata["luma_held"] = time.monotonic() - started
-        flow.response = pages.page(503)
+        try:
+            while (remaining := deadline - time.monotonic()) > 0:
+                await self.prover.wait(route.alias, route.port, min(HOLD_POLL, remaining))
+                ips = await self.resolver.resolve(route.alias)
+                if self._send(flow, route, ips):
+                    return
+            flow.response = pages.page(503)
+        finally:  # also when the client leaves mid-hold: the log says how long it waited
+            flow.metadata["luma_held"] = time.monotonic() - started
 
     def _send(self, flow: http.HTTPFlow, route: Route, ips: tuple[str, ...]) -> bool:
         """Point the request at a proven container of the service; False if none can take it."""
@@ -687,7 +677,7 @@ class LumaProxy:
     def _departed(ip: str) -> None:
         """An IP left an alias's answer: its idle pooled connections go (never reused)."""
         try:
-            closed = engine_patches.close_idle_upstreams(ip)
+            closed = engine_patches.close_upstreams(ip, idle_only=True)
         except Exception:  # never let connection bookkeeping fail a request
             logger.exception("closing idle connections to %s failed", ip)
             return

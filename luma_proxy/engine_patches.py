@@ -219,45 +219,26 @@ def _handle_protocol_error(self: Any, event: Any) -> Generator[Any, Any, None]:
             return  # its own error (connect failed) was handled there
         content = flow.request.raw_content
         trailers = flow.request.trailers
-        yield _events_send(self, _events.RequestHeaders(
+        yield _send_upstream(self, _events.RequestHeaders(
             self.stream_id, flow.request, not (content or trailers)))
         if content:
-            yield _events_send(self, _events.RequestData(self.stream_id, content))
+            yield _send_upstream(self, _events.RequestData(self.stream_id, content))
         if trailers:
-            yield _events_send(self, _events.RequestTrailers(self.stream_id, trailers))
-        yield _events_send(self, _events.RequestEndOfMessage(self.stream_id))
+            yield _send_upstream(self, _events.RequestTrailers(self.stream_id, trailers))
+        yield _send_upstream(self, _events.RequestEndOfMessage(self.stream_id))
         return
     yield from _original_handle_protocol_error(self, event)
 
 
-def close_upstreams(ip: str) -> int:
-    """Abort every upstream connection to ``ip`` (its container is gone); how many.
+def close_upstreams(ip: str, idle_only: bool = False) -> int:
+    """Abort the upstream connections to ``ip``; how many.
 
-    mitmproxy keeps them in each client connection's handler (``Proxyserver.
-    connections``, ``ConnectionHandler.transports``); there is no API for this.
-    """
-    from mitmproxy import connection
-
-    proxyserver = ctx.master.addons.get("proxyserver")
-    closed = 0
-    for handler in list(getattr(proxyserver, "connections", {}).values()):
-        for conn, io in list(handler.transports.items()):
-            if (isinstance(conn, connection.Server) and conn.peername
-                    and conn.peername[0] == ip and io.writer is not None):
-                transport = getattr(io.writer, "transport", None)
-                if transport is not None:
-                    transport.abort()
-                    closed += 1
-    return closed
-
-
-def close_idle_upstreams(ip: str) -> int:
-    """Close the *idle* HTTP/1 upstream connections to ``ip`` (it left its alias); how many.
-
-    A connection with a request on it (or a WebSocket) is left alone: a container
-    leaving DNS may still be finishing what it has. mitmproxy keeps its upstream
-    connections per client connection in its HTTP layer (``HttpLayer.connections``:
-    server connection -> ``HttpClient`` -> ``Http1Client``, idle when its ``stream_id``
+    All of them when its container is gone (they can only hang); with
+    ``idle_only``, only the HTTP/1 ones carrying no request, for an IP that left
+    its alias's answer (a busy one, or a WebSocket, is left to finish).
+    mitmproxy keeps them per client connection, with no API for this: the
+    handler's ``transports``, and its HTTP layer's ``connections`` (server
+    connection -> ``HttpClient`` -> ``Http1Client``, idle when its ``stream_id``
     is None).
     """
     from mitmproxy import connection
@@ -266,17 +247,20 @@ def close_idle_upstreams(ip: str) -> int:
     proxyserver = ctx.master.addons.get("proxyserver")
     closed = 0
     for handler in list(getattr(proxyserver, "connections", {}).values()):
-        for http_layer_ in _http_layers(getattr(handler, "layer", None)):
-            for conn, child in list(http_layer_.connections.items()):
-                client = getattr(child, "child_layer", None)  # HttpClient -> Http1Client
-                if (isinstance(conn, connection.Server) and conn.peername
-                        and conn.peername[0] == ip and type(client) is _http1.Http1Client
-                        and client.stream_id is None):
-                    io = handler.transports.get(conn)
-                    transport = getattr(getattr(io, "writer", None), "transport", None)
-                    if transport is not None:
-                        transport.abort()
-                        closed += 1
+        idle: set[Any] = set()
+        if idle_only:
+            for http in _http_layers(getattr(handler, "layer", None)):
+                for conn, child in http.connections.items():
+                    client = getattr(child, "child_layer", None)
+                    if type(client) is _http1.Http1Client and client.stream_id is None:
+                        idle.add(conn)
+        for conn, io in list(handler.transports.items()):
+            if (isinstance(conn, connection.Server) and conn.peername
+                    and conn.peername[0] == ip and (not idle_only or conn in idle)):
+                transport = getattr(io.writer, "transport", None)
+                if transport is not None:
+                    transport.abort()
+                    closed += 1
     return closed
 
 
@@ -295,7 +279,7 @@ def _http_layers(root: Any) -> list[Any]:
     return found
 
 
-def _events_send(self: Any, event: Any) -> Any:
+def _send_upstream(self: Any, event: Any) -> Any:
     return http_layer.SendHttp(event, self.context.server)
 
 

@@ -448,6 +448,25 @@ def _signature(path: Path) -> Signature | None:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def hold_lock(path: str | os.PathLike[str], new: bool = False) -> int | None:
+    """Open ``path`` (``new``: it must not exist yet) and take an exclusive ``flock``
+    without waiting; the fd holds it until closed (or the process dies), None if not.
+
+    Leadership of the health checks and each proxy's served-version file use it.
+    """
+    flags = os.O_RDWR | os.O_CREAT | (os.O_EXCL if new else 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 class Store:
     """The state file and, next to it, its health file."""
 

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .registry import hold_lock
+
 SUFFIX = ".served"
 
 
@@ -44,17 +46,12 @@ class Beacon:
         """Create and lock this process's file; False (and no beacon) if the disk says no."""
         try:
             self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path = self.dir / f"{os.getpid()}-{os.urandom(4).hex()}"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError:
             return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        self.fd, self.path = fd, path
-        return True
+        path = self.dir / f"{os.getpid()}-{os.urandom(4).hex()}"
+        self.fd = hold_lock(path, new=True)
+        self.path = path if self.fd is not None else None
+        return self.fd is not None
 
     def serve(self, signature: object) -> None:
         """Say which version is in force now (after it was swapped into the view)."""
