@@ -21,6 +21,7 @@ import click
 
 from . import startup
 from .models import (
+    SET_BY_HAND,
     UNCHECKED,
     Health,
     HealthEntry,
@@ -390,7 +391,7 @@ def updatehealth(host: str, healthy: str, state_path: str) -> None:
         at = now()
         changed = previous.healthy is not value
         entries[host] = HealthEntry.of(service.routing_key(), previous.model_copy(update={
-            "healthy": value, "checked_at": at, "last_error": None if value else "set by hand",
+            "healthy": value, "checked_at": at, "last_error": None if value else SET_BY_HAND,
             "changed_at": at if changed else previous.changed_at,
         }))
 

@@ -14,11 +14,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from .models import UNCHECKED, Health, Service, now
+from .models import SET_BY_HAND, UNCHECKED, Health, Service, now
 from .resolver import Resolver
 
 MAX_HEAD = 16 * 1024
 MAX_BODY = 4 * 1024
+# A probe's errors where the container did answer, badly.
+HEAD_TOO_LARGE = "response headers too large"
+MALFORMED = "malformed HTTP response"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +66,9 @@ async def probe(ip: str, port: int, host: str, path: str, timeout: float) -> Pro
     except TimeoutError:
         return Probe(False, f"timed out after {timeout:g}s")
     except asyncio.LimitOverrunError:
-        return Probe(False, "response headers too large")
+        return Probe(False, HEAD_TOO_LARGE)
     except (asyncio.IncompleteReadError, ValueError):
-        return Probe(False, "malformed HTTP response")
+        return Probe(False, MALFORMED)
     except OSError as e:
         return Probe(False, e.strerror or type(e).__name__)
 
@@ -100,7 +103,7 @@ def combine(
 # Failures where a container answered (or an operator decided): the service is
 # unhealthy and says so, 503 at once. Any other failure means no container could
 # be reached (none behind the alias, refused, timed out): requests are held.
-ANSWERED = ("HTTP ", "malformed HTTP response", "response headers too large", "set by hand")
+ANSWERED = ("HTTP ", MALFORMED, HEAD_TOO_LARGE, SET_BY_HAND)  # "HTTP ": judge_status
 
 
 def unreachable(health: Health | None) -> bool:

@@ -126,6 +126,7 @@ class Health(BaseModel):
 
 
 UNCHECKED = Health()  # the health of a service never checked
+SET_BY_HAND = "set by hand"  # last_error of `updatehealth --healthy false`
 
 
 class Service(BaseModel):
