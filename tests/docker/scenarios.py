@@ -218,13 +218,14 @@ def run_under_load(bed: Bed, steps: Callable[[Load], None], keepalive: int = 20,
     return load
 
 
-def scenario_luma_cli(bed: Bed, deploys: int = 3, **kw: int) -> Load:
+def scenario_luma_cli(bed: Bed, deploys: int = 3, old_how: str = "stop", **kw: int) -> Load:
+    """The Luma CLI's flow; ``old_how="disconnect"``: old ones leave by network disconnect."""
     current = first_deploy(bed)
 
     def steps(_load: Load) -> None:
         nonlocal current
         for _ in range(deploys):
-            current = luma_cli_deploy(bed, current)
+            current = luma_cli_deploy(bed, current, old_how)
 
     return run_under_load(bed, steps, **kw)
 
@@ -241,17 +242,6 @@ def scenario_per_colour(bed: Bed, deploys: int = 3, wait: float = 2.0, **kw: int
         nonlocal current
         for _ in range(deploys):
             current = per_colour_deploy(bed, current, wait)
-
-    return run_under_load(bed, steps, **kw)
-
-
-def scenario_disconnect(bed: Bed, deploys: int = 3, **kw: int) -> Load:
-    current = first_deploy(bed)
-
-    def steps(_load: Load) -> None:
-        nonlocal current
-        for _ in range(deploys):
-            current = disconnect_deploy(bed, current)
 
     return run_under_load(bed, steps, **kw)
 

@@ -34,7 +34,7 @@ def test_luma_cli_flow_loses_nothing(bed: Bed) -> None:
 
 
 def test_one_alias_with_old_containers_disconnected_loses_nothing(bed: Bed) -> None:
-    load = scenarios.scenario_disconnect(bed, deploys=3)
+    load = scenarios.scenario_luma_cli(bed, deploys=3, old_how="disconnect")
     report("one alias, old ones network-disconnected, 3 deploys, 20+5 clients", load.summary())
     assert load.requests > 300
     assert load.failed == 0, load.summary()

@@ -13,7 +13,7 @@ import time
 
 from luma_proxy.registry import Store
 from tests.e2e.conftest import LUMA
-from tests.e2e.docker_double import free_port
+from tests.e2e.docker_double import Container, free_port
 
 
 def test_the_first_request_after_deploy_remove_and_switch_is_routed_the_new_way(
@@ -73,18 +73,25 @@ def test_a_killed_proxy_is_not_waited_for(dns, containers, cli, start_proxy):
     assert "did not take" not in result.stdout
 
 
-def test_deploy_wait_returns_once_the_target_passed_a_health_check(
-        dns, containers, state_path):
+def deploy_wait(dns, containers, state_path, timeout: str
+                ) -> tuple[list[str], dict[str, str], Container]:
+    """``deploy --wait`` of blog.test to a container whose /up fails: (command, env, it)."""
     port = free_port()
     c = containers("blog-1", port=port)
     c.healthy = False
     dns.set_alias("blog", [c.ip])
+    command = [LUMA, "deploy", "--host", "blog.test", "--target", f"blog:{port}", "--project",
+               "p", "--no-ssl", "--wait", "--wait-timeout", timeout, "--state",
+               str(state_path)]
+    return command, {"PATH": "/usr/bin:/bin", "LUMA_PROXY_DNS": dns.address}, c
+
+
+def test_deploy_wait_returns_once_the_target_passed_a_health_check(
+        dns, containers, state_path):
+    command, env, c = deploy_wait(dns, containers, state_path, "20")
     started = time.monotonic()
-    proc = subprocess.Popen(
-        [LUMA, "deploy", "--host", "blog.test", "--target", f"blog:{port}", "--project", "p",
-         "--no-ssl", "--wait", "--wait-timeout", "20", "--state", str(state_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={"PATH": "/usr/bin:/bin", "LUMA_PROXY_DNS": dns.address})
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
     time.sleep(1.5)
     assert proc.poll() is None  # still waiting: /up answers 503
     c.healthy = True
@@ -93,23 +100,16 @@ def test_deploy_wait_returns_once_the_target_passed_a_health_check(
     assert "✅ Deployed blog.test" in out
     assert 1.5 <= time.monotonic() - started < 15
     entry = Store(state_path).read_health()["blog.test"]  # type: ignore[index]
-    assert entry.healthy is True and entry.target == f"blog:{port}"
+    assert entry.healthy is True and entry.target == f"blog:{c.port}"
 
 
 def test_deploy_wait_fails_with_one_line_when_the_target_never_passes(
         dns, containers, state_path):
-    port = free_port()
-    c = containers("blog-1", port=port)
-    c.healthy = False
-    dns.set_alias("blog", [c.ip])
+    command, env, c = deploy_wait(dns, containers, state_path, "1.5")
     started = time.monotonic()
-    result = subprocess.run(
-        [LUMA, "deploy", "--host", "blog.test", "--target", f"blog:{port}", "--project", "p",
-         "--no-ssl", "--wait", "--wait-timeout", "1.5", "--state", str(state_path)],
-        capture_output=True, text=True, timeout=30,
-        env={"PATH": "/usr/bin:/bin", "LUMA_PROXY_DNS": dns.address})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30, env=env)
     assert time.monotonic() - started >= 1.5
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f"Error: blog.test: blog:{port} did not pass a health check within 1.5s (HTTP 503)"]
+        f"Error: blog.test: blog:{c.port} did not pass a health check within 1.5s (HTTP 503)"]
     assert "✅" not in result.stdout
