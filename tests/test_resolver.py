@@ -257,11 +257,19 @@ class OddDNS:
 
         self.ips, self.delay, self.truncate, self.garbage = ips, delay, truncate, garbage
         self.silent = False  # True: swallow every query (a DNS that stopped answering)
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind(("127.0.0.1", 0))
-        self.address = self.udp.getsockname()
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.tcp.bind(self.address)
+        # One port for UDP and TCP: the UDP port the kernel picks may be taken on TCP
+        # (another test's socket), so pick again until both bind.
+        for _ in range(100):
+            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.udp.bind(("127.0.0.1", 0))
+            self.address = self.udp.getsockname()
+            self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                self.tcp.bind(self.address)
+                break
+            except OSError:
+                self.tcp.close()
+                self.udp.close()
         self.tcp.listen()
         self.tcp_queries = 0
         for target in (self._serve_udp, self._serve_tcp):
