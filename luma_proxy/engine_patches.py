@@ -16,6 +16,9 @@ Every touch of mitmproxy's HTTP/2 internals lives here (``install`` is idempoten
 * a malformed request (bad pseudo-headers) is a stream error, not the end of
   the whole connection; GOAWAY debug data never quotes internal error text;
   mitmproxy's own HTTP/2 error answers carry no ``server: mitmproxy`` header.
+* upstream connections: an HTTP/2 client connection reuses its idle HTTP/1
+  connections to a container across streams and opens at most
+  ``luma_h2_upstream_connections`` to one (mitmproxy opened one per stream).
 * rapid reset (CVE-2023-44487): a connection whose client resets more than
   ``MAX_RESETS`` streams in ``RESET_WINDOW`` seconds gets GOAWAY(ENHANCE_YOUR_CALM)
   and is closed.
@@ -56,7 +59,7 @@ from mitmproxy import ctx, exceptions
 from mitmproxy import flow as mflow
 from mitmproxy.proxy import commands
 from mitmproxy.proxy.layers import http as http_layer
-from mitmproxy.proxy.layers.http import _events, _hooks, _http2
+from mitmproxy.proxy.layers.http import _events, _hooks, _http1, _http2
 
 from .environ import env_float
 from .pages import page_body
@@ -66,7 +69,8 @@ RESET_WINDOW = 10.0
 GOAWAY_TEXT = b"closing"
 TOO_LARGE = "request body too large"
 
-_state: dict[str, Any] = {"body_limit": 1024**3, "installed": False, "reroute": None}
+_state: dict[str, Any] = {"body_limit": 1024**3, "installed": False, "reroute": None,
+                          "pool": 8}
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # A request can meet two closing containers in one deploy (the old one stopping,
 # then a new one disconnected and reconnected by the Luma CLI): twice, no more.
@@ -77,6 +81,11 @@ _MULTIPLEXED = (b"HTTP/2.0", b"HTTP/3")
 
 def set_body_limit(limit: int) -> None:
     _state["body_limit"] = limit
+
+
+def set_pool_size(size: int) -> None:
+    """Most HTTP/1 connections one HTTP/2 client connection keeps open to one upstream."""
+    _state["pool"] = size
 
 
 def needs_chunked(headers: Any, end_stream: bool) -> bool:
@@ -279,6 +288,97 @@ def _http_layers(root: Any) -> list[Any]:
     return found
 
 
+# ------------------------------------------------- HTTP/2 client, HTTP/1 upstream
+# mitmproxy sends each HTTP/2 stream on a new HTTP/1 connection and closes it after
+# one response ("we can rely on the proxyserver's max-connection-per-server
+# throttling", which reverse mode does not have): 100 streams meant 100 connects at
+# once, and a container's accept queue overflowed (502 "connect timeout" under
+# h2load). Here an HTTP/2 client connection keeps its HTTP/1 upstream connections
+# alive and hands an idle one to the next stream, and opens at most ``pool`` to one
+# address; a stream beyond that waits for one to come free. A response with
+# read-until-EOF framing still closes its connection (mitmproxy's rule).
+_original_get_connection = http_layer.HttpLayer.get_connection
+_original_h1_client_send = _http1.Http1Client.send
+_original_layer_event = http_layer.HttpLayer._handle_event
+
+
+def pool_has_room(busy: int, size: int) -> bool:
+    """Whether one more upstream connection may be opened (``size`` < 1: no bound)."""
+    return size < 1 or busy < size
+
+
+def _h1_client(layer: Any) -> Any:
+    """The ``Http1Client`` at the end of an upstream connection's layer stack, or None."""
+    while layer is not None and not isinstance(layer, _http1.Http1Client):
+        layer = getattr(layer, "child_layer", None)
+    return layer
+
+
+def _idle(h1: Any) -> bool:
+    return (h1 is not None and h1.stream_id is None and h1.request is None
+            and h1.state == h1.read_headers)
+
+
+def _pooled(self: Any, event: Any) -> tuple[Any, int]:
+    """An idle upstream connection ``event`` may use (or None), and how many are busy."""
+    idle, busy = None, 0
+    for conn, child in self.connections.items():
+        if not event.connection_spec_matches(conn) or conn.error:
+            continue
+        if conn in self.waiting_for_establishment:
+            busy += 1
+        elif conn.connected:
+            if idle is None and _idle(_h1_client(child)):
+                idle = conn
+            else:
+                busy += 1
+    return idle, busy
+
+
+def _get_connection(self: Any, event: Any, *, reuse: bool = True) -> Generator[Any, Any, None]:
+    if self.context.client.alpn != b"h2" or not reuse:
+        return (yield from _original_get_connection(self, event, reuse=reuse))
+    idle, busy = _pooled(self, event)
+    if idle is not None:
+        stream = self.command_sources.pop(event)
+        yield from self.event_to_child(
+            stream, http_layer.GetHttpConnectionCompleted(event, (idle, None)))
+    elif pool_has_room(busy, _state["pool"]):
+        # mitmproxy's own path, which never hands an HTTP/1 connection to a second stream
+        yield from _original_get_connection(self, event, reuse=False)
+    else:
+        self.__dict__.setdefault("_luma_parked", []).append(event)
+
+
+def _layer_event(self: Any, event: Any) -> Generator[Any, Any, None]:
+    """mitmproxy's, then any stream parked for a pooled connection retries (FIFO)."""
+    yield from _original_layer_event(self, event)
+    parked = self.__dict__.get("_luma_parked")
+    while parked:
+        idle, busy = _pooled(self, parked[0])
+        if idle is None and not pool_has_room(busy, _state["pool"]):
+            return
+        yield from _get_connection(self, parked.pop(0))
+
+
+def _h1_client_send(self: Any, event: Any) -> Generator[Any, Any, None]:
+    """Convert an HTTP/2 request as mitmproxy does, but before it is kept: then the
+    connection's keep-alive follows the HTTP/1 rules and it can serve the next stream."""
+    if isinstance(event, _events.RequestHeaders) and (
+            event.request.is_http2 or event.request.is_http3):
+        request = event.request.copy()
+        request.http_version = "HTTP/1.1"
+        if "Host" not in request.headers and request.authority:
+            request.headers.insert(0, "Host", request.authority)
+        request.authority = ""
+        cookies = request.headers.get_all("Cookie")
+        if len(cookies) > 1:  # RFC 6265 §5.4: one Cookie field on HTTP/1
+            request.headers["Cookie"] = "; ".join(cookies)
+        event = _events.RequestHeaders(event.stream_id, request, event.end_stream,
+                                       event.replay_flow)
+    return (yield from _original_h1_client_send(self, event))
+
+
 def _send_upstream(self: Any, event: Any) -> Any:
     return http_layer.SendHttp(event, self.context.server)
 
@@ -307,6 +407,9 @@ def install(body_limit: int | None = None) -> None:
     stream.handle_protocol_error = _handle_protocol_error  # type: ignore[method-assign]
     _http2.Http2Server.handle_h2_event = _server_h2_event  # type: ignore[method-assign]
     _http2.Http2Connection.protocol_error = _protocol_error  # type: ignore[method-assign]
+    http_layer.HttpLayer.get_connection = _get_connection  # type: ignore[method-assign]
+    http_layer.HttpLayer._handle_event = _layer_event  # type: ignore[method-assign]
+    _http1.Http1Client.send = _h1_client_send  # type: ignore[method-assign]
     # The `server` header of mitmproxy's own HTTP/2 error answers (502 and the like).
     _http2.version = types.SimpleNamespace(MITMPROXY="luma-proxy")  # type: ignore[attr-defined]
 

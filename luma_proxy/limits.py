@@ -31,9 +31,13 @@ from mitmproxy.proxy.layers.http import ErrorCode, ReceiveHttp, RequestProtocolE
 from mitmproxy.utils import human
 
 from . import engine_patches, pages
+from .environ import env_float
 
 DEFAULT_MAX_HEADER = "64k"
 DEFAULT_MAX_BODY = "1g"
+# Per HTTP/2 client connection and container: h2load -c 10 -m 100 then opens at most
+# 80 connections at once, not 1,000 (docs/performance.md, HTTP/2 row).
+DEFAULT_H2_POOL = 8
 # The start of flow.error.msg for a body over the limit (flowinfo.error_status: 413).
 BODY_TOO_LARGE = "request body exceeds the size limit"
 # The flow.error.msg of a body cut by its deadline (flowinfo.error_status: 408).
@@ -261,8 +265,14 @@ class Limits:
         loader.add_option("luma_max_body_size", str,
                           os.environ.get("LUMA_PROXY_MAX_BODY_SIZE", DEFAULT_MAX_BODY),
                           "Largest request body accepted; more: 413.")
+        loader.add_option("luma_h2_upstream_connections", int,
+                          int(env_float("LUMA_PROXY_H2_UPSTREAM_CONNECTIONS", DEFAULT_H2_POOL)),
+                          "Most HTTP/1 connections one HTTP/2 client connection opens to one "
+                          "container (reused across its streams; more streams wait); 0: no bound.")
 
     def configure(self, updated: set[str]) -> None:
+        if "luma_h2_upstream_connections" in updated:
+            engine_patches.set_pool_size(ctx.options.luma_h2_upstream_connections)
         if not updated & {"luma_max_header_size", "luma_max_body_size"}:
             return
         try:
