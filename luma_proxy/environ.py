@@ -25,3 +25,15 @@ def env_float(name: str, default: float) -> float:
     except ValueError:
         logger.warning("ignoring %s=%r: not a number", name, raw)
         return default
+
+
+def env_int(name: str, default: int) -> int:
+    """The variable as a whole number; a malformed value is ignored (and said so), not fatal."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        logger.warning("ignoring %s=%r: not a whole number", name, raw)
+        return default

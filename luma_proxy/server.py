@@ -90,7 +90,7 @@ async def serve(config: RunConfig) -> int:
         enter_worker(config.worker_index)
     opts = options.Options()
     lean = lean_master(opts, os.environ)
-    lean.addons.add(*lean_addons(all_addons()))
+    lean.addons.add(*lean_addons(all_addons(serving=True)))
     opts.update(mode=modes(config), luma_https_port=config.https_port, **config.options)
     # Master.addons.add() only loads; like mitmdump's script loader, tell every
     # addon about every option once so that defaults (from env) take effect.
