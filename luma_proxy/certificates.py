@@ -5,6 +5,17 @@
 ``certs/account.key``. ACME challenge answers live in ``certs/.challenges/``
 as well as in memory, so that every worker process can answer Pebble or
 Let's Encrypt, whichever one took the validation request.
+
+A key and its certificate change together: two files cannot be replaced as one,
+so a reader of ``cert.pem`` and ``key.pem`` can meet a new key with the old
+certificate (a write in progress, or one a SIGKILL cut in half). Each pair is
+therefore also written as one file, ``pair.pem`` (chain then key, 0600; the
+layout ``ssl.SSLContext.load_cert_chain`` takes), renamed into place *before*
+the two Go-layout files. ``load_pair`` reads ``pair.pem`` unless ``cert.pem`` is
+newer (written since by someone else: the Go proxy, an operator), checks that
+the key is the certificate's, and falls back to the other source if not. So a
+reader sees the old pair or the new one, never half of each, and an install with
+only the Go files is read as it is.
 """
 
 from __future__ import annotations
@@ -58,8 +69,10 @@ class Loaded:
 
     entry: certs.CertStoreEntry
     not_after: datetime.datetime
-    mtime_ns: int
+    mtime_ns: int  # of the file it was read from: when it was issued or installed
     not_before: datetime.datetime | None = None
+    # ``pair_version`` when it was read: a different one means the files changed since.
+    version: tuple[int, ...] | None = None
 
     def due(self, at: datetime.datetime, before: datetime.timedelta = RENEW_BEFORE) -> bool:
         return renewal_due(self.not_after, at, self.not_before, before)
@@ -101,39 +114,110 @@ def check_pair(cert_pem: bytes, key_pem: bytes, host: str) -> datetime.datetime:
     return not_after
 
 
+PAIR = "pair.pem"  # chain + key in one file: replaced as one unit
+CERT = "cert.pem"  # the Go proxy's layout, still written and read
+KEY = "key.pem"
+_KEY_BLOCK = re.compile(
+    rb"-----BEGIN ([A-Z ]*)PRIVATE KEY-----.+?-----END \1PRIVATE KEY-----\r?\n?", re.DOTALL)
+
+
 def store_pair(root: Path, host: str, cert_pem: bytes, key_pem: bytes) -> None:
+    """Write a key and its certificate so that no reader sees one without the other.
+
+    ``pair.pem`` first (one atomic rename), then the Go layout's ``key.pem`` and
+    ``cert.pem``; see the module docstring for why that order.
+    """
     directory = host_dir(root, host)
-    write_private(directory / "key.pem", key_pem)
-    write_private(directory / "cert.pem", cert_pem, 0o644)
+    chain = cert_pem if cert_pem.endswith(b"\n") else cert_pem + b"\n"
+    write_private(directory / PAIR, chain + key_pem)
+    write_private(directory / KEY, key_pem)
+    write_private(directory / CERT, cert_pem, 0o644)
 
 
-def load_pair(root: Path, host: str) -> Loaded | None:
-    """The host's certificate from disk, or None if absent or unusable."""
-    directory = host_dir(root, host)
+def split_pair(pem: bytes) -> tuple[bytes, bytes]:
+    """``pair.pem``'s bytes as (certificate chain, key); ValueError if there is no key."""
+    key = _KEY_BLOCK.search(pem)
+    if key is None:
+        raise ValueError("no private key")
+    return pem[:key.start()] + pem[key.end():], key.group(0)
+
+
+def _stat(path: Path) -> os.stat_result | None:
     try:
-        mtime_ns = (directory / "cert.pem").stat().st_mtime_ns
-        chain_pem = (directory / "cert.pem").read_bytes()
-        key_pem = (directory / "key.pem").read_bytes()
-        entry = entry_from_pem(chain_pem, key_pem)
-        leaf = entry.cert.to_cryptography()
-        return Loaded(entry, leaf.not_valid_after_utc, mtime_ns, leaf.not_valid_before_utc)
-    except (OSError, ValueError):
-        return None
-
-
-def cert_mtime(root: Path, host: str) -> int | None:
-    try:
-        return (host_dir(root, host) / "cert.pem").stat().st_mtime_ns
+        return path.stat()
     except OSError:
         return None
 
 
+def pair_version(root: Path, host: str) -> tuple[int, ...] | None:
+    """What changes whenever either source of the pair is replaced; None if neither exists.
+
+    The inode is in it: every write is a rename of a new file, and two writes
+    within one tick of the file-system clock have the same mtime.
+    """
+    directory = host_dir(root, host)
+    pair, cert = _stat(directory / PAIR), _stat(directory / CERT)
+    if pair is None and cert is None:
+        return None
+    return tuple(n for st in (pair, cert)
+                 for n in ((st.st_ino, st.st_mtime_ns) if st else (0, 0)))
+
+
+def load_pair(root: Path, host: str) -> Loaded | None:
+    """The host's certificate from disk, or None if absent or unusable.
+
+    Never a key with another certificate: each source is checked, the preferred
+    one first (module docstring).
+    """
+    directory = host_dir(root, host)
+    version = pair_version(root, host)
+    if version is None:
+        return None
+    _, pair_mtime, _, cert_mtime = version
+    sources = [_read_combined, _read_go_layout]
+    if cert_mtime > pair_mtime:  # written after pair.pem, by someone who only knows them
+        sources.reverse()
+    for read in sources:
+        try:
+            chain_pem, key_pem, mtime_ns = read(directory)
+            entry = entry_from_pem(chain_pem, key_pem)
+        except (OSError, ValueError):
+            continue
+        leaf = entry.cert.to_cryptography()
+        return Loaded(entry, leaf.not_valid_after_utc, mtime_ns, leaf.not_valid_before_utc,
+                      version)
+    return None
+
+
+def _read_combined(directory: Path) -> tuple[bytes, bytes, int]:
+    with (directory / PAIR).open("rb") as f:  # one open file: one version of it
+        data = f.read()
+        mtime_ns = os.fstat(f.fileno()).st_mtime_ns
+    return (*split_pair(data), mtime_ns)
+
+
+def _read_go_layout(directory: Path) -> tuple[bytes, bytes, int]:
+    with (directory / CERT).open("rb") as f:
+        chain_pem = f.read()
+        mtime_ns = os.fstat(f.fileno()).st_mtime_ns
+    return chain_pem, (directory / KEY).read_bytes(), mtime_ns
+
+
 def entry_from_pem(chain_pem: bytes, key_pem: bytes) -> certs.CertStoreEntry:
+    """A TLS-ready pair; ValueError if the key is not the leaf's (two files read mid-write)."""
     chain = [certs.Cert(c) for c in x509.load_pem_x509_certificates(chain_pem)]
     key = serialization.load_pem_private_key(key_pem, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise ValueError("unsupported key type")
+    if not same_public_key(key, chain[0].to_cryptography()):
+        raise ValueError("the key does not match the certificate")
     return certs.CertStoreEntry(chain[0], key, None, chain)
+
+
+def same_public_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+                    cert: x509.Certificate) -> bool:
+    der = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return key.public_key().public_bytes(*der) == cert.public_key().public_bytes(*der)
 
 
 def read_status(root: Path, host: str) -> CertStatus | None:

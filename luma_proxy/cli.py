@@ -156,6 +156,9 @@ def cli() -> None:
 @click.option("--app", default="", help="App name (informational).")
 @click.option("--ssl/--no-ssl", default=True, show_default=True,
               help="Serve HTTPS with an automatic certificate (--ssl=false also works).")
+@click.option("--hsts/--no-hsts", default=True, show_default=True,
+              help="Send Strict-Transport-Security on HTTPS answers once the certificate "
+                   "is active (--hsts=false also works).")
 @click.option("--force", is_flag=True, help="Take over a host that belongs to another project.")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
               help="Use this certificate (PEM, full chain) instead of ACME.")
@@ -167,7 +170,7 @@ def cli() -> None:
               help="Seconds --wait waits for a passing health check.")
 @state_option
 def deploy(host: str, target: str, project: str, health_path: str, app: str, ssl: bool,
-           force: bool, tls_cert: str | None, tls_key: str | None, wait: bool,
+           hsts: bool, force: bool, tls_cert: str | None, tls_key: str | None, wait: bool,
            wait_timeout: float, state_path: str) -> None:
     """Route HOST to TARGET (creates it, or updates it in place).
 
@@ -196,7 +199,8 @@ def deploy(host: str, target: str, project: str, health_path: str, app: str, ssl
             raise CliError(f"host {host} belongs to project {existing.project!r}; "
                            "use --force to move it")
         fields = {"name": app or alias, "host": host, "target": f"{alias}:{port}",
-                  "project": project, "app": app, "health_path": health_path, "ssl": ssl}
+                  "project": project, "app": app, "health_path": health_path, "ssl": ssl,
+                  "hsts": hsts}
         if networks is not None:
             fields["networks"] = networks
         if custom:
@@ -224,8 +228,8 @@ def deploy(host: str, target: str, project: str, health_path: str, app: str, ssl
     await_proxies(store)
     if wait:
         wait_healthy(store, deployed[0], wait_timeout)
-    click.echo(f"✅ {verb} {host} -> {alias}:{port} (project {project}, "
-               f"{'https' if ssl else 'http only'})")
+    scheme = ("https" if hsts else "https, no HSTS") if ssl else "http only"
+    click.echo(f"✅ {verb} {host} -> {alias}:{port} (project {project}, {scheme})")
 
 
 def await_proxies(store: Store) -> None:
@@ -625,6 +629,9 @@ def cert_renew(host: str, wait: float, state_path: str) -> None:
               help="Seconds for a client's whole request body (default 120).")
 @click.option("--body-idle-timeout", type=click.FloatRange(min=0.001), default=None,
               help="Seconds a request body may pause between bytes (default 10).")
+@click.option("--hsts-max-age", type=click.IntRange(min=0), default=None,
+              help="max-age of Strict-Transport-Security on HTTPS answers (default one "
+                   "year; 0: off; env LUMA_PROXY_HSTS_MAX_AGE).")
 @state_option
 def run(http_port: int, https_port: int, acme_directory: str | None, acme_email: str | None,
         acme_ca_bundle: str | None, listen_host: str, dns: str | None,

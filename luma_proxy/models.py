@@ -141,6 +141,10 @@ class Service(BaseModel):
     app: str = ""
     health_path: HealthPath = "/up"
     ssl: bool = True
+    # Strict-Transport-Security on this host's HTTPS answers once its certificate is
+    # active (tls.py); ``deploy --no-hsts`` turns it off. Files written before the
+    # field existed load with it on, the default.
+    hsts: bool = True
     # "custom": a pair given with deploy --tls-cert/--tls-key, copied under certs/<host>/;
     # "acme": the proxy gets and renews the certificate itself.
     cert_source: str = "acme"

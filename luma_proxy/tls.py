@@ -2,9 +2,11 @@
 
 An addon placed before the routing addon: it answers ACME challenges for any
 host (before routing could 404 them), redirects plain HTTP to HTTPS for ssl
-hosts *once their certificate is active*, and hands mitmproxy's TLS layer the
-right certificate for each SNI. Issuance runs in a background task, one ACME
-order per host at a time, with backoff on failure; it never blocks requests.
+hosts *once their certificate is active*, hands mitmproxy's TLS layer the
+right certificate for each SNI, and adds ``Strict-Transport-Security`` to the
+HTTPS answers of a host served with its own certificate. Issuance runs in a
+background task, one ACME order per host at a time, with backoff on failure;
+it never blocks requests.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mitmproxy import ctx, http, tls
+from mitmproxy import ctx, exceptions, http, tls
 
 from . import certificates as c
 from .addon import LumaProxy
 from .certinfo import backoff_delay
 from .environ import env_float
-from .flowinfo import host_header
+from .flowinfo import append_header, header_values, host_header
 from .models import Service, now
 from .paths import ACCOUNT_KEY
 
@@ -45,6 +47,20 @@ INTERMEDIATE_CIPHERS = (
     "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305",
 )
 MAX_PARALLEL_ORDERS = 4
+HSTS = "Strict-Transport-Security"
+HSTS_MAX_AGE = 31536000  # one year: the usual value, and what preload lists ask for
+
+
+def env_max_age(name: str, default: int) -> int:
+    """A whole number of seconds from the environment; a malformed one is said and ignored."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        logger.warning("ignoring %s=%r: not a whole number of seconds", name, raw)
+        return default
 
 
 def redirect_location(host_header: str, path: str, https_port: int) -> str:
@@ -96,6 +112,7 @@ class Https:
         self._issuer: AcmeIssuer | None = None
         self._issuer_key: tuple | None = None
         self._task: asyncio.Task[None] | None = None
+        self.hsts = f"max-age={HSTS_MAX_AGE}"  # the header's value; "" when off
 
     def load(self, loader: Any) -> None:
         loader.add_option("luma_https_port", int, 0,
@@ -113,6 +130,11 @@ class Https:
         loader.add_option("luma_acme_retry", float, env_float("LUMA_PROXY_ACME_RETRY", 60.0),
                           "Seconds before the first retry of a failed ACME order (doubles, "
                           "up to 1 h).")
+        loader.add_option("luma_hsts_max_age", int,
+                          env_max_age("LUMA_PROXY_HSTS_MAX_AGE", HSTS_MAX_AGE),
+                          "max-age (seconds) of the Strict-Transport-Security header on the "
+                          "HTTPS answers of ssl hosts served with their own certificate; "
+                          "0: never sent.")
 
     def configure(self, updated: set[str]) -> None:
         if "luma_state" in updated:
@@ -121,6 +143,12 @@ class Https:
             self.refresh_from_disk()
         if "luma_https_port" in updated:
             self.https_port = ctx.options.luma_https_port
+        if "luma_hsts_max_age" in updated:
+            age = ctx.options.luma_hsts_max_age
+            if age < 0:
+                raise exceptions.OptionsError(
+                    f"luma_hsts_max_age must be 0 (off) or more seconds, not {age}")
+            self.hsts = f"max-age={age}" if age else ""
 
     def running(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="luma certificates")
@@ -151,6 +179,28 @@ class Https:
                                              self.https_port)
                 flow.response = http.Response.make(301, b"", {"Location": location,
                                                               "Content-Length": "0"})
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """HSTS on an HTTPS answer for the host whose own, active certificate served it.
+
+        Only then can a browser keep to HTTPS for that host: sent with the
+        placeholder certificate (pending, unknown SNI) or on plain HTTP it
+        would lock users out or be ignored. Every answer for that host counts,
+        the proxy's own (503, 413...) included; an answer for another Host on
+        the connection (404, 421) does not. A header the app sent is kept.
+        """
+        cert = flow.client_conn.mitmcert  # set by tls_start_client; None on plain HTTP
+        if cert is None or cert is self.fallback.cert or not self.hsts:
+            return
+        host = flow.client_conn.sni  # canonical (tls_clienthello)
+        service = self.router.table.services.get(host) if host else None
+        if service is None or not service.ssl or not service.hsts or not self.active(host):
+            return
+        response = flow.response
+        if (response is None or self.router.table.canonical(host_header(flow.request) or "")
+                != host or header_values(response.headers, HSTS)):
+            return
+        append_header(response.headers, HSTS, self.hsts)
 
     def _answer_challenge(self, flow: http.HTTPFlow, token: str) -> None:
         answer = self.challenges.get(token)
@@ -183,7 +233,9 @@ class Https:
         """Put this SNI's certificate where mitmproxy's TLS layer looks first.
 
         Unknown SNI (or none) gets the fallback certificate, registered under
-        "*" so mitmproxy never mints one with its own CA.
+        "*" so mitmproxy never mints one with its own CA. The store holds one
+        entry per configured host served (the SNI is canonical by now), and
+        ``client.mitmcert`` says which certificate this connection got (HSTS).
         """
         tlsconfig = ctx.master.addons.get("tlsconfig")
         if tlsconfig is None or tlsconfig.certstore is None:
@@ -191,15 +243,18 @@ class Https:
         store = tlsconfig.certstore
         if store.certs.get("*") is not self.fallback:
             store.certs["*"] = self.fallback
-        sni = data.context.client.sni
-        if not sni:
-            return
-        host = self.router.table.canonical(sni)
+        client = data.context.client
+        sni = client.sni
+        host = self.router.table.canonical(sni) if sni else None
         loaded = self.loaded.get(host) if host else None
-        if loaded is not None and loaded.entry is not store.certs.get(sni):
+        if loaded is None:
+            if sni and sni != "*":
+                store.certs.pop(sni, None)  # a removed host's certificate is not served
+            client.mitmcert = self.fallback.cert
+            return
+        if loaded.entry is not store.certs.get(sni):
             store.certs[sni] = loaded.entry
-        elif loaded is None and sni in store.certs and store.certs[sni] is not self.fallback:
-            store.certs[sni] = self.fallback  # a removed host's certificate is not served
+        client.mitmcert = loaded.entry.cert
 
     # ------------------------------------------------- background: certificates
     def refresh_from_disk(self) -> None:
@@ -211,9 +266,9 @@ class Https:
             if not service.ssl:
                 self.loaded.pop(host, None)
                 continue
-            mtime = c.cert_mtime(self.root, host)
+            version = c.pair_version(self.root, host)
             current = self.loaded.get(host)
-            if mtime is not None and (current is None or current.mtime_ns != mtime):
+            if version is not None and (current is None or current.version != version):
                 loaded = c.load_pair(self.root, host)
                 if loaded is not None:
                     self.loaded[host] = loaded

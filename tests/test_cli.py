@@ -144,6 +144,42 @@ def test_ssl_flag_forms(tmp_path: Path) -> None:
         assert Store(path).read().services["a.com"].ssl is expected, flags
 
 
+def test_hsts_flag_forms_stored_listed_and_kept_on_redeploy(tmp_path: Path) -> None:
+    cases = [([], True), (["--no-hsts"], False), (["--hsts=false"], False),
+             (["--hsts=true"], True), (["--hsts"], True)]
+    paths = [tmp_path / f"{i}" / "state.json" for i in range(len(cases))]
+    results = run_all([
+        lambda f=flags, p=path: run("deploy", "--host", "a.com", "--target", "a:1",
+                                    "--project", "p", *f, state=p)
+        for (flags, _), path in zip(cases, paths, strict=True)
+    ])
+    for (flags, expected), path, result in zip(cases, paths, results, strict=True):
+        out = ok(result)
+        assert ("no HSTS" not in out) is expected, flags
+        assert Store(path).read().services["a.com"].hsts is expected, flags
+        shown = json.loads(ok(run("list", "--json", state=path)))["services"][0]
+        assert shown["hsts"] is expected, flags
+    # A re-deploy says it again: one without --no-hsts turns it back on.
+    path = paths[1]
+    data = path.read_bytes()
+    ok(run("deploy", "--host", "a.com", "--target", "a:1", "--project", "p", "--no-hsts",
+           state=path))
+    assert path.read_bytes() == data
+    ok(run("deploy", "--host", "a.com", "--target", "a:1", "--project", "p", state=path))
+    assert Store(path).read().services["a.com"].hsts is True
+
+
+def test_state_file_without_hsts_field_loads_with_hsts_on(state: Path) -> None:
+    """Files written before --no-hsts existed: every service keeps the default, on."""
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"version": 1, "services": {"blog.com": {
+        "name": "blog", "host": "blog.com", "target": "blog:3000", "project": "p",
+        "ssl": True}}}))
+    shown = json.loads(ok(run("list", "--json", state=state)))["services"][0]
+    assert shown["hsts"] is True
+    assert Store(state).read().services["blog.com"].hsts is True
+
+
 def test_redeploy_updates_in_place(state: Path) -> None:
     ok(run(*DEPLOY_BLOG, state=state))
     ok(run("updatehealth", "--host", "blog.com", "--healthy", "true", state=state))
@@ -255,6 +291,8 @@ BAD = {
                         "--health-path", "up"],
     "bad --ssl value": ["deploy", "--host", "new.com", "--target", "x:1", "--project", "p",
                         "--ssl=maybe"],
+    "bad --hsts value": ["deploy", "--host", "new.com", "--target", "x:1", "--project", "p",
+                         "--hsts=maybe"],
     "missing --target": ["deploy", "--host", "new.com", "--project", "p"],
     "unknown host on remove": ["remove", "--host", "unknown.com"],
     "unknown host on updatehealth": ["updatehealth", "--host", "unknown.com", "--healthy",

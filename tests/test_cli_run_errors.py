@@ -34,3 +34,16 @@ def test_bad_input_is_one_line_only(monkeypatch, tmp_path: Path) -> None:
 
     stderr = run_with(monkeypatch, tmp_path, OptionsError("luma_dns_ttl must be >= 0"))
     assert stderr == "Error: luma_dns_ttl must be >= 0\n"
+
+
+def test_negative_hsts_max_age_is_one_line(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from luma_proxy.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--http-port", "1", "--hsts-max-age", "-1",
+              "--state", str(tmp_path / "state.json")])
+    assert exit_.value.code != 0
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--hsts-max-age" in err, err
+    assert not (tmp_path / "state.json").exists()

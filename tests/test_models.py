@@ -260,3 +260,13 @@ def test_state_find_normalises() -> None:
 def test_unknown_fields_are_ignored() -> None:
     raw = {"name": "x", "host": "a.com", "target": "b:1", "project": "p", "future": 1}
     assert not hasattr(Service.model_validate(raw), "future")
+
+
+def test_hsts_defaults_on_and_older_entries_load() -> None:
+    """A service written before the field existed (or by the Go proxy) keeps HSTS on."""
+    raw = {"name": "x", "host": "a.com", "target": "b:1", "project": "p", "ssl": True}
+    assert Service.model_validate(raw).hsts is True
+    off = Service.model_validate({**raw, "hsts": False})
+    assert off.hsts is False
+    assert Service.model_validate_json(off.model_dump_json()).hsts is False
+    assert off.routing_key() == Service.model_validate(raw).routing_key()  # no new check

@@ -272,3 +272,153 @@ def test_sni_of_another_configured_host_gets_421_h1_and_h2(https: Https, cli) ->
         r = https.curl("other.test", "/", flag, "-k", "-H", "Host: blog.test",
                        "-o", "/dev/null", "-w", "%{http_code}")
         assert r.stdout == "200", (flag, r.stdout, r.stderr)
+
+
+# ------------------------------------------------------------------------------- HSTS
+# Issue 13.16: Strict-Transport-Security on the HTTPS answers of an --ssl host served
+# with its own certificate (custom here; no ACME server is needed), over HTTP/1.1 and
+# HTTP/2, never with the placeholder certificate, never on plain HTTP or --no-ssl.
+
+HSTS_NAMES = ["shop.test", "quiet.test", "down.test", "own.test"]
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, list[str]]
+    version: str
+
+    def hsts(self) -> list[str]:
+        return self.headers.get("strict-transport-security", [])
+
+
+@dataclass
+class HstsBed:
+    http_port: int
+    https_port: int
+    app_port: int
+    cafile: Path
+    start: Callable[..., Proxy]
+
+    def proxy(self, *args: str, **env: str) -> Proxy:
+        dead = f"http://127.0.0.1:{free_port()}/dir"  # no ACME server: pending stays pending
+        proxy = self.start("run", port=self.http_port, args=(
+            "--https-port", str(self.https_port), "--acme-directory", dead, *args), env=env)
+        wait_until(lambda: self.get("shop.test", "--http1.1").status == 200, timeout=10)
+        return proxy
+
+    def get(self, host: str, flag: str, path: str = "/", *args: str,
+            verify: bool = True) -> Answer:
+        """``curl -D-`` over HTTPS with ``flag`` (--http1.1 or --http2)."""
+        r = subprocess.run(
+            ["curl", "-sS", "--max-time", "10", flag, "--resolve",
+             f"{host}:{self.https_port}:127.0.0.1",
+             *(["--cacert", str(self.cafile)] if verify else ["-k"]), *args, "-D", "-",
+             "-o", "/dev/null", "-w", "%{http_version}",
+             f"https://{host}:{self.https_port}{path}"],
+            capture_output=True, text=True, timeout=20)
+        assert r.returncode == 0, (host, flag, r.stderr)
+        head, _, version = r.stdout.rpartition("\n\n")  # text mode: CRLF read as \n
+        lines = head.splitlines()
+        headers: dict[str, list[str]] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers.setdefault(name.strip().lower(), []).append(value.strip())
+        return Answer(int(lines[0].split()[1]), headers, version)
+
+
+class OwnHstsApp:
+    """A container that sends its own Strict-Transport-Security on every answer."""
+
+    def __init__(self, ip: str) -> None:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Strict-Transport-Security", "max-age=5; includeSubDomains")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((ip, 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hsts_bed(dns: FakeDockerDNS, start_proxy, cli, tmp_path: Path) -> Iterator[HstsBed]:
+    """shop.test (custom certificate, HSTS on), quiet.test (--no-hsts), down.test (no
+    container: the proxy's own 503), own.test (an app sending its own header),
+    pending.test (--ssl, no certificate yet), plain.test (--no-ssl)."""
+    http_port, https_port = free_port(), free_port()
+    app = Container("shop-1", "127.0.31.1", free_port("127.0.31.1")).start()
+    own = OwnHstsApp("127.0.31.2")
+    dns.set_alias("shop", [app.ip])
+    dns.set_alias("own", ["127.0.31.2"])
+    cert_pem, key_pem = make_cert(HSTS_NAMES)
+    cafile, keyfile = tmp_path / "hsts-cert.pem", tmp_path / "hsts-key.pem"
+    cafile.write_bytes(cert_pem)  # self-signed: it is its own CA
+    keyfile.write_bytes(key_pem)
+    custom = ("--tls-cert", str(cafile), "--tls-key", str(keyfile))
+    for host, target, extra in (("shop.test", f"shop:{app.port}", custom),
+                                ("quiet.test", f"shop:{app.port}", (*custom, "--no-hsts")),
+                                ("down.test", "nothing:80", custom),
+                                ("own.test", f"own:{own.port}", custom),
+                                ("pending.test", f"shop:{app.port}", ()),
+                                ("plain.test", f"shop:{app.port}", ("--no-ssl",))):
+        cli("deploy", "--host", host, "--target", target, "--project", "p", *extra)
+    yield HstsBed(http_port, https_port, app.port, cafile, start_proxy)
+    own.close()
+    app.kill()
+
+
+@pytest.mark.parametrize("flag, version", [("--http1.1", "1.1"), ("--http2", "2")])
+def test_hsts_on_https_answers_of_ssl_hosts_with_their_certificate(
+        hsts_bed: HstsBed, flag: str, version: str) -> None:
+    proxy = hsts_bed.proxy()
+    year = ["max-age=31536000"]
+    shop = hsts_bed.get("shop.test", flag)
+    assert (shop.status, shop.version, shop.hsts()) == (200, version, year)
+    streamed = hsts_bed.get("shop.test", flag, "/sse?n=1&interval=0")  # headers sent early
+    assert (streamed.status, streamed.hsts()) == (200, year)
+    own_503 = hsts_bed.get("down.test", flag)  # the proxy's own page, for an --ssl host
+    assert (own_503.status, own_503.hsts()) == (503, year)
+    # The app's own header is passed as it is, not replaced nor doubled.
+    assert hsts_bed.get("own.test", flag).hsts() == ["max-age=5; includeSubDomains"]
+    # Another Host on shop.test's connection: that answer is not shop.test's.
+    other = hsts_bed.get("shop.test", flag, "/", "-H", "Host: nowhere.test")
+    assert (other.status, other.hsts()) == (404, [])
+    # deploy --no-hsts; the placeholder certificate (pending, --no-ssl): no header.
+    assert hsts_bed.get("quiet.test", flag).hsts() == []
+    for host in ("pending.test", "plain.test"):
+        answer = hsts_bed.get(host, flag, verify=False)
+        assert (answer.status, answer.hsts()) == (200, []), host
+    # Plain HTTP: never (shop.test is redirected, plain.test served).
+    redirect = proxy.get("shop.test")
+    assert redirect.status == 301 and "strict-transport-security" not in redirect.headers
+    served = proxy.get("plain.test")
+    assert served.status == 200 and "strict-transport-security" not in served.headers
+
+
+def test_hsts_max_age_follows_the_setting(hsts_bed: HstsBed) -> None:
+    proxy = hsts_bed.proxy(LUMA_PROXY_HSTS_MAX_AGE="600")
+    for flag in ("--http1.1", "--http2"):
+        assert hsts_bed.get("shop.test", flag).hsts() == ["max-age=600"], flag
+    proxy.stop()
+    proxy = hsts_bed.proxy("--hsts-max-age", "86400", LUMA_PROXY_HSTS_MAX_AGE="600")
+    for flag in ("--http1.1", "--http2"):
+        assert hsts_bed.get("shop.test", flag).hsts() == ["max-age=86400"], flag
+    proxy.stop()
+    hsts_bed.proxy("--hsts-max-age", "0")  # off for every host
+    for flag in ("--http1.1", "--http2"):
+        answer = hsts_bed.get("shop.test", flag)
+        assert (answer.status, answer.hsts()) == (200, []), flag
