@@ -10,6 +10,13 @@ one event-loop timer each (``call_later`` plus ``cancel``, twice per request)
 but entries in a dict, checked by one sweep every ``tick`` seconds: arming is
 a dict store, disarming a dict pop. A deadline is therefore enforced up to one
 tick late: a quarter of the shortest timeout, at most half a second.
+
+An HTTP/2 connection is idle once none of its streams is open: its flows are
+tracked per client, and when the last one ends the same idle bound as an
+HTTP/1 keep-alive (``luma_header_timeout``) is armed; a new stream disarms it.
+When it passes the connection is closed as any other, and mitmproxy's HTTP/2
+layer first sends GOAWAY(NO_ERROR) (``engine_patches.install_h2_goaway_on_close``):
+the client knows no request was lost and opens a new connection.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.proxy import server_hooks
 
 from .connections import close_for_client
+from .engine_patches import install_h2_goaway_on_close
 from .environ import env_float
 from .limits import BODIES, TIMED_OUT, refuse
 from .streaming import stream_response
@@ -71,9 +79,12 @@ class Timeouts:
                                self.body_idle_timeout)
         self.pending: dict[str, Pending] = {"header": {}, "response": {}, "connect": {}}
         self._header, self._response, self._connect = self.pending.values()
+        # HTTP/2 client id -> ids of its flows still open: idle when empty
+        self._h2_open: dict[str, set[str]] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
     def load(self, loader: Any) -> None:
+        install_h2_goaway_on_close()
         loader.add_option(
             "luma_connect_timeout", float, env_float("LUMA_PROXY_CONNECT_TIMEOUT", 5.0),
             "Seconds to connect to a container before giving up (502, IP ejected).",
@@ -85,7 +96,8 @@ class Timeouts:
         loader.add_option(
             "luma_header_timeout", float, env_float("LUMA_PROXY_HEADER_TIMEOUT", 30.0),
             "Seconds a client has to send a complete request head, on a new connection or "
-            "after the previous response (slow clients, idle keep-alive).",
+            "after the previous response (slow clients, idle keep-alive); an HTTP/2 "
+            "connection with no open stream is closed (GOAWAY) after as long.",
         )
         loader.add_option(
             "luma_body_timeout", float, env_float("LUMA_PROXY_BODY_TIMEOUT", 120.0),
@@ -175,7 +187,10 @@ class Timeouts:
         self._header[client.id] = (time.monotonic() + self.header_timeout, client.id, None)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        self._header.pop(flow.client_conn.id, None)
+        client = flow.client_conn
+        self._header.pop(client.id, None)
+        if client.alpn == b"h2":  # streams overlap: idle only once none is open
+            self._h2_open.setdefault(client.id, set()).add(flow.id)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is None:  # going upstream
@@ -189,14 +204,27 @@ class Timeouts:
         self._finished(flow)
 
     def _finished(self, flow: http.HTTPFlow) -> None:
-        """The next request head must arrive in time too (an idle keep-alive bound)."""
+        """The next request head must arrive in time too (an idle keep-alive bound).
+
+        On HTTP/2 that is once no other stream is open (a long request, an event
+        stream): each flow is discarded from its client's set, so a flow that
+        ends twice (a response, then an error) cannot make a busy connection idle.
+        """
         self._response.pop(flow.id, None)
         client = flow.client_conn
-        if flow.websocket is None and client.alpn != b"h2" and client.connected:
-            self._header[client.id] = (time.monotonic() + self.header_timeout, client.id, None)
+        if flow.websocket is not None or not client.connected:
+            return
+        if client.alpn == b"h2":
+            open_flows = self._h2_open.get(client.id)
+            if open_flows:
+                open_flows.discard(flow.id)
+                if open_flows:
+                    return
+        self._header[client.id] = (time.monotonic() + self.header_timeout, client.id, None)
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._header.pop(client.id, None)
+        self._h2_open.pop(client.id, None)
         if BODIES:
             BODIES.pop(client.id, None)
         TIMED_OUT.discard(client.id)

@@ -90,16 +90,38 @@ def test_a_passed_deadline_of_a_streaming_response_is_dropped_without_closing() 
         assert not addon.pending["response"]
 
 
-def test_answered_requests_and_h2_clients_arm_nothing_more() -> None:
+def test_answered_requests_arm_no_response_deadline() -> None:
     addon = Timeouts()
     with taddons.context(addon):
         flow = tflow.tflow(resp=True)  # answered by an addon: never goes upstream
         addon.request(flow)
         assert not addon.pending["response"]
-        h2 = tflow.tflow(resp=True)
-        h2.client_conn.alpn = b"h2"  # streams are multiplexed: no per-head bound
-        addon.response(h2)
-        assert not addon.pending["header"]
+
+
+def test_an_h2_connection_is_idle_only_once_no_stream_is_open() -> None:
+    """Streams overlap: one ending while another waits (a slow answer, an event stream)
+    must not arm the idle bound; the last one ending does, and a new stream disarms it."""
+    addon = Timeouts()
+    with taddons.context(addon):
+        slow = tflow.tflow(resp=True)
+        client = slow.client_conn
+        client.alpn = b"h2"
+        quick = tflow.tflow(resp=True)
+        quick.client_conn = client
+        addon.requestheaders(slow)
+        addon.requestheaders(quick)
+        addon.response(quick)
+        addon.error(quick)  # a flow ending twice cannot make the busy connection idle
+        assert client.id not in addon.pending["header"]
+        before = time.monotonic()
+        addon.response(slow)
+        assert addon.pending["header"][client.id][0] >= before + addon.header_timeout
+        later = tflow.tflow(resp=False)
+        later.client_conn = client
+        addon.requestheaders(later)  # a new stream: busy again
+        assert client.id not in addon.pending["header"]
+        addon.client_disconnected(client)
+        assert not addon._h2_open
 
 
 def test_connect_deadline_lives_until_connected_or_failed() -> None:

@@ -7,6 +7,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,12 +120,15 @@ def h2_exchange(s: ssl.SSLSocket, conn: h2.connection.H2Connection, stream: int,
     answer = H2Answer()
     sent = 0
     while True:
-        if body is not None and sent < len(body):
+        # All the window allows before reading: the proxy's window is large (2**31 - 1),
+        # so a frame per read would wait for a WINDOW_UPDATE that never needs to come.
+        while body is not None and sent < len(body):
             room = min(conn.local_flow_control_window(stream), conn.max_outbound_frame_size,
                        len(body) - sent)
-            if room > 0:
-                conn.send_data(stream, body[sent:sent + room], end_stream=sent + room == len(body))
-                sent += room
+            if room <= 0:
+                break
+            conn.send_data(stream, body[sent:sent + room], end_stream=sent + room == len(body))
+            sent += room
         s.sendall(conn.data_to_send())
         data = s.recv(65536)
         if not data:
@@ -253,22 +257,39 @@ def test_h2_malformed_request_is_400_on_its_stream_only(site: Site) -> None:
     assert requests_upstream(site.upstream.received) == [b"GET /next HTTP/1.1"]
 
 
-def test_h2_body_limit(site: Site, tmp_path: Path) -> None:
-    """nghttp sends the body, with a content-length; the limit counts DATA frames either way."""
-    declared = True
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "no-length"])
+def test_h2_body_limit(site: Site, tmp_path: Path, declared: bool) -> None:
+    """2 MiB against a 1 MiB limit, declared or not: the limit counts DATA frames either way.
+
+    nghttp always declares a length (for a body read from stdin too), so the
+    body without ``content-length`` is sent by the frame-level client.
+    """
     body = b"x" * (2 * 1024 * 1024)
-    (tmp_path / "body").write_bytes(body)
-    cmd = ["nghttp", "-v", "-H", ":authority: blog.test", "-H", ":method: POST",
-           "-d", str(tmp_path / "body") if declared else "-",
-           f"https://127.0.0.1:{site.https_port}/big"]
-    out = subprocess.run(cmd, input=None if declared else body, capture_output=True,
-                         timeout=60).stdout.decode(errors="replace")
-    assert ("content-length: 2097152" in out) is declared
-    assert "(stream_id=13) :status: 413" in out, out[-1500:]
-    assert "server: mitmproxy" not in out
+    if declared:
+        (tmp_path / "body").write_bytes(body)
+        cmd = ["nghttp", "-v", "-H", ":authority: blog.test", "-H", ":method: POST",
+               "-d", str(tmp_path / "body"), f"https://127.0.0.1:{site.https_port}/big"]
+        out = subprocess.run(cmd, capture_output=True, timeout=60).stdout.decode(
+            errors="replace")
+        assert "content-length: 2097152" in out
+        assert "(stream_id=13) :status: 413" in out, out[-1500:]
+        assert "server: mitmproxy" not in out
+    else:
+        s, conn = h2_connect(site.https_port)
+        with s:
+            answer = h2_exchange(s, conn, 1, req("/big", method="POST"), body=body)
+        assert (answer.status, answer.reset, answer.goaway) == (413, None, None)
+        assert not answer.headers.get(b"server", b"").startswith(b"mitmproxy")
+    # The container records a connection when it ends (at the latest after its own 5 s
+    # read timeout): wait for the cut request, so "never complete" is not vacuous.
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline and not any(
+            one.startswith(b"POST /big") for one in site.upstream.received):
+        time.sleep(0.05)
     big = [one for one in site.upstream.received if one.startswith(b"POST /big")]
     for upstream in big:  # streamed up to the limit at most, and never completed
         assert len(upstream) < 1024 * 1024 + 64 * 1024 and not complete(upstream)
+        assert declared or b"transfer-encoding: chunked" in upstream.lower()
 
 
 def test_rapid_reset_gets_goaway_and_others_are_served(site: Site) -> None:
@@ -291,3 +312,167 @@ def test_rapid_reset_gets_goaway_and_others_are_served(site: Site) -> None:
     s2, conn2 = h2_connect(site.https_port)
     with s2:
         assert h2_exchange(s2, conn2, 1, req("/other")).status == 200
+
+
+# ------------------------------------------------------------ idle HTTP/2 connections
+IDLE = 1.5  # LUMA_PROXY_HEADER_TIMEOUT here: the idle bound of HTTP/1 keep-alive and HTTP/2
+SLOW = 4.0  # the slow container's answer takes this long: well past IDLE
+EVENTS = 8  # /sse sends one event every SLOW / EVENTS seconds
+SLOW_IP = "127.0.50.3"
+
+
+class SlowUpstream:
+    """A container answering ``/late`` after SLOW seconds and streaming ``/sse`` for SLOW
+    seconds (server-sent events); anything else (health checks too) at once."""
+
+    def __init__(self, ip: str = SLOW_IP) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((ip, 0))
+        self.sock.listen(64)
+        self.ip, self.port = ip, self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(30)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    head += chunk
+                path = head.split(b" ", 2)[1]
+                if path == b"/sse":
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                 b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+                    for n in range(EVENTS):
+                        time.sleep(SLOW / EVENTS)
+                        event = b"data: %d\n\n" % n
+                        conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+                    conn.sendall(b"0\r\n\r\n")
+                    return
+                if path == b"/late":
+                    time.sleep(SLOW)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def idle_site(dns, cli, start_proxy, proxy_kind, tmp_path: Path):
+    """blog.test on a SlowUpstream, behind a proxy whose idle bound is IDLE seconds."""
+    upstream = SlowUpstream()
+    dns.set_alias("slow", [upstream.ip])
+    cert, key = make_cert(["blog.test"])
+    (tmp_path / "c.pem").write_bytes(cert)
+    (tmp_path / "k.pem").write_bytes(key)
+    cli("deploy", "--host", "blog.test", "--target", f"slow:{upstream.port}", "--project", "p",
+        "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem"))
+    https_port = free_port()
+    env = {"LUMA_PROXY_HEADER_TIMEOUT": str(IDLE), "LUMA_PROXY_HEALTH_INTERVAL": "3600"}
+    if proxy_kind == "run":
+        start_proxy("run", args=("--https-port", str(https_port)), env=env)
+    else:
+        http_port = free_port()
+        start_proxy("mitmdump", port=http_port, env=env, args=(
+            "--mode", f"reverse:http://127.0.0.1:1/@127.0.0.1:{http_port}",
+            "--mode", f"reverse:http://127.0.0.1:1/@127.0.0.1:{https_port}"))
+    yield https_port
+    upstream.close()
+
+
+def h2_read_until_closed(s: ssl.SSLSocket, conn: h2.connection.H2Connection
+                         ) -> h2.events.ConnectionTerminated | None:
+    """Read until the proxy closes the connection; the GOAWAY it sent on the way, if any."""
+    goaway = None
+    while data := s.recv(65536):
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.ConnectionTerminated):
+                goaway = event
+    return goaway
+
+
+def h2_read_streams(s: ssl.SSLSocket, conn: h2.connection.H2Connection,
+                    answers: dict[int, H2Answer]) -> None:
+    """Read until every stream in ``answers`` has ended or been reset, or the connection ends."""
+    open_streams = set(answers)
+    while open_streams:
+        data = s.recv(65536)
+        if not data:
+            return
+        for event in conn.receive_data(data):
+            answer = answers.get(getattr(event, "stream_id", 0) or 0)
+            if isinstance(event, h2.events.ConnectionTerminated):
+                for one in answers.values():
+                    one.goaway = event
+            elif answer is None:
+                continue
+            elif isinstance(event, h2.events.ResponseReceived):
+                answer.headers = dict(event.headers)
+                answer.status = int(answer.headers[b":status"])
+            elif isinstance(event, h2.events.DataReceived):
+                answer.body += event.data
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                open_streams.discard(event.stream_id)
+            elif isinstance(event, h2.events.StreamReset):
+                answer.reset = event.error_code
+                open_streams.discard(event.stream_id)
+        s.sendall(conn.data_to_send())
+
+
+@pytest.mark.parametrize("used", [True, False], ids=["after-a-response", "no-request"])
+def test_idle_h2_connection_gets_goaway_and_is_closed(idle_site: int, used: bool) -> None:
+    """No open stream for the idle timeout: GOAWAY(NO_ERROR) naming the last stream served,
+    then the connection closes, as an idle HTTP/1 keep-alive is closed."""
+    s, conn = h2_connect(idle_site)
+    with s:
+        if used:
+            answer = h2_exchange(s, conn, 1, req("/quick"))
+            assert (answer.status, answer.body) == (200, b"ok")
+        idle_since = time.monotonic()
+        s.settimeout(IDLE + 10)
+        try:
+            goaway = h2_read_until_closed(s, conn)
+        except TimeoutError:
+            pytest.fail(f"an idle HTTP/2 connection was still open after {IDLE + 10:g}s")
+        idle = time.monotonic() - idle_since
+    assert goaway is not None, "closed without GOAWAY"
+    assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+    assert goaway.last_stream_id == (1 if used else 0)
+    assert IDLE - 0.5 <= idle <= IDLE + 2.5, idle
+
+
+@pytest.mark.parametrize("path", ["/late", "/sse"])
+def test_h2_connection_with_an_open_stream_is_not_cut(idle_site: int, path: str) -> None:
+    """A stream waiting on a slow response (or receiving a long event stream) keeps its
+    connection open past the idle timeout, also after another stream on it has finished."""
+    s, conn = h2_connect(idle_site)
+    answers = {1: H2Answer(), 3: H2Answer()}
+    started = time.monotonic()
+    with s:
+        s.settimeout(SLOW + 10)
+        conn.send_headers(1, req(path), end_stream=True)
+        conn.send_headers(3, req("/quick"), end_stream=True)  # done at once: not idle yet
+        s.sendall(conn.data_to_send())
+        h2_read_streams(s, conn, answers)
+    took = time.monotonic() - started
+    assert (answers[3].status, answers[3].body) == (200, b"ok")
+    slow = answers[1]
+    assert (slow.status, slow.reset, slow.goaway) == (200, None, None), slow
+    expected = b"ok" if path == "/late" else b"".join(b"data: %d\n\n" % n for n in range(EVENTS))
+    assert slow.body == expected
+    assert took >= SLOW > 2 * IDLE
