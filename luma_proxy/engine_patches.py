@@ -55,9 +55,11 @@ from typing import Any
 
 import h2.errors
 import h2.events
+import h2.exceptions
 from mitmproxy import ctx, exceptions
 from mitmproxy import flow as mflow
-from mitmproxy.proxy import commands
+from mitmproxy.connection import ConnectionState
+from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _events, _hooks, _http1, _http2
 
@@ -533,3 +535,30 @@ class ConnectRetry:
             self.connector.timeout = ctx.options.luma_retry_timeout
         if "luma_hold_timeout" in updated and "luma_hold_timeout" in ctx.options:
             self.connector.hold = ctx.options.luma_hold_timeout  # LumaProxy's option
+
+
+# ------------------------------------------------- HTTP/2: GOAWAY when the proxy closes
+_original_server_handle = _http2.Http2Server._handle_event
+
+
+def _server_handle(self: Any, event: Any) -> Generator[Any, Any, None]:
+    """A client HTTP/2 connection the proxy closes with no stream open gets GOAWAY(NO_ERROR).
+
+    The proxy closes a connection by cancelling the task that reads it (idle
+    timeout, drain, mitmproxy's inactivity watchdog); mitmproxy's
+    ``Http2Server`` then sends nothing, and a client cannot tell an idle close
+    from a crash. Only a close of ours (``state`` CLOSED, where a peer's close
+    leaves CAN_WRITE) with no stream open, which loses no request.
+    """
+    if (isinstance(event, events.ConnectionClosed) and event.connection is self.conn
+            and self.conn.state is ConnectionState.CLOSED
+            and self.h2_conn.open_inbound_streams == 0):
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2_conn.close_connection(h2.errors.ErrorCodes.NO_ERROR)
+            yield commands.SendData(self.conn, self.h2_conn.data_to_send())
+    yield from _original_server_handle(self, event)
+
+
+def install_h2_goaway_on_close() -> None:
+    """Put ``_server_handle`` in place (idempotent)."""
+    _http2.Http2Server._handle_event = _server_handle  # type: ignore[method-assign]
