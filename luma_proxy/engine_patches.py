@@ -47,6 +47,7 @@ held (never a streamed body), no response byte received; at most ``MAX_RESENDS``
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 import types
@@ -60,6 +61,7 @@ from mitmproxy import ctx, exceptions
 from mitmproxy import flow as mflow
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import commands, events
+from mitmproxy.proxy import server as proxy_server
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _events, _hooks, _http1, _http2
 
@@ -87,6 +89,8 @@ def set_body_limit(limit: int) -> None:
 
 def set_pool_size(size: int) -> None:
     """Most HTTP/1 connections one HTTP/2 client connection keeps open to one upstream."""
+    if size < 1:
+        raise ValueError(f"luma_h2_upstream_connections must be at least 1, not {size}")
     _state["pool"] = size
 
 
@@ -299,14 +303,23 @@ def _http_layers(root: Any) -> list[Any]:
 # alive and hands an idle one to the next stream, and opens at most ``pool`` to one
 # address; a stream beyond that waits for one to come free. A response with
 # read-until-EOF framing still closes its connection (mitmproxy's rule).
+# mitmproxy's own bound, a semaphore of 5 per address and client connection held
+# for a connection's whole life, becomes ``pool`` too: kept-alive connections
+# would otherwise hold it and a sixth connect would wait forever.
 _original_get_connection = http_layer.HttpLayer.get_connection
 _original_h1_client_send = _http1.Http1Client.send
 _original_layer_event = http_layer.HttpLayer._handle_event
+_original_handler_init = proxy_server.ConnectionHandler.__init__
 
 
 def pool_has_room(busy: int, size: int) -> bool:
-    """Whether one more upstream connection may be opened (``size`` < 1: no bound)."""
-    return size < 1 or busy < size
+    """Whether one more upstream connection may be opened."""
+    return busy < size
+
+
+def _handler_init(self: Any, context: Any) -> None:
+    _original_handler_init(self, context)
+    self.max_conns = collections.defaultdict(lambda: asyncio.Semaphore(_state["pool"]))
 
 
 def _h1_client(layer: Any) -> Any:
@@ -412,6 +425,7 @@ def install(body_limit: int | None = None) -> None:
     http_layer.HttpLayer.get_connection = _get_connection  # type: ignore[method-assign]
     http_layer.HttpLayer._handle_event = _layer_event  # type: ignore[method-assign]
     _http1.Http1Client.send = _h1_client_send  # type: ignore[method-assign]
+    proxy_server.ConnectionHandler.__init__ = _handler_init  # type: ignore[method-assign]
     # The `server` header of mitmproxy's own HTTP/2 error answers (502 and the like).
     _http2.version = types.SimpleNamespace(MITMPROXY="luma-proxy")  # type: ignore[attr-defined]
 
@@ -507,12 +521,10 @@ def _close_result(task: asyncio.Task[Any]) -> None:
 
 def install_connect_retry(connector: Connector) -> None:
     """Point mitmproxy's server module (only) at ``connector`` for TCP connects."""
-    from mitmproxy.proxy import server  # mitmproxy internal: its module-global ``asyncio``
-
     shim = types.SimpleNamespace(**{name: getattr(asyncio, name) for name in dir(asyncio)
                                     if not name.startswith("__")})
     shim.open_connection = connector.open
-    server.asyncio = shim  # type: ignore[attr-defined]
+    proxy_server.asyncio = shim  # type: ignore[attr-defined]  # its module-global ``asyncio``
 
 
 class ConnectRetry:

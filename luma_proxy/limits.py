@@ -268,11 +268,14 @@ class Limits:
         loader.add_option("luma_h2_upstream_connections", int,
                           int(env_float("LUMA_PROXY_H2_UPSTREAM_CONNECTIONS", DEFAULT_H2_POOL)),
                           "Most HTTP/1 connections one HTTP/2 client connection opens to one "
-                          "container (reused across its streams; more streams wait); 0: no bound.")
+                          "container (reused across its streams; more streams wait).")
 
     def configure(self, updated: set[str]) -> None:
         if "luma_h2_upstream_connections" in updated:
-            engine_patches.set_pool_size(ctx.options.luma_h2_upstream_connections)
+            try:
+                engine_patches.set_pool_size(ctx.options.luma_h2_upstream_connections)
+            except ValueError as e:
+                raise exceptions.OptionsError(str(e)) from None
         if not updated & {"luma_max_header_size", "luma_max_body_size"}:
             return
         try:

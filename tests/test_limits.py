@@ -85,3 +85,17 @@ def test_scanner_finds_an_end_split_across_segments() -> None:
 ])
 def test_head_status(head: bytes, status: int | None) -> None:
     assert head_status(head, 10) == status
+
+
+def test_h2_upstream_connections_option_is_validated() -> None:
+    from mitmproxy import exceptions
+
+    from luma_proxy.limits import Limits
+
+    limits = Limits()
+    with taddons.context(limits) as tctx:
+        tctx.configure(limits, luma_h2_upstream_connections=3)
+        assert tctx.options.luma_h2_upstream_connections == 3
+        with pytest.raises(exceptions.OptionsError, match="at least 1"):
+            tctx.configure(limits, luma_h2_upstream_connections=0)
+        assert tctx.options.luma_h2_upstream_connections == 3  # the bad value changed nothing
