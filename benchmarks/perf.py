@@ -91,7 +91,7 @@ def log(msg: str) -> None:
 def setup(profile: bool, extra: list[str] | None = None) -> None:
     """Install what the benchmark needs: wrk and nginx (Debian), py-spy (PyPI) for --profile,
     valgrind (Debian) for --instructions."""
-    wanted = {"wrk": "wrk", "nginx": "nginx", "curl": "curl"}
+    wanted = {"wrk": "wrk", "nginx": "nginx", "curl": "curl", "h2load": "nghttp2-client"}
     wanted.update({name: name for name in extra or []})
     missing = [package for binary, package in wanted.items() if shutil.which(binary) is None
                and not Path(f"/usr/sbin/{binary}").exists()]
@@ -113,7 +113,7 @@ def nginx_bin() -> str:
 
 def have_tools() -> str | None:
     """None when wrk and nginx are there, else what is missing."""
-    missing = [p for p in ("wrk",) if shutil.which(p) is None]
+    missing = [p for p in ("wrk", "h2load") if shutil.which(p) is None]
     if not Path(nginx_bin()).exists():
         missing.append("nginx")
     return ", ".join(missing) or None
@@ -267,6 +267,8 @@ class Load:
     path: str = "/"
     tls: bool = False
     close: bool = False
+    h2load: str = ""  # "h2" or "h1": driven by nghttp2's h2load instead of wrk
+    streams: int = 1  # h2load -m: concurrent streams per HTTP/2 connection
 
 
 LOADS = [
@@ -275,6 +277,11 @@ LOADS = [
     Load("close50", "50 clients, new connection per request", 50, 2, close=True),
     Load("tls50", "HTTPS (HTTP/1.1), 50 keep-alive clients", 50, 2, tls=True),
     Load("1mib", "1 MiB response, 50 keep-alive clients", 50, 2, path="/files/1m.bin"),
+    # The same HTTPS load spoken both ways by one tool (issue 13, point 5).
+    Load("h1h2load", "HTTPS HTTP/1.1, h2load, 10 keep-alive clients", 10, 1, tls=True,
+         h2load="h1"),
+    Load("h2h2load", "HTTPS HTTP/2, h2load, 10 clients x 100 streams", 10, 1, tls=True,
+         h2load="h2", streams=100),
 ]
 LOAD_BY_KEY = {load.key: load for load in LOADS}
 
@@ -307,7 +314,30 @@ def parse_wrk(out: str) -> dict[str, Any]:
     return result
 
 
+def parse_h2load(out: str) -> dict[str, Any]:
+    """Requests/s, succeeded and failed requests, 2xx and mean latency from ``h2load``."""
+    result: dict[str, Any] = {"rps": 0.0, "p50_ms": None, "p90_ms": None, "p99_ms": None,
+                              "requests": 0, "errors": 0, "non2xx": 0}
+    if m := re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out):
+        result["rps"] = float(m.group(1))
+    if m := re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, "
+                      r"(\d+) failed, (\d+) errored, (\d+) timeout", out):
+        _total, done, _ok, failed, errored, timeout = (int(g) for g in m.groups())
+        result["requests"] = done
+        result["errors"] = failed + errored + timeout
+        result["h2load_requests"] = m.group(0)
+    if m := re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out):
+        result["non2xx"] = sum(int(g) for g in m.groups()[1:])
+    if m := re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out):
+        result["mean_ms"] = _ms(m.group(1))
+    return result
+
+
 def wrk_cmd(load: Load, port: int, duration: float, host: str, lua: Path | None) -> list[str]:
+    if load.h2load:
+        return ["h2load", *(["--h1"] if load.h2load == "h1" else []), f"-c{load.conns}",
+                f"-m{load.streams}", f"-D{duration:g}", f"--connect-to=127.0.0.1:{port}",
+                f"https://{host}:{port}{load.path}"]
     cmd = ["wrk", f"-t{load.threads}", f"-c{load.conns}", f"-d{duration:g}s", "--latency",
            "-H", f"Host: {host}"]
     if load.close:
@@ -322,7 +352,7 @@ def wrk_cmd(load: Load, port: int, duration: float, host: str, lua: Path | None)
 
 def run_wrk(cmd: list[str], duration: float) -> dict[str, Any]:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
-    result = parse_wrk(out.stdout)
+    result = (parse_h2load if cmd[0] == "h2load" else parse_wrk)(out.stdout)
     result["cmd"] = shlex.join(cmd)
     if out.returncode != 0 or not result["requests"]:
         result["failed"] = (out.stdout + out.stderr).strip()[-500:]
