@@ -11,6 +11,8 @@ from typing import Any
 
 from mitmproxy import connection, ctx
 
+from .engine_patches import as_sent_to_client
+
 
 def close(handler: Any, conn: connection.Connection | None, reason: str,
           answer: bytes | None = None) -> bool:
@@ -23,7 +25,7 @@ def close(handler: Any, conn: connection.Connection | None, reason: str,
     if io is None or io.handler is None or io.handler.done():
         return False
     if answer is not None and io.writer is not None:
-        io.writer.write(answer)
+        io.writer.write(as_sent_to_client(handler, answer) if conn is None else answer)
     io.handler.cancel(reason)
     return True
 

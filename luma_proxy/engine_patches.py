@@ -21,7 +21,9 @@ Every touch of mitmproxy's HTTP/2 internals lives here (``install`` is idempoten
   ``luma_h2_upstream_connections`` to one (mitmproxy opened one per stream).
 * rapid reset (CVE-2023-44487): a connection whose client resets more than
   ``MAX_RESETS`` streams in ``RESET_WINDOW`` seconds gets GOAWAY(ENHANCE_YOUR_CALM)
-  and is closed.
+  and is closed; a stream opened and reset within one read never reaches the
+  HTTP layer (no flow, no hooks). hyper-h2 bounds concurrent streams at 100
+  (SETTINGS_MAX_CONCURRENT_STREAMS); a client opening more gets GOAWAY.
 
 **Connection opening.**
 
@@ -63,15 +65,17 @@ from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy import server as proxy_server
 from mitmproxy.proxy.layers import http as http_layer
+from mitmproxy.proxy.layers import tls as tls_layer
 from mitmproxy.proxy.layers.http import _events, _hooks, _http1, _http2
+from OpenSSL import SSL
 
 from .environ import env_float
+from .flowinfo import BODY_TOO_LARGE
 from .pages import page_body
 
 MAX_RESETS = 200
 RESET_WINDOW = 10.0
 GOAWAY_TEXT = b"closing"
-TOO_LARGE = "request body too large"
 
 _state: dict[str, Any] = {"body_limit": 1024**3, "installed": False, "reroute": None,
                           "pool": 8}
@@ -146,13 +150,14 @@ def _over_limit(self: Any, event: Any) -> bool:
 
 def _refuse_too_large(self: Any, upstream: bool) -> Generator[Any, Any, None]:
     """413 on this stream only; an upstream request already begun is aborted, never completed."""
-    self.flow.error = mflow.Error(TOO_LARGE)
+    self.flow.error = mflow.Error(BODY_TOO_LARGE)
     yield _hooks.HttpErrorHook(self.flow)
+    code = _events.ErrorCode.REQUEST_TOO_LARGE
     yield http_layer.SendHttp(_events.ResponseProtocolError(
-        self.stream_id, TOO_LARGE, _events.ErrorCode.REQUEST_TOO_LARGE), self.context.client)
+        self.stream_id, BODY_TOO_LARGE, code), self.context.client)
     if upstream:
         yield http_layer.SendHttp(_events.RequestProtocolError(
-            self.stream_id, TOO_LARGE, _events.ErrorCode.REQUEST_TOO_LARGE), self.context.server)
+            self.stream_id, BODY_TOO_LARGE, code), self.context.server)
         self.server_state = self.state_errored
     self.client_state = self.state_errored
     self.flow.live = False
@@ -191,13 +196,59 @@ def _server_h2_event(self: Any, event: Any) -> Generator[Any, Any, bool]:
             if event.stream_ended is None:  # its body would follow: we want none of it
                 self.h2_conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.NO_ERROR)
             return False
+    elif isinstance(event, h2.exceptions.DenialOfServiceError):  # from _receive_data
+        yield from self.protocol_error(str(event), h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        return True
     elif isinstance(event, h2.events.StreamReset):
-        times = self.__dict__.setdefault("_luma_resets", [])
+        times = self.h2_conn.__dict__.setdefault("_luma_resets", [])
         if resets_exceeded(times, time.monotonic()):
             yield from self.protocol_error(
                 "too many stream resets", h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
             return True
     return (yield from _original_server_event(self, event))
+
+
+def opened_and_reset(events: Sequence[Any]) -> set[int]:
+    """Streams a client opened and reset within one read, with no body: never served.
+
+    The rapid-reset pattern (CVE-2023-44487). Such a stream would still cost a
+    flow, the request hooks and routing before its reset is seen; dropping
+    the pair costs only hyper-h2's parsing of its frames.
+    """
+    opened: set[int] = set()
+    reset: set[int] = set()
+    with_body: set[int] = set()
+    for event in events:
+        if isinstance(event, h2.events.RequestReceived):
+            opened.add(event.stream_id)
+        elif isinstance(event, h2.events.StreamReset) and event.stream_id in opened:
+            reset.add(event.stream_id)
+        elif isinstance(event, h2.events.DataReceived):
+            with_body.add(event.stream_id)  # its flow-control window is acknowledged as usual
+    return reset - with_body
+
+
+_original_receive_data = _http2.BufferedH2Connection.receive_data
+
+
+def _receive_data(self: Any, data: bytes) -> list[Any]:
+    """The client side's events less the streams opened and reset in this read; their
+    resets count toward ``MAX_RESETS`` (then GOAWAY ENHANCE_YOUR_CALM)."""
+    events = _original_receive_data(self, data)
+    if self.config.client_side:
+        return events  # our own connections to HTTP/2 upstreams
+    skip = opened_and_reset(events)
+    if not skip:
+        return events
+    times = self.__dict__.setdefault("_luma_resets", [])
+    now = time.monotonic()
+    exceeded = False
+    for _ in skip:
+        exceeded = resets_exceeded(times, now) or exceeded
+    kept = [event for event in events if getattr(event, "stream_id", None) not in skip]
+    if exceeded:
+        return [h2.exceptions.DenialOfServiceError("too many stream resets")]
+    return kept
 
 
 _original_handle_protocol_error = http_layer.HttpStream.handle_protocol_error
@@ -279,19 +330,43 @@ def close_upstreams(ip: str, idle_only: bool = False) -> int:
     return closed
 
 
-def _http_layers(root: Any) -> list[Any]:
-    """The HTTP layers under one connection's layer stack (modes, TLS, next-layer links)."""
+def _layers(root: Any, kind: type) -> list[Any]:
+    """The layers of ``kind`` in one connection's layer stack (modes, TLS, next-layer links)."""
     found, seen, todo = [], set(), [root]
     while todo:
         layer = todo.pop()
         if layer is None or id(layer) in seen:
             continue
         seen.add(id(layer))
-        if isinstance(layer, http_layer.HttpLayer):
+        if isinstance(layer, kind):
             found.append(layer)
         todo.extend((getattr(layer, "layer", None), getattr(layer, "child_layer", None),
                      getattr(getattr(layer, "_handle_event", None), "__self__", None)))
     return found
+
+
+def _http_layers(root: Any) -> list[Any]:
+    return _layers(root, http_layer.HttpLayer)
+
+
+def as_sent_to_client(handler: Any, data: bytes) -> bytes:
+    """``data`` as it must go on the client's socket: through its TLS session, if any.
+
+    An answer written straight to the transport (a 408 as a connection is cut)
+    would otherwise land raw inside the TLS stream, where the client reads a
+    broken record, not an answer.
+    """
+    for layer in _layers(getattr(handler, "layer", None), tls_layer.ClientTLSLayer):
+        session = getattr(layer, "tls", None)
+        if layer.conn is not handler.client or session is None:
+            continue
+        out = b""
+        with contextlib.suppress(SSL.Error):
+            session.sendall(data)
+            while True:
+                out += session.bio_read(65535)
+        return out
+    return data
 
 
 # ------------------------------------------------- HTTP/2 client, HTTP/1 upstream
@@ -421,6 +496,7 @@ def install(body_limit: int | None = None) -> None:
     stream.state_consume_request_body = _consume_request_body  # type: ignore[method-assign]
     stream.handle_protocol_error = _handle_protocol_error  # type: ignore[method-assign]
     _http2.Http2Server.handle_h2_event = _server_h2_event  # type: ignore[method-assign]
+    _http2.BufferedH2Connection.receive_data = _receive_data  # type: ignore[method-assign]
     _http2.Http2Connection.protocol_error = _protocol_error  # type: ignore[method-assign]
     http_layer.HttpLayer.get_connection = _get_connection  # type: ignore[method-assign]
     http_layer.HttpLayer._handle_event = _layer_event  # type: ignore[method-assign]

@@ -18,6 +18,9 @@ CLIENT_CLOSED = 499
 # What mitmproxy answers when the upstream fails (refused, timeout, bad response).
 UPSTREAM_FAILED = 502
 TOO_LARGE = 413
+# The flow.error.msg of a request body cut at the size limit (HTTP/1 in limits.py,
+# HTTP/2 in engine_patches.py): logged 413, as the client saw it.
+BODY_TOO_LARGE = "request body exceeds the size limit"
 REQUEST_TIMEOUT = 408
 BAD_REQUEST = 400
 
@@ -122,7 +125,7 @@ def error_status(flow: http.HTTPFlow) -> int:
     message = (flow.error.msg if flow.error else "").lower()
     if CLIENT_GONE in message or "by client" in message:
         return CLIENT_CLOSED
-    if message.startswith("request body exceeds"):
+    if message.startswith(BODY_TOO_LARGE):
         return TOO_LARGE
     if message.startswith("request body timeout"):  # limits.BODY_TIMEOUT
         return REQUEST_TIMEOUT

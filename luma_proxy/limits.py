@@ -32,6 +32,7 @@ from mitmproxy.utils import human
 
 from . import engine_patches, pages
 from .environ import env_float
+from .flowinfo import BODY_TOO_LARGE
 
 DEFAULT_MAX_HEADER = "64k"
 DEFAULT_MAX_BODY = "1g"
@@ -39,7 +40,6 @@ DEFAULT_MAX_BODY = "1g"
 # 80 connections at once, not 1,000 (docs/performance.md, HTTP/2 row).
 DEFAULT_H2_POOL = 8
 # The start of flow.error.msg for a body over the limit (flowinfo.error_status: 413).
-BODY_TOO_LARGE = "request body exceeds the size limit"
 # The flow.error.msg of a body cut by its deadline (flowinfo.error_status: 408).
 BODY_TIMEOUT = "request body timeout"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 
@@ -16,6 +17,7 @@ import pytest
 from tests.e2e.conftest import Proxy, next_ip, wait_until
 from tests.e2e.docker_double import free_port
 from tests.e2e.recorder import OK, Recorder
+from tests.e2e.test_https import make_cert
 
 LIMIT = 1024 * 1024
 
@@ -48,10 +50,17 @@ def proxy(recorder, start_proxy, proxy_kind) -> Proxy:
 
 
 def answer(port: int, head: bytes, body: Iterator[bytes] | bytes = b"",
-           timeout: float = 20) -> tuple[int | None, bytes]:
+           timeout: float = 20, sni: str | None = None) -> tuple[int | None, bytes]:
     """Send ``head`` and ``body`` (pieces, sent while they are accepted); the status and the
-    answer. A status is the behaviour here: no status is a failure, not a pass."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+    answer. A status is the behaviour here: no status is a failure, not a pass. With
+    ``sni``, over TLS (HTTP/1.1)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    if sni is not None:
+        tls = ssl.create_default_context()
+        tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+        tls.set_alpn_protocols(["http/1.1"])
+        raw = tls.wrap_socket(raw, server_hostname=sni)
+    with raw as s:
         s.sendall(head)
         try:
             for piece in [body] if isinstance(body, bytes) else body:
@@ -62,7 +71,7 @@ def answer(port: int, head: bytes, body: Iterator[bytes] | bytes = b"",
         try:
             while b"\r\n\r\n" not in out and (chunk := s.recv(65536)):
                 out += chunk
-        except (ConnectionResetError, TimeoutError):
+        except (ConnectionResetError, TimeoutError, ssl.SSLError):
             pass
     if not out.startswith(b"HTTP/1.1 "):
         return None, out
@@ -198,6 +207,39 @@ def slow_proxy(recorder, start_proxy, proxy_kind) -> Proxy:
     wait_until(lambda: answer(p.port, b"GET / HTTP/1.1\r\nHost: blog.test\r\n\r\n")[0] == 200,
                timeout=20, interval=0.2)
     return p
+
+
+@pytest.fixture
+def slow_tls_proxy(recorder, cli, start_proxy, proxy_kind, tmp_path) -> Proxy:
+    """As ``slow_proxy``, with blog.test also served over HTTPS (a custom certificate)."""
+    cert, key = make_cert(["blog.test"])
+    (tmp_path / "c.pem").write_bytes(cert)
+    (tmp_path / "k.pem").write_bytes(key)
+    cli("deploy", "--host", "blog.test", "--target", f"rec:{recorder.port}", "--project", "p",
+        "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem"))
+    https_port = free_port()
+    env = {"LUMA_PROXY_BODY_IDLE_TIMEOUT": "1", "LUMA_PROXY_BODY_TIMEOUT": "4"}
+    if proxy_kind == "run":
+        p = start_proxy("run", args=("--https-port", str(https_port)), env=env)
+    else:
+        http_port = free_port()
+        p = start_proxy("mitmdump", port=http_port, env=env, args=(
+            "--mode", f"reverse:http://127.0.0.1:1/@127.0.0.1:{http_port}",
+            "--mode", f"reverse:http://127.0.0.1:1/@127.0.0.1:{https_port}"))
+    p.extra["https"] = https_port
+    wait_until(lambda: answer(https_port, b"GET / HTTP/1.1\r\nHost: blog.test\r\n\r\n",
+                              sni="blog.test")[0] == 200, timeout=20, interval=0.2)
+    return p
+
+
+def test_a_body_that_stops_over_https_gets_a_readable_408(slow_tls_proxy, recorder) -> None:
+    """The 408 goes through the connection's TLS: it was written raw into the TLS stream,
+    which a client reads as a broken record, not an answer."""
+    head = b"POST /stall HTTP/1.1\r\nHost: blog.test\r\nContent-Length: 100\r\n\r\n"
+    status, out = answer(slow_tls_proxy.extra["https"], head + b"hello", timeout=30,
+                         sni="blog.test")
+    assert status == 408, out[:200]
+    assert [r for r in recorder.requests() if r.startswith(b"POST")] == []
 
 
 def trickle(pieces: list[bytes], gap: float) -> Iterator[bytes]:

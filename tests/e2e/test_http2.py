@@ -17,7 +17,7 @@ import h2.errors
 import h2.events
 import pytest
 
-from tests.e2e.conftest import Proxy
+from tests.e2e.conftest import Proxy, wait_until
 from tests.e2e.docker_double import free_port
 from tests.e2e.test_https import make_cert
 
@@ -290,6 +290,8 @@ def test_h2_body_limit(site: Site, tmp_path: Path, declared: bool) -> None:
     for upstream in big:  # streamed up to the limit at most, and never completed
         assert len(upstream) < 1024 * 1024 + 64 * 1024 and not complete(upstream)
         assert declared or b"transfer-encoding: chunked" in upstream.lower()
+    # the access log says what the client got (before: 502 "request body too large")
+    wait_until(lambda: " 413 POST blog.test /big " in site.proxy.logs(), timeout=5)
 
 
 def test_rapid_reset_gets_goaway_and_others_are_served(site: Site) -> None:
@@ -312,6 +314,10 @@ def test_rapid_reset_gets_goaway_and_others_are_served(site: Site) -> None:
     s2, conn2 = h2_connect(site.https_port)
     with s2:
         assert h2_exchange(s2, conn2, 1, req("/other")).status == 200
+    wait_until(lambda: " /other " in site.proxy.logs(), timeout=5)
+    # A stream opened and reset in the same read never became a flow (no hooks, no
+    # routing, no log line); only a pair split across two reads can (before: 200).
+    assert site.proxy.logs().count(" /flood ") <= 4
 
 
 # ------------------------------------------------------------ idle HTTP/2 connections
