@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from .environ import env_float
 from .flowinfo import CLIENT_GONE, MULTIPLEXED, header_values, host_header, valid_h2_target
 from .forwarding import Network, asked_websocket, parse_trusted_proxies, set_forwarding_headers
 from .health import HealthChecker, probe, unreachable
+from .leadership import Leadership
 from .models import Health, HealthEntry, Service, Settings, State
 from .proving import Prover
 from .registry import (
@@ -41,7 +42,6 @@ from .registry import (
     StateReader,
     Store,
     default_state_path,
-    hold_lock,
 )
 from .resolver import Resolver, parse_dns_server
 from .router import HostTable, Reject, admit
@@ -136,7 +136,8 @@ class LumaProxy:
         self._health_error: str | None = None  # of the last health file read
         self._persist_error: str | None = None  # of the last health write
         self._tasks: list[asyncio.Task[None]] = []
-        self._leader_fd: int | None = None
+        self.leadership: Leadership | None = None
+        self._leader_listeners: list[Callable[[bool], None]] = []
         self._kick = asyncio.Event()
         self._alias_of: dict[str, tuple[str, str]] = {}  # ip -> (alias, host) last sent there
         self.prover = Prover(self._probe, self._departed)
@@ -208,6 +209,10 @@ class LumaProxy:
             self._reader, self._health_reader = StateReader(), HealthReader()
             self._health_writer = HealthReader()
             self._signature, self._health_signature = _UNREAD, _UNREAD
+            if self.leadership is not None:
+                self.leadership.close()
+            self.leadership = Leadership(str(self.store.path) + ".health.lock")
+            self.leadership.on_change(self._leadership_changed)
             self._take_over()
             self.reload()  # routes and stored health are in place before the first request
 
@@ -238,6 +243,8 @@ class LumaProxy:
             asyncio.create_task(self._reload_loop(), name="luma reload"),
             asyncio.create_task(self._health_loop(), name="luma health"),
         ]
+        if self.leadership is not None:
+            self._tasks.append(asyncio.create_task(self.leadership.run(), name="luma leader"))
         logger.info("luma-proxy routing %d host(s) from %s", len(self.table.services),
                     self.store.path if self.store else "-")
         self.engine_events.start(asyncio.get_running_loop().call_soon_threadsafe)
@@ -250,9 +257,8 @@ class LumaProxy:
         self.prover.close()
         self.engine_events.stop()
         engine_patches.set_reroute(None)
-        if self._leader_fd is not None:
-            os.close(self._leader_fd)
-            self._leader_fd = None
+        if self.leadership is not None:
+            self.leadership.close()
         if self.beacon is not None:
             self.beacon.close()
             self.beacon = None
@@ -425,11 +431,16 @@ class LumaProxy:
     # ---------------------------------------------------------------- health
     def is_leader(self) -> bool:
         """One process (of several workers) runs the checks; the others read the file."""
-        if self._leader_fd is not None:
-            return True
-        assert self.store is not None
-        self._leader_fd = hold_lock(str(self.store.path) + ".health.lock")
-        return self._leader_fd is not None
+        return self.leadership is not None and self.leadership.try_take()
+
+    def on_leadership(self, listener: Callable[[bool], None]) -> None:
+        """``listener(leading)`` when this process starts or stops leading (the ACME loop)."""
+        self._leader_listeners.append(listener)
+
+    def _leadership_changed(self, leading: bool) -> None:
+        self._kick.set()  # the health loop: a new leader checks everything at once
+        for listener in self._leader_listeners:
+            listener(leading)
 
     async def _health_loop(self) -> None:
         """Every service each interval; new or changed ones at once; unhealthy ones often.

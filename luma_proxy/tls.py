@@ -151,6 +151,8 @@ class Https:
             self.hsts = f"max-age={age}" if age else ""
 
     def running(self) -> None:
+        self._wake = asyncio.Event()
+        self.router.on_leadership(lambda _leading: self._wake.set())  # a new leader orders now
         self._task = asyncio.create_task(self._loop(), name="luma certificates")
 
     def done(self) -> None:
@@ -283,7 +285,9 @@ class Https:
                     self._start_due_orders()
             except Exception:
                 logger.exception("certificate check failed")
-            await asyncio.sleep(TICK)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), TICK)
+            self._wake.clear()
 
     def _start_due_orders(self) -> None:
         at = now()

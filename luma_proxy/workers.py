@@ -9,7 +9,8 @@ addresses). What workers share goes through files, as before:
 - routes: each worker's reloader follows the state file (a change is served
   by all of them within one reload poll);
 - health: only the holder of the ``<state>.health.lock`` flock checks (see
-  ``LumaProxy.is_leader``) and writes the results to the health file
+  ``leadership.py``: a follower takes over within a second of the leader's
+  end, and says so in the log) and writes the results to the health file
   (``<state>.health.json``); the others read them from there, so checks are not
   multiplied and workers agree within one reload poll;
 - certificates: only that leader orders them; every worker loads them, and

@@ -304,7 +304,9 @@ def test_killed_worker_is_restarted_and_the_port_keeps_serving(cluster: Cluster)
         entry = (Store(str(proxy.state)).read_health() or {}).get("blog.test")
         return entry.checked_at if entry is not None else None
 
-    # Health checks go on: another worker took the lock the dead one held.
+    # Health checks go on: another worker took the lock the dead one held, within the
+    # coordinator's poll (1 s), and said so; not at its next round (INTERVAL later).
+    wait_until(lambda: proxy.logs().count("leading: this process") >= 2, timeout=5)
     wait_until(lambda: (at := checked_at()) is not None and at > killed_at, timeout=10)
     assert lock_holder(lock) in cluster.pids()
 
