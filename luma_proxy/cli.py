@@ -642,10 +642,12 @@ def run(http_port: int, https_port: int, acme_directory: str | None, acme_email:
     """Serve: route requests on the HTTP (and HTTPS) port by Host."""
     try:
         loop_factory = startup.loop_factory(os.environ)
+        log_level = startup.log_level(os.environ)
     except ValueError as e:
         raise CliError(str(e)) from None
     startup.skip_builtin_addon_registry()
-    from .server import RunConfig, serve, setup_logging
+    from .runconfig import RunConfig
+    from .server import serve, setup_logging
 
     opts: dict[str, Any] = {"luma_state": state_path}
     for name, value in (("luma_acme_directory", acme_directory), ("luma_acme_email", acme_email),
@@ -663,7 +665,7 @@ def run(http_port: int, https_port: int, acme_directory: str | None, acme_email:
     for flag, value in limits.items():  # --drain-timeout -> luma_drain_timeout, ...
         if value is not None:
             opts[f"luma_{flag}"] = value
-    setup_logging()
+    setup_logging(log_level)
     from .accesslog import configure_logging, default_log_format
 
     configure_logging(log_format or default_log_format())  # json: every log line as JSON
@@ -685,14 +687,17 @@ def run(http_port: int, https_port: int, acme_directory: str | None, acme_email:
 
         code = asyncio.run(serve(config), loop_factory=loop_factory)
     except Exception as e:
+        import logging
+
         from mitmproxy.exceptions import OptionsError
 
-        if not isinstance(e, OptionsError | ValueError | OSError):
-            # A fault, not bad input: the stack goes to the log for whoever debugs it.
-            import logging
-
-            logging.getLogger("luma_proxy").error("start-up failed", exc_info=True)
-        # The one line a user reads (options errors, a port in use...).
+        # The stack always goes to the log: for a fault at once; for bad input
+        # (options, a port in use, an unreadable file) as a debug line, so that
+        # stderr keeps its one line unless LUMA_PROXY_LOG_LEVEL=debug.
+        bad_input = isinstance(e, OptionsError | ValueError | OSError)
+        logging.getLogger("luma_proxy").log(logging.DEBUG if bad_input else logging.ERROR,
+                                            "start-up failed", exc_info=True)
+        # The one line a user reads.
         raise CliError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     sys.exit(code)
 

@@ -13,7 +13,6 @@ import os
 import signal
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from mitmproxy import hooks, master, options
@@ -21,17 +20,9 @@ from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
 
 from . import engine
 from .addon import all_addons
+from .runconfig import RunConfig
 
 logger = logging.getLogger("luma_proxy")
-
-
-@dataclass
-class RunConfig:
-    listen_host: str = "0.0.0.0"
-    http_port: int = 80
-    https_port: int = 0  # 0: no HTTPS listener
-    options: dict[str, Any] = field(default_factory=dict)
-    worker_index: int | None = None  # set in the workers of `run --workers N` (workers.py)
 
 
 def lean_addons(ours: list[Any]) -> list[Any]:
@@ -117,6 +108,9 @@ async def serve(config: RunConfig) -> int:
     failed = [s for s in ps.servers if not s.is_running]
     if failed or not list(ps.servers):
         detail = ", ".join(s.last_exception.__str__() for s in failed if s.last_exception)
+        for s in failed:  # the stack, for LUMA_PROXY_LOG_LEVEL=debug; stderr keeps one line
+            if s.last_exception is not None:
+                logger.debug("cannot listen", exc_info=s.last_exception)
         print(f"luma-proxy: cannot listen: {detail or 'unknown error'}", file=sys.stderr)
         lean.shutdown()
         await run

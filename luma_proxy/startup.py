@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 ENV = "LUMA_PROXY_OPTIMIZE"
 LOOP_ENV = "LUMA_PROXY_EVENT_LOOP"
 LOOPS = ("uvloop", "asyncio")
+LOG_LEVEL_ENV = "LUMA_PROXY_LOG_LEVEL"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def enabled(environ: Mapping[str, str]) -> bool:
@@ -128,6 +130,21 @@ def skip_builtin_addon_registry(modules: dict[str, types.ModuleType] | None = No
     package.__package__ = "mitmproxy.addons"
     modules["mitmproxy.addons"] = package
     return True
+
+
+def log_level(environ: Mapping[str, str]) -> int:
+    """The level of luma-proxy's own log lines; ``debug`` also logs the stack of bad input.
+
+    A start-up error caused by input (a port in use, an unreadable file, a bad
+    option) is one line on stderr; its stack is a debug line, so that line
+    stays the only one unless whoever debugs asks for more.
+    """
+    import logging
+
+    choice = (environ.get(LOG_LEVEL_ENV, "info") or "info").lower()
+    if choice not in LOG_LEVELS:
+        raise ValueError(f"{LOG_LEVEL_ENV} must be one of {', '.join(LOG_LEVELS)}, not {choice!r}")
+    return logging.getLevelNamesMapping()[choice.upper()]
 
 
 def loop_factory(environ: Mapping[str, str]) -> Callable[[], asyncio.AbstractEventLoop] | None:
