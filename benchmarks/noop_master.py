@@ -28,7 +28,8 @@ startup.skip_builtin_addon_registry()  # as `luma-proxy run` does, before mitmpr
 from mitmproxy import hooks, http, master, options  # noqa: E402
 
 from luma_proxy import engine  # noqa: E402
-from luma_proxy.server import RunConfig, lean_addons, modes  # noqa: E402
+from luma_proxy.runconfig import RunConfig  # noqa: E402
+from luma_proxy.server import lean_addons, modes  # noqa: E402
 
 
 class NoopRoute:

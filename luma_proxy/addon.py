@@ -801,23 +801,3 @@ class LumaProxy:
     def client_disconnected(self, client: connection.Client) -> None:
         self.balancer.release(client.id)
 
-
-def all_addons(serving: bool = False) -> list[Any]:
-    """Everything luma-proxy adds to mitmproxy, in hook order.
-
-    ``serving``: for ``luma-proxy run``, where no flow viewer needs WebSocket messages kept.
-    """
-    from .accesslog import AccessLog
-    from .drain import Drain
-    from .engine_patches import ConnectRetry
-    from .limits import Limits
-    from .metrics import Metrics
-    from .requestid import RequestId
-    from .timeouts import Timeouts
-    from .tls import Https
-    from .websocket import DEFAULT_KEEP, SERVING_KEEP, WebSocketTail
-
-    router = LumaProxy()
-    return [RequestId(), Limits(), Https(router), router, ConnectRetry(router.alternatives),
-            Timeouts(), AccessLog(), Metrics(), Drain(),
-            WebSocketTail(SERVING_KEEP if serving else DEFAULT_KEEP)]  # last: trims the list

@@ -19,7 +19,7 @@ from mitmproxy import hooks, master, options
 from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
 
 from . import engine
-from .addon import all_addons
+from .composition import all_addons
 from .runconfig import RunConfig
 
 logger = logging.getLogger("luma_proxy")

@@ -16,18 +16,19 @@ import contextlib
 import datetime
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mitmproxy import ctx, exceptions, http, tls
 
 from . import certificates as c
-from .addon import LumaProxy
 from .certinfo import backoff_delay
 from .environ import env_float
 from .flowinfo import append_header, header_values, host_header
-from .models import Service, now
+from .models import Service, Settings, now
 from .paths import ACCOUNT_KEY
+from .router import HostTable
 
 if TYPE_CHECKING:
     from .acme_client import AcmeIssuer
@@ -83,7 +84,19 @@ def wants_certificate(service: Service, loaded: c.Loaded | None, at: datetime.da
     return requested is not None and requested > issued
 
 
-def misdirected(router: LumaProxy, sni: str | None, host: str | None) -> bool:
+class Router(Protocol):
+    """What HTTPS needs of the routing addon (``addon.LumaProxy``): the hosts, the
+    settings, and whether this process orders certificates (the leader)."""
+
+    table: HostTable
+    settings: Settings
+
+    def is_leader(self) -> bool: ...
+
+    def on_leadership(self, listener: Callable[[bool], None]) -> None: ...
+
+
+def misdirected(router: Router, sni: str | None, host: str | None) -> bool:
     """The TLS SNI and ``Host`` name two different configured hosts: RFC 9110's 421.
 
     A connection opened for one service (its certificate, its TLS) must not carry
@@ -99,7 +112,7 @@ def misdirected(router: LumaProxy, sni: str | None, host: str | None) -> bool:
 
 
 class Https:
-    def __init__(self, router: LumaProxy) -> None:
+    def __init__(self, router: Router) -> None:
         self.router = router
         self.loaded: dict[str, c.Loaded] = {}
         self.challenges: dict[str, str] = {}

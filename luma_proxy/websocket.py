@@ -54,7 +54,7 @@ class WebSocketTail:
     """Bounds ``flow.websocket.messages`` to the ``luma_websocket_keep`` most recent."""
 
     def __init__(self, default_keep: int = DEFAULT_KEEP) -> None:
-        self.default_keep = default_keep  # SERVING_KEEP for luma-proxy run (addon.all_addons)
+        self.default_keep = default_keep  # SERVING_KEEP for luma-proxy run (composition.all_addons)
         self.keep = default_keep
 
     def load(self, loader: Any) -> None:

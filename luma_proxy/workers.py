@@ -64,7 +64,7 @@ from .environ import MULTIPROC_ENV
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from .server import RunConfig
+    from .runconfig import RunConfig
 
 logger = logging.getLogger("luma_proxy")
 

@@ -9,7 +9,8 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons
 
-from luma_proxy.addon import LumaProxy, all_addons
+from luma_proxy.addon import LumaProxy
+from luma_proxy.composition import all_addons
 from luma_proxy.requestid import HEADER, METADATA, RequestId, choose_request_id, is_sane
 from tests.obs_util import flow_for, through, write_state
 

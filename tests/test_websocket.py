@@ -21,7 +21,7 @@ from mitmproxy.test import taddons, tflow
 from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
-from luma_proxy.addon import all_addons
+from luma_proxy.composition import all_addons
 from luma_proxy.websocket import DEFAULT_KEEP, ENV, SERVING_KEEP, WebSocketTail, trim
 
 
