@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import ipaddress
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from .atomic import make_private_dir, write_atomic
 from .certinfo import (
     backoff_delay,
     certificate_covers,
@@ -112,65 +111,14 @@ def _create_account_key(path: Path) -> jose.JWK:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    parent = path.parent
     try:
-        _make_private_dir(parent)
-        fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(pem)
-                fh.flush()
-                os.fsync(fh.fileno())
-            if not _publish_no_clobber(tmp_name, path):
-                # Lost a creation race: the key on disk is the account, use it.
-                return load_or_create_account_key(path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-        _fsync_dir(parent)
+        make_private_dir(path.parent)
+        if not write_atomic(path, pem, 0o600, exclusive=True):
+            # Lost a creation race: the key on disk is the account, use it.
+            return load_or_create_account_key(path)
     except OSError as exc:
         raise AcmeError(f"cannot create ACME account key {path}: {_os_reason(exc)}") from exc
     return jose.JWKRSA(key=key)
-
-
-def _make_private_dir(directory: Path) -> None:
-    """Create *directory* (and missing parents) with the leaf at 0700, umask notwithstanding."""
-    if directory.is_dir():
-        return
-    try:
-        directory.mkdir(parents=True, mode=0o700)
-    except FileExistsError:
-        return
-    os.chmod(directory, 0o700)
-
-
-def _publish_no_clobber(tmp_name: str, path: Path) -> bool:
-    """Atomically make *tmp_name* visible as *path*; False if *path* already exists.
-
-    A hard link is atomic and refuses to overwrite; filesystems without hard
-    links fall back to rename (atomic, but last writer wins).
-    """
-    try:
-        os.link(tmp_name, path)
-    except FileExistsError:
-        return False
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-            raise
-        if path.exists():
-            return False
-        os.replace(tmp_name, path)
-    return True
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _tighten_mode(path: Path) -> None:

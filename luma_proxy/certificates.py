@@ -20,12 +20,10 @@ only the Go files is read as it is.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from cryptography.x509.oid import NameOID
 from mitmproxy import certs
 from pydantic import BaseModel
 
+from .atomic import make_private_dir, write_atomic
 from .certinfo import (
     RENEW_BEFORE,
     certificate_covers,
@@ -83,20 +82,9 @@ def host_dir(root: Path, host: str) -> Path:
 
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Atomic write (temp file, fsync, rename) with a restrictive mode from the start."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Atomic write with *mode* from the first byte, its directory created 0700."""
+    make_private_dir(path.parent)
+    write_atomic(path, data, mode)
 
 
 def check_pair(cert_pem: bytes, key_pem: bytes, host: str) -> datetime.datetime:

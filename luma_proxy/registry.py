@@ -25,7 +25,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +34,7 @@ import orjson
 from pydantic import ValidationError
 
 from . import gostate
+from .atomic import write_atomic
 from .models import STATE_VERSION, Health, HealthEntry, Service, Settings, State, one_line
 from .paths import default_state_path as default_state_path
 from .paths import legacy_state_path
@@ -640,30 +640,9 @@ def _rename_cert_dirs(state_path: Path, dirs: dict[str, str]) -> None:
 
 
 def _write(path: Path, data: bytes, what: str) -> None:
-    """Temp file, fsync, chmod 0600, rename, fsync the directory. Caller holds the lock."""
-    directory = path.parent
-    for stale in directory.glob(f".{path.name}.*.tmp"):
-        # Left by a writer of this file killed mid-write (we hold the lock). The
-        # random part of mkstemp has no dot: ".state.json.health.json.x.tmp" is
-        # the health file's, not the state file's.
-        if "." not in stale.name[len(path.name) + 2 : -4]:
-            with contextlib.suppress(OSError):
-                stale.unlink()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    """Atomic, 0600 (``atomic.write_atomic``); one-line error. Caller holds the lock."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        write_atomic(path, data, 0o600, stale_after=0)  # the lock: every temp file is stale
     except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         msg = "disk full" if e.errno == errno.ENOSPC else e.strerror
         raise RegistryError(f"cannot write {what} {path}: {msg}") from None
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
