@@ -31,7 +31,7 @@ from .dockerevents import EngineEvents
 from .environ import env_float
 from .flowinfo import CLIENT_GONE, MULTIPLEXED, header_values, host_header, valid_h2_target
 from .forwarding import Network, asked_websocket, parse_trusted_proxies, set_forwarding_headers
-from .health import HealthChecker, probe, unreachable
+from .health import HealthChecker, passed, probe, unreachable
 from .leadership import Leadership
 from .models import Health, HealthEntry, Service, Settings, State
 from .proving import Prover
@@ -380,17 +380,25 @@ class LumaProxy:
                 # service deployed elsewhere meanwhile is not what the entry observed.
                 continue
             health[host] = entry
-            self._forget_failed(current, entry)
+            self._take_containers(current, entry)
             taken += 1
         return taken > 0
 
-    def _forget_failed(self, service: Service, health: Health) -> None:
-        """Containers a health check failed must prove themselves again (proving.py)."""
-        failed = [ip for ip, ok in health.containers.items() if not ok]
-        if failed:
-            _alias, port = self.table.target(service)
-            for ip in failed:
+    def _take_containers(self, service: Service, health: Health) -> None:
+        """Per-container results of a health check, into routing.
+
+        A failed container must prove itself again (proving.py); a passing one
+        is back in rotation at once, whatever its passive ejection's backoff
+        (a flapped single replica would otherwise be 503 for up to 30 s).
+        """
+        if not health.containers:
+            return
+        _alias, port = self.table.target(service)
+        for ip, ok in health.containers.items():
+            if not ok:
                 self.prover.forget(ip, port)
+        for ip in passed(health):
+            self.balancer.restore(ip, port)
 
     def _apply_changes(self, services: dict[str, Service], changed: dict[str, Service],
                        removed: list[str]) -> None:
@@ -414,7 +422,12 @@ class LumaProxy:
             self._dirty.add(host)
         if unused:
             self.resolver.discard(unused)
-            self.prover.discard(unused)
+            self.balancer.discard(unused)
+            self.balancer.forget(self.prover.discard(unused))
+        if removed:
+            gone = set(removed)
+            self._alias_of = {ip: found for ip, found in self._alias_of.items()
+                              if found[1] not in gone}
         if self.checker and removed:
             self.checker.discard(removed)
         if changed or removed:
@@ -513,7 +526,7 @@ class LumaProxy:
                                "healthy" if health.healthy else "unhealthy",
                                f" ({health.last_error})" if health.last_error else "")
             self.health[host] = health
-            self._forget_failed(services[host], health)
+            self._take_containers(services[host], health)
         self._tasks.append(asyncio.create_task(self._persist(results)))
         self._tasks = [t for t in self._tasks if not t.done()]
 
@@ -684,9 +697,13 @@ class LumaProxy:
         self._alias_of[ip] = (route.alias, route.service.host)
         return True
 
-    @staticmethod
-    def _departed(ip: str) -> None:
-        """An IP left an alias's answer: its idle pooled connections go (never reused)."""
+    def _departed(self, ip: str) -> None:
+        """An IP left an alias's answer: its idle pooled connections go (never reused).
+
+        Its ejection and backoff go too: Docker gives a freed address to the next
+        container, which must start clean.
+        """
+        self.balancer.forget((ip,))
         try:
             closed = engine_patches.close_upstreams(ip, idle_only=True)
         except Exception:  # never let connection bookkeeping fail a request
@@ -754,6 +771,7 @@ class LumaProxy:
                 self.prover.retire(ip)
                 self.resolver.expire_ip(ip)
             if change == "gone":
+                self.balancer.forget((ip,))  # a container reusing the address starts clean
                 # Its connections can only hang now: close them, so a request waiting
                 # there is sent again elsewhere (engine_patches: the resend seam).
                 closed = engine_patches.close_upstreams(ip)

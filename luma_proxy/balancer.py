@@ -3,13 +3,16 @@
 Each client connection stays on the IP it got while that IP is still in the
 alias's answer and in rotation, so mitmproxy can reuse its upstream socket; new
 connections are spread round-robin. IPs that refused or timed out a connect
-are ejected for a while (passive ejection) and tried again after it.
+are ejected for a while (passive ejection) and tried again after it. A passing
+health check or proving probe lifts an ejection at once (``restore``), and an IP
+that leaves its alias is forgotten (``forget``): Docker hands freed addresses to
+new containers, which must not inherit a dead one's ejection or backoff.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 EJECT_BASE = 2.0
@@ -76,8 +79,33 @@ class Balancer:
         return delay
 
     def restore(self, ip: str, port: int) -> None:
-        """A connect succeeded: forget past strikes."""
+        """A connect succeeded, or a health probe passed: lift the ejection, forget strikes."""
         self._ejected.pop((ip, port), None)
+
+    def forget(self, ips: Iterable[str]) -> None:
+        """These IPs left their alias (or their container is gone): drop all state on them.
+
+        A container that later gets the same address starts clean: no ejection,
+        no backoff, no client stuck to it.
+        """
+        gone = set(ips)
+        if not gone:
+            return
+        for key in [k for k in self._ejected if k[0] in gone]:
+            del self._ejected[key]
+        for client in [c for c, (ip, _port) in self._sticky.items() if ip in gone]:
+            del self._sticky[client]
+
+    def discard(self, aliases: Iterable[str]) -> None:
+        """Forget the round-robin cursors of aliases no service routes to any more."""
+        unused = set(aliases)
+        for key in [k for k in self._next if k[0] in unused]:
+            del self._next[key]
+
+    def knows(self, ip: str) -> bool:
+        """Whether any state (ejection, backoff, a client stuck to it) is kept for ``ip``."""
+        return any(k[0] == ip for k in self._ejected) or any(
+            s[0] == ip for s in self._sticky.values())
 
     def release(self, client_id: str) -> None:
         self._sticky.pop(client_id, None)

@@ -100,6 +100,11 @@ def combine(
     )
 
 
+def passed(health: Health) -> list[str]:
+    """Container IPs whose probe passed: a fresh pass outranks a passive ejection."""
+    return [ip for ip, ok in health.containers.items() if ok]
+
+
 # Failures where a container answered (or an operator decided): the service is
 # unhealthy and says so, 503 at once. Any other failure means no container could
 # be reached (none behind the alias, refused, timed out): requests are held.

@@ -20,6 +20,10 @@ sum (``workers.py``); the in-flight gauge is summed over live processes.
 ``service`` is the deployed host a request matched; "" for unknown hosts, so
 clients cannot create series by sending made-up Host headers. Health and
 certificate series are read at scrape time, never updated on the hot path.
+The series of a service that is no longer deployed are removed at the next
+scrape (``Pruner``), so removed hosts do not pile up; per-container series
+follow the last health check. (Not with ``PROMETHEUS_MULTIPROC_DIR``: the
+worker's values live in files prometheus_client cannot remove labels from.)
 
 Certificate expiry comes from the ``expiry()`` method of the certificate addon
 (``{host: not_after_unix_time}``), looked up at scrape time as the addon named
@@ -33,7 +37,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
@@ -54,7 +58,32 @@ MAX_REQUEST_HEAD = 16 * 1024
 READ_TIMEOUT = 10.0
 
 type ExpiryProvider = Callable[[], Mapping[str, float]]
+HELD_OUTCOMES = ("routed", "503")
+
+
+def stale_services(recorded: Iterable[str], live: Collection[str]) -> set[str]:
+    """Services with series that no longer route ("" stays: it counts unknown hosts)."""
+    return {s for s in recorded if s and s not in live}
+
+
 # ------------------------------------------------------------- collectors
+class Pruner:
+    """Registered first: before each scrape, drops the series of services no longer deployed."""
+
+    def __init__(self, prune: Callable[[], None]) -> None:
+        self.prune = prune
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            self.prune()
+        except Exception as e:  # pruning must not break the scrape
+            logger.debug("pruning metrics failed: %s", e)
+        return iter(())
+
+
 class HealthCollector:
     """Health per service and per container IP, read from the routing addon at scrape time."""
 
@@ -186,6 +215,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # First: the registry collects in registration order, so pruning precedes the counters.
+        self.registry.register(Pruner(self.prune))
         self.requests = Counter(
             "luma_http_requests", "Requests by service and status class.",
             ["service", "status_class"], registry=self.registry,
@@ -218,6 +249,7 @@ class Metrics:
         self._children: dict[tuple[str, str], Any] = {}
         self._histograms: dict[str, Any] = {}
         self._upstreams: dict[tuple[str, int], str] = {}
+        self._services: set[str] = set()  # services with labelled series
         self._hooks(on=False)
 
     # ----------------------------------------------------------------- options
@@ -312,10 +344,12 @@ class Metrics:
         ip = flow.metadata.get("luma_ip")
         if ip:
             key = (ip, flow.request.port)
-            if key not in self._upstreams:
+            service = flow.metadata.get("luma_service", "")
+            # Compared, not just set once: Docker reuses a freed IP for another service.
+            if self._upstreams.get(key) != service:
                 if len(self._upstreams) >= MAX_UPSTREAMS:
                     self._upstreams.clear()
-                self._upstreams[key] = flow.metadata.get("luma_service", "")
+                self._upstreams[key] = service
 
     def response(self, flow: http.HTTPFlow) -> None:
         assert flow.response is not None
@@ -333,6 +367,7 @@ class Metrics:
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = self.requests.labels(*key)
+            self._services.add(service)
         child.inc()
         histogram = self._histograms.get(service)
         if histogram is None:
@@ -340,7 +375,7 @@ class Metrics:
         histogram.observe(max(0.0, time.time() - flow.request.timestamp_start))
         if flow.metadata.get("luma_held") is not None:
             routed = flow.metadata.get("luma_ip") is not None
-            self.held.labels(service, "routed" if routed else "503").inc()
+            self.held.labels(service, HELD_OUTCOMES[0] if routed else HELD_OUTCOMES[1]).inc()
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
         if not self.enabled:
@@ -348,3 +383,30 @@ class Metrics:
         address = data.server.address
         service = self._upstreams.get((address[0], address[1]), "") if address else ""
         self.connect_errors.labels(service).inc()
+        self._services.add(service)
+
+    # ---------------------------------------------------------------- pruning
+    def prune(self) -> None:
+        """Remove the series of services the routing addon no longer has (at scrape time)."""
+        table = getattr(self.router(), "table", None)
+        if table is None or os.environ.get(MULTIPROC_ENV):
+            return
+        self.forget_services(stale_services(self._services, table.services))
+
+    def forget_services(self, services: Iterable[str]) -> None:
+        """Drop every labelled series of these services (removed from the registry)."""
+        gone = set(services)
+        if not gone:
+            return
+        for key in [k for k in self._children if k[0] in gone]:
+            self.requests.remove(*key)
+            del self._children[key]
+        for service in gone:
+            self.duration.remove(service)
+            self._histograms.pop(service, None)
+            self.connect_errors.remove(service)
+            for outcome in HELD_OUTCOMES:
+                self.held.remove(service, outcome)
+        for key in [k for k, s in self._upstreams.items() if s in gone]:
+            del self._upstreams[key]
+        self._services -= gone

@@ -80,6 +80,8 @@ class Prover:
             gone = state.answer - answer
             if self._retired:
                 self._retired -= gone
+            for ip in gone:  # a container given this address next is probed at once
+                self._last_probe.pop((ip, port), None)
             state.answer = answer
             if self.departed is not None:
                 for ip in gone:
@@ -158,14 +160,20 @@ class Prover:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(state.changed.wait(), timeout)
 
-    def discard(self, aliases: Iterable[str]) -> None:
-        """Forget aliases no service routes to any more (bounded state)."""
+    def discard(self, aliases: Iterable[str]) -> set[str]:
+        """Forget aliases no service routes to any more (bounded state).
+
+        Returns the IPs that were in their answers and are in no other alias's,
+        so the caller can drop its own state on them.
+        """
         gone = set(aliases)
+        dropped: set[str] = set()
         for key in [k for k in self._aliases if k[0] in gone]:
-            del self._aliases[key]
+            dropped |= self._aliases.pop(key).answer
         live = {ip for state in self._aliases.values() for ip in state.answer}
         for target in [t for t in self._last_probe if t[0] not in live]:
             del self._last_probe[target]
+        return dropped - live
 
     def close(self) -> None:
         for task in list(self._probing.values()):

@@ -456,3 +456,81 @@ async def test_leader_results_are_written_after_a_wall_clock_step_back(tmp_path:
         await asyncio.gather(*addon._tasks)
         entries = store.read_health()
         assert entries is not None and entries["blog.test"].healthy is True
+
+
+# ------------------------------------------------------------------ passive ejection
+def set_containers(path: Path, host: str, containers: dict[str, bool]) -> None:
+    """Write ``host``'s entry as the health leader would after probing each container."""
+    store = Store(path)
+    service = store.read().services[host]
+    health = Health(healthy=any(containers.values()), checked_at=now(), containers=containers)
+    store.update_health(lambda e: e.__setitem__(host, HealthEntry.of(service.routing_key(),
+                                                                      health)))
+
+
+async def test_a_passing_health_check_lifts_a_passive_ejection_at_once(tmp_path: Path) -> None:
+    """A flapped single replica, healthy again, is served at once, not after its backoff."""
+    path = tmp_path / "state.json"
+    deploy(path, "blog.test", "127.0.0.9:3000")
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(path), luma_hold_timeout=0)
+        for i in range(4):  # it flapped: the backoff grew to 16 s
+            addon.balancer.eject("127.0.0.9", 3000, now=time.monotonic() - 30 * (3 - i))
+        f = flow_for("blog.test")
+        await call([addon], "requestheaders", f)
+        assert f.response is not None and f.response.status_code == 503
+        set_containers(path, "blog.test", {"127.0.0.9": True})  # the leader's check passed
+        assert addon.reload()
+        f = flow_for("blog.test")
+        await call([addon], "requestheaders", f)
+        assert f.response is None and f.request.host == "127.0.0.9"
+
+
+async def test_a_failing_health_check_does_not_lift_an_ejection(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    deploy(path, "blog.test", "127.0.0.9:3000")
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(path), luma_hold_timeout=0)
+        addon.balancer.eject("127.0.0.9", 3000)
+        set_containers(path, "blog.test", {"127.0.0.9": False, "127.0.0.10": True})
+        addon.reload()
+        assert addon.balancer.is_ejected("127.0.0.9", 3000)
+
+
+async def test_an_ip_that_leaves_its_alias_is_forgotten(tmp_path: Path) -> None:
+    """Its next container (Docker reuses addresses) must not inherit its ejection."""
+    path = tmp_path / "state.json"
+    deploy(path, "app.test", "app:3000")
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(path))
+        addon.prover.usable("app", 3000, ("10.0.0.1", "10.0.0.2"), "/up")
+        addon.balancer.eject("10.0.0.2", 3000)
+        addon.prover.usable("app", 3000, ("10.0.0.1",), "/up")  # the answer without it
+        assert not addon.balancer.is_ejected("10.0.0.2", 3000)
+        assert not addon.balancer.knows("10.0.0.2")
+        addon.balancer.eject("10.0.0.1", 3000)
+        addon._engine_changes([("gone", "10.0.0.1")])  # the engine: its container is gone
+        assert not addon.balancer.is_ejected("10.0.0.1", 3000)
+        assert not addon.balancer.knows("10.0.0.1")
+        addon.prover.close()
+
+
+async def test_a_removed_service_leaves_no_state_on_its_ips(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    deploy(path, "blog.test", "127.0.0.9:3000")
+    deploy(path, "shop.test", "127.0.0.10:3000")
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(path), luma_hold_timeout=0)
+        for host in ("blog.test", "shop.test"):
+            await call([addon], "requestheaders", flow_for(host))
+        addon.balancer.eject("127.0.0.9", 3000)
+        addon.balancer.eject("127.0.0.10", 3000)
+        Store(path).update(lambda s: s.services.pop("blog.test"))
+        assert addon.reload()
+        assert not addon.balancer.is_ejected("127.0.0.9", 3000)
+        assert not addon.balancer.knows("127.0.0.9")
+        assert addon.balancer.is_ejected("127.0.0.10", 3000)

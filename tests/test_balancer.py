@@ -174,3 +174,28 @@ def test_default_now_uses_monotonic_clock() -> None:
     b.eject("10.0.0.1", 3000)
     assert b.is_ejected("10.0.0.1", 3000)
     assert b.pick("blog", 3000, ("10.0.0.1",), "c") is None
+
+
+def test_forget_drops_ejection_backoff_and_clients_of_a_departed_ip() -> None:
+    """Docker reuses a freed address: the next container there must start clean."""
+    b = Balancer()
+    ip = "10.0.0.1"
+    for i in range(4):  # a dead container's strikes: the backoff has grown
+        b.eject(ip, 3000, now=T0 + i * EJECT_MAX)
+    b.pick("blog", 8080, (ip,), "client", now=T0)
+    assert b.knows(ip) and b.is_ejected(ip, 3000, now=T0 + 3 * EJECT_MAX)
+    b.eject("10.0.0.2", 3000, now=T0)
+    b.forget([ip])
+    assert not b.knows(ip)
+    assert not b.is_ejected(ip, 3000, now=T0 + 3 * EJECT_MAX)
+    assert b.eject(ip, 3000, now=T0 + 4 * EJECT_MAX) == EJECT_BASE  # first strike again
+    assert b.is_ejected("10.0.0.2", 3000, now=T0)  # others untouched
+    b.forget([])  # nothing: no error
+
+
+def test_discard_forgets_round_robin_of_unused_aliases() -> None:
+    b = Balancer()
+    assert b.pick("blog", 3000, IPS, "c1", now=T0) == IPS[0]
+    assert b.pick("blog", 3000, IPS, "c2", now=T0) == IPS[1]
+    b.discard(["blog"])
+    assert b.pick("blog", 3000, IPS, "c3", now=T0) == IPS[0]  # starts over

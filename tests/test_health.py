@@ -19,6 +19,7 @@ from luma_proxy.health import (
     combine,
     judge_status,
     parse_status_line,
+    passed,
     probe,
 )
 from luma_proxy.models import Health, Service
@@ -438,3 +439,9 @@ def test_checker_uses_fresh_dns_answer(dns: FakeDockerDNS) -> None:
     assert first.containers == {"127.0.0.2": True, "127.0.0.3": True}
     assert first.healthy is True
     assert second.changed_at == first.changed_at
+
+
+def test_passed_names_the_containers_whose_probe_passed() -> None:
+    health = Health(healthy=True, containers={"10.0.0.1": True, "10.0.0.2": False})
+    assert passed(health) == ["10.0.0.1"]
+    assert passed(Health(healthy=False)) == []

@@ -227,3 +227,28 @@ async def test_held_requests_are_counted_by_outcome(chain) -> None:
     assert value(m, "luma_http_requests_held_total", service="blog.test", outcome="503") == 1
     assert value(m, "luma_http_requests_held_total", service="blog.test",
                  outcome="routed") is None
+
+
+async def test_a_removed_service_has_no_series_left(chain, tmp_path: Path) -> None:
+    """Series of hosts no longer deployed go at the next scrape: removed hosts don't pile up."""
+    from luma_proxy.registry import Store
+
+    addons, tctx = chain
+    m, router = addons[2], addons[1]
+    tctx.configure(router, luma_hold_timeout=0)
+    await through(addons, flow_for("blog.test"))
+    router.balancer.eject("127.0.0.9", 3000)
+    await through(addons, flow_for("blog.test"))  # held, then 503
+    server = connection.Server(address=("127.0.0.9", 3000))
+    m.server_connect_error(server_hooks.ServerConnectionHookData(server, connection.Client(
+        peername=("1.2.3.4", 5), sockname=("0.0.0.0", 80), timestamp_start=0)))
+    await through(addons, flow_for("down.test"))
+    text = metrics_response("GET", "/metrics", "", m.registry)[2].decode()
+    assert 'service="blog.test"' in text
+    Store(tmp_path / "state.json").update(lambda s: s.services.pop("blog.test"))
+    assert router.reload()
+    text = metrics_response("GET", "/metrics", "", m.registry)[2].decode()
+    assert 'blog.test' not in text
+    assert 'service="down.test"' in text  # still deployed: kept
+    await through(addons, flow_for("blog.test"))  # now an unknown host: counted under ""
+    assert value(m, "luma_http_requests_total", service="", status_class="4xx") == 1

@@ -114,3 +114,27 @@ async def test_at_first_sight_the_ips_the_health_in_force_passed_are_proven() ->
     assert p.usable("blog", 3000, ips, "/up", stored) == ("10.0.0.1",)  # a restart: at once
     p.usable("blog", 3000, ("10.0.0.2",), "/up", stored)  # 10.0.0.1 left ...
     assert p.usable("blog", 3000, ips, "/up", stored) == ()  # ... and came back: clean
+
+
+async def test_an_ip_that_left_is_probed_at_once_when_it_comes_back() -> None:
+    """A container given a departed IP's address is probed at once, not after the spacing."""
+    probes = Probes(set())
+    p = Prover(probes)
+    p.usable("blog", 3000, ("10.0.0.1", "10.0.0.2"), "/up")
+    await settle()
+    assert probes.calls.count("10.0.0.2") == 1  # failed: the old container is stopping
+    p.usable("blog", 3000, ("10.0.0.1",), "/up")  # it left the answer
+    probes.passing.add("10.0.0.2")  # ... and a new container got the address
+    p.usable("blog", 3000, ("10.0.0.1", "10.0.0.2"), "/up")
+    await settle()
+    assert probes.calls.count("10.0.0.2") == 2
+    assert p.usable("blog", 3000, ("10.0.0.1", "10.0.0.2"), "/up") == ("10.0.0.2",)
+
+
+async def test_discard_names_the_ips_no_alias_answers_any_more() -> None:
+    p = Prover(Probes(set()))
+    p.usable("blog", 3000, ("10.0.0.1", "10.0.0.2"), "/up")
+    p.usable("shop", 3000, ("10.0.0.2",), "/up")
+    await settle()
+    assert p.discard(["blog"]) == {"10.0.0.1"}  # 10.0.0.2 still serves shop
+    assert p.discard(["nothing"]) == set()
