@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import ipaddress
 import os
 import re
 import threading
@@ -44,6 +43,7 @@ from .certinfo import (
     key_matches_certificate,
     renewal_due,
 )
+from .models import ip_literal, normalize_host
 
 __all__ = [
     "AcmeError",
@@ -60,8 +60,6 @@ __all__ = [
 USER_AGENT = "luma-proxy-acme"
 ACCOUNT_KEY_BITS = 2048
 _MAX_MESSAGE = 400
-
-_LABEL_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
 class AcmeError(Exception):
@@ -459,24 +457,17 @@ def _one_line(text: str) -> str:
 
 
 def _normalise_dns_name(host: str) -> str:
-    """Lower-case ASCII (IDNA) form of *host*; AcmeError for what HTTP-01 cannot prove."""
-    name = host.strip().rstrip(".").lower()
-    if not name:
+    """``normalize_host``'s form of *host*; AcmeError for what HTTP-01 cannot prove."""
+    if not host.strip():
         raise AcmeError("ACME issuance needs a host name, got an empty string")
-    if "*" in name:
+    if "*" in host:
         raise AcmeError(f"ACME HTTP-01 cannot issue wildcard names ({host!r})")
     try:
-        ipaddress.ip_address(name.strip("[]"))
-    except ValueError:
-        pass
-    else:
-        raise AcmeError(f"ACME issuance is for DNS names, not IP addresses ({host!r})")
-    try:
-        name = name.encode("idna").decode("ascii")
-    except UnicodeError as exc:
+        name = normalize_host(host)
+    except ValueError as exc:
         raise AcmeError(f"invalid host name {host!r} for ACME issuance") from exc
-    if len(name) > 253 or not all(_LABEL_RE.match(label) for label in name.split(".")):
-        raise AcmeError(f"invalid host name {host!r} for ACME issuance")
+    if ip_literal(name) is not None:
+        raise AcmeError(f"ACME issuance is for DNS names, not IP addresses ({host!r})")
     return name
 
 

@@ -8,10 +8,11 @@ expiry, names and key pairs of every stored certificate without them.
 from __future__ import annotations
 
 import datetime
-import ipaddress
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
+from .models import ip_literal, normalize_host
 
 RENEW_BEFORE = datetime.timedelta(days=30)
 BACKOFF_BASE_SECONDS = 60.0
@@ -44,21 +45,18 @@ def certificate_covers(pem: bytes, host: str) -> bool:
         san = _leaf(pem).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return False
-    name = host.strip().rstrip(".").lower()
-    if not name:
-        return False
-    try:
-        ip = ipaddress.ip_address(name.strip("[]"))
-    except ValueError:
-        ip = None
+    ip = ip_literal(host)  # also a bare IPv6 address, which normalize_host refuses
+    if ip is None:
+        try:
+            name = normalize_host(host)  # the registry's spelling: case, IDNA, dot, port
+        except ValueError:
+            return False
+        ip = ip_literal(name)
     if ip is not None:
         return ip in san.get_values_for_type(x509.IPAddress)
-    try:
-        name = name.encode("idna").decode("ascii")
-    except UnicodeError:
-        return False
     labels = name.split(".")
     for pattern in san.get_values_for_type(x509.DNSName):
+        # A SAN pattern, not a host (it may hold "*"): compared as it is, case aside.
         pattern_labels = pattern.strip().rstrip(".").lower().split(".")
         if len(pattern_labels) != len(labels):
             continue

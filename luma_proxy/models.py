@@ -69,6 +69,17 @@ def normalize_host(value: str) -> str:
     return host
 
 
+def ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address an IP host names (``10.0.0.1``, ``::1``, ``[::1]``); None for a DNS name.
+
+    For a host from ``normalize_host``: certificates and ACME treat IP hosts apart.
+    """
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]"))
+    except ValueError:
+        return None
+
+
 def parse_target(value: str) -> tuple[str, int]:
     """Split ``alias:port`` and check both parts; the port is mandatory."""
     alias, sep, port_text = value.strip().rpartition(":")

@@ -109,6 +109,12 @@ def test_not_after_rejects_garbage(pem: bytes) -> None:
         (["a.test", "blog.test"], "blog.test", True),
         (["xn--bcher-kva.test"], "bücher.test", True),  # IDN host vs A-label SAN
         ([], "", False),
+        # The host goes through models.normalize_host, as the registry's hosts do.
+        (["blog.test"], "  Blog.Test.  ", True),
+        (["blog.test"], "blog.test:443", True),  # a Host header's port is not the name
+        (["xn--bcher-kva.test"], "BÜCHER.test.", True),
+        (["blog.test"], "blog .test", False),
+        (["blog_x.test"], "blog_x.test", False),  # not a host name
     ],
 )
 def test_covers_dns_names(sans: list[str], host: str, expected: bool) -> None:
@@ -127,6 +133,9 @@ def test_covers_ip_hosts_only_by_ip_san() -> None:
     pem, _ = _cert(["127.0.0.1.test"], ips=["127.0.0.1", "::1"])
     assert certificate_covers(pem, "127.0.0.1")
     assert certificate_covers(pem, "[::1]")
+    assert certificate_covers(pem, "::1")  # bare, as no Host header spells it
+    assert certificate_covers(pem, "[::1]:443")
+    assert not certificate_covers(pem, "[::2]")
     assert not certificate_covers(pem, "127.0.0.2")
 
 
@@ -311,6 +320,9 @@ def test_account_key_write_failure_is_acme_error(
         ("bad_name.test", "invalid host name"),
         ("-bad.test", "invalid host name"),
         ("a..test", "invalid host name"),
+        ("10.0.0.1:80", "IP address"),
+        ("[::1]:443", "IP address"),
+        ("blog .test", "invalid host name"),
     ],
 )
 def test_issue_rejects_unissuable_hosts(tmp_path: Path, host: str, fragment: str) -> None:
@@ -318,6 +330,19 @@ def test_issue_rejects_unissuable_hosts(tmp_path: Path, host: str, fragment: str
     with pytest.raises(AcmeError, match=fragment):
         issuer.issue(host, lambda t, k: None, lambda t: None, timeout=1)
     assert not (tmp_path / "k.pem").exists()  # rejected before touching the account
+
+
+@pytest.mark.parametrize(
+    ("host", "name"),
+    [("Blog.TEST.", "blog.test"), ("blog.test:80", "blog.test"), (" bücher.test ",
+                                                                   "xn--bcher-kva.test")],
+)
+def test_issue_orders_the_registry_spelling(host: str, name: str) -> None:
+    """The name ordered is the one the registry and the certificate store use."""
+    from luma_proxy.acme_client import _normalise_dns_name
+    from luma_proxy.models import normalize_host
+
+    assert _normalise_dns_name(host) == name == normalize_host(host)
 
 
 def test_acme_error_is_always_one_line() -> None:

@@ -13,6 +13,7 @@ from luma_proxy.models import (
     HealthEntry,
     Service,
     State,
+    ip_literal,
     normalize_host,
     parse_health_path,
     parse_name,
@@ -270,3 +271,16 @@ def test_hsts_defaults_on_and_older_entries_load() -> None:
     assert off.hsts is False
     assert Service.model_validate_json(off.model_dump_json()).hsts is False
     assert off.routing_key() == Service.model_validate(raw).routing_key()  # no new check
+
+
+@pytest.mark.parametrize(
+    ("host", "ip"),
+    [("10.0.0.1", "10.0.0.1"), ("::1", "::1"), ("[::1]", "::1"), (" 10.0.0.1 ", "10.0.0.1"),
+     ("blog.test", None), ("10.0.0.1.test", None), ("[::1]:443", None), ("", None)],
+)
+def test_ip_literal(host: str, ip: str | None) -> None:
+    """Certificates and ACME tell IP hosts apart with it, on normalize_host's output."""
+    found = ip_literal(host)
+    assert (str(found) if found is not None else None) == ip
+    if ip is not None and host.strip().startswith("["):
+        assert ip_literal(normalize_host(host)) == found
