@@ -59,32 +59,6 @@ def restart_optimized() -> NoReturn:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
-def main() -> None:
-    """The ``luma-proxy`` command: restart for ``run`` before anything heavy is imported.
-
-    Importing the CLI (click, pydantic, the registry) takes ~0.4 s; deciding
-    here means ``run`` pays it once, in the optimized process.
-    """
-    try:
-        drop_root(os.environ)
-    except OSError as e:
-        sys.stderr.write(f"Error: cannot drop root privileges to {IMAGE_USER_ENV}="
-                         f"{os.environ.get(IMAGE_USER_ENV, DEFAULT_IMAGE_USER)}: {e.strerror}; "
-                         "refusing to run as root\n")
-        sys.exit(1)
-    if wants_optimized_restart(sys.argv[1:], os.environ, sys.flags.optimize):
-        restart_optimized()
-    if sys.argv[1:2] != ["run"]:
-        # The Luma CLI reads anything on stderr as a failure: a deprecation notice
-        # (PYTHONWARNINGS, -X dev) must not turn a successful deploy into one.
-        import warnings
-
-        warnings.simplefilter("ignore")
-    from .cli import main as cli_main
-
-    cli_main()
-
-
 IMAGE_USER_ENV = "LUMA_PROXY_USER"
 DEFAULT_IMAGE_USER = "10001:10001"
 DOCKER_SOCKET = "/var/run/docker.sock"
