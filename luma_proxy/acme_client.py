@@ -6,13 +6,11 @@ itself is served by the proxy: `issue` only hands it ``(token, key_authorization
 through the ``publish`` callback and takes it back with ``unpublish``.
 
 Every failure of `issue` surfaces as a single `AcmeError` with a one-line
-message, so callers can log it and schedule a retry (`backoff_delay`) without
-knowing anything about ``acme``/``requests``/``josepy`` exception types.
+message, so callers can log it and schedule a retry (`certinfo.backoff_delay`)
+without knowing anything about ``acme``/``requests``/``josepy`` exception types.
 
-The pure helpers (`certificate_not_after`, `certificate_covers`,
-`key_matches_certificate`, `renewal_due`, `backoff_delay`) live in
-`certinfo` and are re-exported here; the proxy imports this module only when it
-orders a certificate.
+What a certificate says (expiry, names, key, renewal) is `certinfo`'s, imported
+from there: the proxy imports this module only when it orders a certificate.
 """
 
 from __future__ import annotations
@@ -36,25 +34,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from .atomic import make_private_dir, write_atomic
-from .certinfo import (
-    backoff_delay,
-    certificate_covers,
-    certificate_not_after,
-    key_matches_certificate,
-    renewal_due,
-)
+from .certinfo import certificate_covers, certificate_not_after, key_matches_certificate
 from .models import ip_literal, normalize_host
 
 __all__ = [
     "AcmeError",
     "AcmeIssuer",
     "IssuedCertificate",
-    "backoff_delay",
-    "certificate_covers",
-    "certificate_not_after",
-    "key_matches_certificate",
     "load_or_create_account_key",
-    "renewal_due",
 ]
 
 USER_AGENT = "luma-proxy-acme"
