@@ -4,6 +4,14 @@ Routing to the IP rather than the alias string is what makes a keep-alive
 client follow an alias switch: mitmproxy pools upstream sockets per client
 connection keyed by (host, port), so a new IP means a new upstream connection.
 The cache bounds both the DNS load and how long the old answer is used.
+
+When DNS is slow or down, an alias that has an answer keeps it: a request
+never waits more than ``STALE_WAIT`` for a refresh (RFC 8767's "client
+response timer"), and while DNS is failing the last answer is served at once
+and refreshed behind. There is no bound on how long a last answer is served:
+the alternative is no container at all (a 503 for every request) while the
+old IPs may well still work, and health checks and failed connects still take
+dead IPs out. Only an alias never answered waits for DNS.
 """
 
 from __future__ import annotations
@@ -16,11 +24,20 @@ import random
 import socket
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from dnslib import QTYPE, RCODE, DNSRecord
 
 logger = logging.getLogger(__name__)
+
+STALE_WAIT = 0.1
+"""Seconds a request waits for an expired alias's refresh before it takes the last answer.
+
+Docker's DNS answers in well under a millisecond, so a healthy refresh always
+lands first (an alias switch is seen within one TTL); a DNS that stopped
+answering costs a request this long, not the whole DNS timeout.
+"""
 
 
 def parse_dns_server(value: str) -> tuple[str, int]:
@@ -68,11 +85,15 @@ class _DnsProtocol(asyncio.DatagramProtocol):
 async def query_dns(server: tuple[str, int], name: str, timeout: float) -> list[str]:
     """A and AAAA records of ``name`` from one DNS server, asked side by side.
 
-    Returns [] for NXDOMAIN or no records; raises ``OSError``/``TimeoutError``
-    when the server does not answer or answers garbage. A truncated UDP
-    answer is asked again over TCP (Docker's DNS truncates at 512 bytes:
-    about 30 replicas), never used as if it were whole.
+    Returns [] for NXDOMAIN, no records, or a name no DNS server can hold
+    (an empty or over-long label); raises ``OSError``/``TimeoutError`` when
+    the server does not answer or answers garbage. A truncated UDP answer is
+    asked again over TCP (Docker's DNS truncates at 512 bytes: about 30
+    replicas; it and every system resolver serve TCP too), never used as if
+    it were whole: a partial answer would silently drop replicas.
     """
+    if not _askable(name):
+        return []
     replies = await asyncio.gather(_ask(server, name, "A", timeout),
                                    _ask(server, name, "AAAA", timeout),
                                    return_exceptions=True)
@@ -82,12 +103,22 @@ async def query_dns(server: tuple[str, int], name: str, timeout: float) -> list[
     ips: list[str] = []
     for reply in replies:
         assert isinstance(reply, DNSRecord)
-        if reply.header.rcode == RCODE.NXDOMAIN:
-            return []
-        if reply.header.rcode != RCODE.NOERROR:
+        if reply.header.rcode not in (RCODE.NOERROR, RCODE.NXDOMAIN):
             raise OSError(f"DNS server answered {RCODE.get(reply.header.rcode)}")
+        # NXDOMAIN for one type beside records of the other (a DNS that forwards
+        # the type it lacks upstream) still means the records are the answer.
         ips += [str(rr.rdata) for rr in reply.rr if rr.rtype in (QTYPE.A, QTYPE.AAAA)]
     return ips
+
+
+def _askable(name: str) -> bool:
+    """Whether ``name`` can be put in a DNS question (labels of 1..63 octets).
+
+    The registry accepts aliases such as ``a..b`` that no DNS can hold; asking
+    would raise ``UnicodeError`` into the request hook, a 500.
+    """
+    labels = name.rstrip(".").split(".")
+    return all(0 < len(label.encode()) < 64 for label in labels) and len(name) < 254
 
 
 def _parse_reply(data: bytes, qid: int) -> DNSRecord:
@@ -127,11 +158,19 @@ async def _ask_tcp(server: tuple[str, int], question: DNSRecord) -> DNSRecord:
         raise OSError("DNS server closed the TCP connection") from None
     finally:
         writer.close()
-    return _parse_reply(data, question.header.id)
+    reply = _parse_reply(data, question.header.id)
+    if reply.header.tc:
+        raise OSError("DNS answer truncated over TCP too")
+    return reply
 
 
 async def query_system(name: str) -> list[str]:
-    """Addresses from the system resolver (inside Docker: the embedded DNS)."""
+    """Addresses from the system resolver (inside Docker: the embedded DNS).
+
+    glibc asks A and AAAA in parallel and retries a truncated answer over TCP.
+    """
+    if not _askable(name):
+        return []
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)
@@ -146,57 +185,108 @@ async def query_system(name: str) -> list[str]:
 class _Entry:
     ips: tuple[str, ...]
     expires: float
-    failing: bool = False  # the last lookup failed: serve this at once, refresh behind
+
+
+@dataclass(slots=True)
+class _Refresh:
+    task: asyncio.Future[tuple[str, ...]]
+    started: float = field(default_factory=time.monotonic)
+
+
+Decision = Literal["fresh", "stale", "wait"]
+
+
+def cache_decision(
+    now: float, expires: float, dns_failing: bool, refresh_started: float | None,
+    stale_wait: float = STALE_WAIT,
+) -> Decision:
+    """What to do with an alias's known answer: use it, use it and refresh behind, or wait.
+
+    "wait" means wait for the refresh, at most ``stale_wait`` after it started;
+    once DNS is known to fail, or a refresh is that late, waiting is pointless.
+    """
+    if now < expires:
+        return "fresh"
+    if dns_failing:
+        return "stale"
+    if refresh_started is not None and now - refresh_started >= stale_wait:
+        return "stale"
+    return "wait"
 
 
 class Resolver:
     """Cached alias lookups; concurrent misses for one alias share one query."""
 
     def __init__(
-        self, dns: tuple[str, int] | None = None, ttl: float = 1.0, timeout: float = 2.0
+        self, dns: tuple[str, int] | None = None, ttl: float = 1.0, timeout: float = 2.0,
+        stale_wait: float = STALE_WAIT,
     ) -> None:
         self.dns = dns
         self.ttl = ttl
         self.timeout = timeout
+        self.stale_wait = stale_wait
         self._cache: dict[str, _Entry] = {}
-        self._pending: dict[str, asyncio.Future[tuple[str, ...]]] = {}
+        self._pending: dict[str, _Refresh] = {}
+        self._failing = False  # the last lookup failed: DNS is down for every alias
 
     def cached(self, alias: str, now: float | None = None) -> tuple[str, ...] | None:
-        """The fresh answer for ``alias``, if any: the hot path's sync fast lane.
+        """The answer to route ``alias`` with now, if any: the hot path's sync fast lane.
 
-        An IP literal is its own answer, never cached and never stale.
+        An IP literal is its own answer, never cached and never stale. An
+        expired answer is returned (and refreshed behind) when DNS is failing
+        or its refresh is already late; None means: ``await resolve()``.
         """
         entry = self._cache.get(alias)
-        if entry is not None:
-            if entry.expires > (time.monotonic() if now is None else now):
-                return entry.ips
-            if entry.failing:  # DNS is down: the last answer now, a fresh one when it can
-                self._refresh_behind(alias)
-                return entry.ips
-        if (literal := ip_literal(alias)) is not None:
-            return (literal,)
-        return None
+        if entry is None:
+            if (literal := ip_literal(alias)) is not None:
+                return (literal,)
+            return None
+        refresh = self._pending.get(alias)
+        decision = cache_decision(
+            time.monotonic() if now is None else now, entry.expires, self._failing,
+            refresh.started if refresh else None, self.stale_wait)
+        if decision == "wait":
+            return None
+        if decision == "stale":
+            self._refresh_behind(alias)
+        return entry.ips
 
     def _refresh_behind(self, alias: str) -> None:
-        if alias not in self._pending:
-            try:
-                pending = asyncio.ensure_future(self._lookup(alias))
-            except RuntimeError:  # no running loop (a synchronous caller): ask later
-                return
-            self._pending[alias] = pending
-            pending.add_done_callback(lambda _f: self._pending.pop(alias, None))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # a synchronous caller: asked on the next async use
+            return
+        self._refresh(alias)
+
+    def _refresh(self, alias: str) -> _Refresh:
+        """The alias's refresh under way, or a new one: one query in flight per alias."""
+        refresh = self._pending.get(alias)
+        if refresh is None:
+            refresh = _Refresh(asyncio.ensure_future(self._lookup(alias)))
+            self._pending[alias] = refresh
+
+            def done(_f: object, refresh: _Refresh = refresh) -> None:
+                if self._pending.get(alias) is refresh:
+                    del self._pending[alias]
+
+            refresh.task.add_done_callback(done)
+        return refresh
 
     async def resolve(self, alias: str) -> tuple[str, ...]:
+        """The alias's IPs: cached, else asked (at most ``stale_wait`` if it has an answer)."""
         if (literal := ip_literal(alias)) is not None:
             return (literal,)
         if (ips := self.cached(alias)) is not None:
             return ips
-        pending = self._pending.get(alias)
-        if pending is None:
-            pending = asyncio.ensure_future(self._lookup(alias))
-            self._pending[alias] = pending
-            pending.add_done_callback(lambda _f: self._pending.pop(alias, None))
-        return await asyncio.shield(pending)
+        refresh = self._refresh(alias)
+        entry = self._cache.get(alias)
+        if entry is None:  # never answered: nothing to serve but what DNS says
+            return await asyncio.shield(refresh.task)
+        left = self.stale_wait - (time.monotonic() - refresh.started)
+        try:
+            return await asyncio.wait_for(asyncio.shield(refresh.task), max(left, 0.0))
+        except TimeoutError:  # DNS is slow: the last answer now, the refresh lands behind
+            return entry.ips
 
     async def lookup_now(self, alias: str) -> tuple[str, ...]:
         """A fresh answer (health checks want the truth, not the cache)."""
@@ -212,14 +302,17 @@ class Resolver:
                 ips = await asyncio.wait_for(query_system(alias), self.timeout)
         except (OSError, TimeoutError) as e:
             stale = self._cache.get(alias)
-            if stale is None or not stale.failing:  # once per outage, not once per TTL
+            if stale is None or not self._failing:  # once per outage, not once per TTL
                 logger.warning("DNS lookup of %s failed (%s); %s", alias, e or "timeout",
-                               "serving the last answer" if stale else "no answer yet")
+                               "serving the last answers" if stale else "no answer yet")
+            self._failing = True
             if stale is None:
                 return ()
-            stale.expires = time.monotonic() + self.ttl
-            stale.failing = True
+            stale.expires = time.monotonic() + self.ttl  # asked again behind, once per TTL
             return stale.ips
+        if self._failing:
+            logger.warning("DNS answers again (%s)", alias)
+            self._failing = False
         answer = tuple(ips)
         self._cache[alias] = _Entry(answer, time.monotonic() + self.ttl)
         return answer

@@ -8,7 +8,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from luma_proxy.resolver import Resolver, ip_literal, parse_dns_server, query_dns
+from luma_proxy.resolver import (
+    Resolver,
+    cache_decision,
+    ip_literal,
+    parse_dns_server,
+    query_dns,
+    query_system,
+)
 from tests.e2e.docker_double import FakeDockerDNS
 
 
@@ -247,139 +254,152 @@ def test_expire_ip_asks_again_before_the_ttl(dns: FakeDockerDNS) -> None:
 
 
 # ------------------------------------------------------- a DNS server that misbehaves
-class OddDNS:
-    """A DNS server on loopback whose UDP answers a test shapes (delay, TC bit, garbage)."""
-
-    def __init__(self, ips: list[str], delay: float = 0.0, truncate: bool = False,
-                 garbage: bool = False) -> None:
-        import socket
-        import threading
-
-        self.ips, self.delay, self.truncate, self.garbage = ips, delay, truncate, garbage
-        self.silent = False  # True: swallow every query (a DNS that stopped answering)
-        # One port for UDP and TCP: the UDP port the kernel picks may be taken on TCP
-        # (another test's socket), so pick again until both bind.
-        for _ in range(100):
-            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self.udp.bind(("127.0.0.1", 0))
-            self.address = self.udp.getsockname()
-            self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                self.tcp.bind(self.address)
-                break
-            except OSError:
-                self.tcp.close()
-                self.udp.close()
-        self.tcp.listen()
-        self.tcp_queries = 0
-        for target in (self._serve_udp, self._serve_tcp):
-            threading.Thread(target=target, daemon=True).start()
-
-    def _answer(self, data: bytes, full: bool) -> bytes:
-        from dnslib import QTYPE, RR, A, DNSRecord
-
-        q = DNSRecord.parse(data)
-        reply = q.reply()
-        if q.q.qtype == QTYPE.A:
-            for ip in self.ips if full else self.ips[:1]:
-                reply.add_answer(RR(q.q.qname, QTYPE.A, rdata=A(ip), ttl=0))
-        if not full:
-            reply.header.tc = 1
-        return reply.pack()
-
-    def _serve_udp(self) -> None:
-        import threading
-
-        while True:
-            try:
-                data, peer = self.udp.recvfrom(4096)
-            except OSError:
-                return
-
-            if self.silent:
-                continue
-
-            def answer(data: bytes = data, peer: object = peer) -> None:
-                time.sleep(self.delay)
-                if self.garbage:  # the right id, then nonsense
-                    out = data[:2] + b"\xff\xff\xff\xff"
-                else:
-                    out = self._answer(data, not self.truncate)
-                self.udp.sendto(out, peer)
-
-            threading.Thread(target=answer, daemon=True).start()
-
-    def _serve_tcp(self) -> None:
-        while True:
-            try:
-                conn, _ = self.tcp.accept()
-            except OSError:
-                return
-            with conn:
-                self.tcp_queries += 1
-                size = int.from_bytes(conn.recv(2))
-                out = self._answer(conn.recv(size), True)
-                conn.sendall(len(out).to_bytes(2) + out)
-
-    def close(self) -> None:
-        self.udp.close()
-        self.tcp.close()
 
 
-def test_truncated_answer_is_asked_again_over_tcp() -> None:
-    ips = [f"10.0.0.{i}" for i in range(1, 6)]
-    server = OddDNS(ips, truncate=True)
-    try:
-        assert sorted(asyncio.run(query_dns(server.address, "blog", 1.0))) == ips
-        assert server.tcp_queries >= 1
-    finally:
-        server.close()
+def test_truncated_answer_is_asked_again_over_tcp(dns: FakeDockerDNS) -> None:
+    """Docker cuts a UDP answer past 512 bytes: the cut one would drop replicas."""
+    ips = [f"127.0.0.{i}" for i in range(2, 7)]
+    dns.set_alias("blog", ips)
+    dns.fault = "truncate"
+    assert sorted(asyncio.run(query_dns((dns.host, dns.port), "blog", 1.0))) == ips
+    assert sorted(asyncio.run(resolver(dns).resolve("blog"))) == ips
 
 
-def test_a_and_aaaa_are_asked_side_by_side() -> None:
-    server = OddDNS(["10.0.0.1"], delay=0.4)
-    try:
-        t0 = time.monotonic()
-        assert asyncio.run(query_dns(server.address, "blog", 2.0)) == ["10.0.0.1"]
-        assert time.monotonic() - t0 < 0.75  # one delay, not two in a row
-    finally:
-        server.close()
+def test_a_and_aaaa_are_in_flight_at_once(dns: FakeDockerDNS) -> None:
+    """Both questions reach the server before either times out: one wait, not two."""
+    dns.set_alias("blog", ["127.0.0.2"])
+    dns.fault = "silent"
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        asyncio.run(query_dns((dns.host, dns.port), "blog", 0.3))
+    assert time.monotonic() - t0 < 0.55
+    assert dns.queries["blog"] == 2
 
 
-def test_malformed_reply_is_a_failed_lookup_not_an_exception() -> None:
-    server = OddDNS(["10.0.0.1"], garbage=True)
-    try:
-        with pytest.raises(OSError, match="malformed"):
-            asyncio.run(query_dns(server.address, "blog", 1.0))
-        assert asyncio.run(Resolver(dns=server.address, ttl=0, timeout=0.5).resolve("x")) == ()
-    finally:
-        server.close()
+def test_nxdomain_for_aaaa_keeps_the_a_records(dns: FakeDockerDNS) -> None:
+    dns.set_alias("blog", ["127.0.0.2"])
+    dns.fault = "aaaa_nxdomain"
+    assert asyncio.run(resolver(dns).resolve("blog")) == ("127.0.0.2",)
+    assert asyncio.run(resolver(dns).resolve("nope")) == ()
 
 
-def test_during_an_outage_the_last_answer_is_served_at_once() -> None:
-    """A DNS that stops answering costs one timeout, not one per TTL per alias."""
-    server = OddDNS(["10.0.0.2"])
-    r = Resolver(dns=server.address, ttl=0.05, timeout=0.5)
+def test_malformed_reply_is_a_failed_lookup_not_an_exception(dns: FakeDockerDNS) -> None:
+    dns.set_alias("blog", ["127.0.0.2"])
+    r = resolver(dns, ttl=0, timeout=0.5)
 
     async def scenario() -> None:
-        assert await r.resolve("blog") == ("10.0.0.2",)
-        server.silent = True
-        await asyncio.sleep(0.1)
-        assert await r.resolve("blog") == ("10.0.0.2",)  # this one waits out the timeout
-        for _ in range(5):  # ... later ones do not, TTL after TTL
-            await asyncio.sleep(0.1)
-            t0 = time.monotonic()
-            assert await r.resolve("blog") == ("10.0.0.2",)
-            assert r.cached("blog") == ("10.0.0.2",)
-            assert time.monotonic() - t0 < 0.25
-        server.silent = False  # back: the refresh behind picks up the truth
-        server.ips = ["10.0.0.3"]
-        await asyncio.sleep(0.6)  # the refresh under way when it came back times out
-        await r.resolve("blog")  # starts a refresh behind
-        await asyncio.sleep(0.2)
-        assert await r.resolve("blog") == ("10.0.0.3",)
+        assert await r.resolve("blog") == ("127.0.0.2",)
+        dns.fault = "garbage"
+        with pytest.raises(OSError, match="malformed"):
+            await query_dns((dns.host, dns.port), "blog", 0.5)
+        assert await r.resolve("blog") == ("127.0.0.2",)  # the last good answer
+        assert await r.lookup_now("blog") == ("127.0.0.2",)
+        assert await r.resolve("never-seen") == ()  # the normal "no container" path
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        server.close()
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("alias", ["a..b", "a" * 64, "x." + "b" * 64 + ".y"])
+def test_an_alias_no_dns_can_hold_is_no_container(dns: FakeDockerDNS, alias: str) -> None:
+    """The registry accepts such aliases; asking must not raise into the request hook."""
+    assert asyncio.run(resolver(dns).resolve(alias)) == ()
+    assert asyncio.run(Resolver(dns=None, timeout=1.0).resolve(alias)) == ()
+
+
+def test_during_an_outage_known_answers_are_served_at_once(dns: FakeDockerDNS) -> None:
+    """No alias with an answer waits the DNS timeout, not even the first one to expire."""
+    aliases = {f"app{i}": [f"127.0.0.{i + 2}"] for i in range(3)}
+    for alias, ips in aliases.items():
+        dns.set_alias(alias, ips)
+    r = resolver(dns, ttl=0.05, timeout=1.0)
+
+    async def scenario() -> None:
+        for alias, ips in aliases.items():
+            assert await r.resolve(alias) == tuple(ips)
+        dns.fault = "silent"
+        dns.reset_queries()
+        for _ in range(10):
+            await asyncio.sleep(0.06)  # every answer expired
+            for alias, ips in aliases.items():
+                t0 = time.monotonic()
+                assert await r.resolve(alias) == tuple(ips)
+                assert time.monotonic() - t0 < 0.3  # STALE_WAIT at most, never the timeout
+        assert await r.resolve("never-seen") == ()  # only an alias never answered waits
+        for alias in aliases:  # one refresh in flight per alias (A + AAAA), not one a request
+            assert dns.queries[alias] <= 2 * 2
+        dns.fault = None  # back: the refreshes behind pick up the truth
+        dns.set_alias("app0", ["127.0.0.9"])
+        deadline = time.monotonic() + 3
+        while await r.resolve("app0") != ("127.0.0.9",):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+
+    asyncio.run(scenario())
+
+
+def test_outage_answers_come_from_the_sync_lane(dns: FakeDockerDNS) -> None:
+    """Once DNS is known down, the hot path's sync lane serves every known alias."""
+    dns.set_alias("blog", ["127.0.0.2"])
+    dns.set_alias("shop", ["127.0.0.3"])
+    r = resolver(dns, ttl=0.05, timeout=0.2)
+
+    async def scenario() -> None:
+        await r.resolve("blog")
+        await r.resolve("shop")
+        dns.fault = "silent"
+        await asyncio.sleep(0.06)
+        assert r.cached("blog") is None  # not yet known down: resolve() waits a little
+        assert await r.lookup_now("blog") == ("127.0.0.2",)  # a failed lookup: DNS is down
+        await asyncio.sleep(0.06)
+        assert r.cached("blog") == ("127.0.0.2",)
+        assert r.cached("shop") == ("127.0.0.3",)  # every alias, not just the one that failed
+
+    asyncio.run(scenario())
+
+
+def test_healthy_dns_is_waited_for_after_the_ttl(dns: FakeDockerDNS) -> None:
+    """Serving stale is for a failing DNS: a switch is still seen within one TTL."""
+    dns.set_alias("blog", ["127.0.0.2"])
+    r = resolver(dns, ttl=0.05)
+
+    async def scenario() -> None:
+        await r.resolve("blog")
+        dns.set_alias("blog", ["127.0.0.3"])
+        await asyncio.sleep(0.06)
+        assert r.cached("blog") is None
+        assert await r.resolve("blog") == ("127.0.0.3",)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("now", "expires", "failing", "started", "expected"),
+    [
+        (1.0, 2.0, False, None, "fresh"),
+        (1.0, 2.0, True, None, "fresh"),
+        (3.0, 2.0, False, None, "wait"),  # expired, DNS fine: ask and wait a little
+        (3.0, 2.0, False, 2.95, "wait"),  # a refresh just started
+        (3.0, 2.0, False, 2.5, "stale"),  # a refresh that is late
+        (3.0, 2.0, True, None, "stale"),  # DNS failing: at once, refreshed behind
+    ],
+)
+def test_cache_decision(now: float, expires: float, failing: bool, started: float | None,
+                        expected: str) -> None:
+    assert cache_decision(now, expires, failing, started, stale_wait=0.1) == expected
+
+
+# ------------------------------------------------------------ the production path
+
+
+def test_system_resolver_path_answers_from_etc_hosts() -> None:
+    """No ``luma_dns``: the path the proxy takes inside Docker (getaddrinfo), for real."""
+    r = Resolver(dns=None, ttl=60, timeout=2.0)
+
+    async def scenario() -> None:
+        assert "127.0.0.1" in await query_system("localhost")
+        ips = await r.resolve("localhost")
+        assert "127.0.0.1" in ips
+        assert r.cached("localhost") == ips
+        assert await r.lookup_now("LOCALHOST") == ips
+
+    asyncio.run(scenario())

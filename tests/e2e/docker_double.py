@@ -176,6 +176,38 @@ class _AliasResolver(BaseResolver):
         return reply
 
 
+class _FaultyHandler(DNSHandler):
+    """dnslib's handler plus the faults a test switches on with ``FakeDockerDNS.fault``."""
+
+    def handle(self) -> None:
+        owner = self.server.resolver.owner
+        if owner.fault == "silent":  # a DNS that stopped answering: queries counted, no reply
+            if self.server.socket_type == socket.SOCK_DGRAM:
+                with contextlib.suppress(Exception):
+                    self.server.resolver.resolve(DNSRecord.parse(self.request[0]), self)
+            return
+        super().handle()
+
+    def get_reply(self, data: bytes) -> bytes:
+        owner = self.server.resolver.owner
+        if owner.fault == "garbage":  # the query's id, then nonsense
+            return data[:2] + b"\xff\xff\xff\xff"
+        if owner.fault == "truncate" and self.protocol == "udp":
+            # Docker past 512 bytes: the records that fit, and the TC bit; TCP has them all.
+            reply = self.server.resolver.resolve(DNSRecord.parse(data), self)
+            if len(reply.rr) > 1:
+                reply.rr = reply.rr[:1]
+                reply.header.tc = 1
+            return reply.pack()
+        if owner.fault == "aaaa_nxdomain":
+            request = DNSRecord.parse(data)
+            if request.q.qtype == QTYPE.AAAA:  # a DNS that forwards what it lacks upstream
+                owner._answer(request.q.qname, QTYPE.AAAA, reply := request.reply())
+                reply.header.rcode = RCODE.NXDOMAIN
+                return reply.pack()
+        return super().get_reply(data)
+
+
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -197,6 +229,10 @@ class FakeDockerDNS:
         self._logger = _QuietLogger()
         self._servers: list[DNSServer] = []
         self._threads: list[threading.Thread] = []
+        self.fault: str | None = None
+        """None, or what goes wrong: "silent" (no reply: an outage), "garbage" (a
+        malformed reply), "truncate" (UDP answers cut to one record with the TC bit),
+        "aaaa_nxdomain" (AAAA is NXDOMAIN, as old Docker forwarding it upstream)."""
 
     # ---- table -----------------------------------------------------------------------
 
@@ -305,6 +341,7 @@ class FakeDockerDNS:
                 address=self.host,
                 port=wanted,
                 server=_UDPServer,
+                handler=_FaultyHandler,
                 logger=self._logger,
             )
             port = int(udp.server.server_address[1])
@@ -315,6 +352,7 @@ class FakeDockerDNS:
                     port=port,
                     tcp=True,
                     server=_TCPServer,
+                    handler=_FaultyHandler,
                     logger=self._logger,
                 )
             except OSError as exc:
