@@ -38,6 +38,23 @@ class Addresses:
 
     inspect: Callable[[str], Mapping[str, str]]  # container id -> {network id: IPv4}
     by_container: dict[str, dict[str, str]] = field(default_factory=dict)
+    # (network id, IP) -> the container that joined with it last. The engine reuses a
+    # freed address at once, and an old container's ``destroy`` (``docker rm``) can
+    # come after its successor's ``connect``: that event must not retire the successor.
+    owner: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def joined(self, container: str) -> list[str]:
+        """The IPs ``container`` has now (asked afresh), each now owned by it."""
+        self.by_container.pop(container, None)
+        known = self.of(container)
+        for network, ip in known.items():
+            self.owner[(network, ip)] = container
+        return list(known.values())
+
+    def left(self, container: str, networks: Mapping[str, str]) -> list[str]:
+        """Of ``networks``' IPs, those still ``container``'s own (or never claimed)."""
+        return [ip for network, ip in networks.items()
+                if self.owner.get((network, ip), container) == container]
 
     def of(self, container: str) -> dict[str, str]:
         known = self.by_container.get(container)
@@ -62,21 +79,20 @@ def changes(event: Mapping[str, Any], addresses: Addresses) -> list[tuple[str, s
     if kind == "container":
         cid = actor.get("ID") or event.get("id") or ""
         if action in STOPPING or action in GONE:
-            ips = list(addresses.of(cid).values())
+            ips = addresses.left(cid, addresses.of(cid))
             if action == "destroy":
                 addresses.by_container.pop(cid, None)
             return [("stopping" if action in STOPPING else "gone", ip) for ip in ips]
         if action in ("start", "unpause"):
-            addresses.by_container.pop(cid, None)  # learn its addresses afresh
-            return [("joining", ip) for ip in addresses.of(cid).values()]
+            return [("joining", ip) for ip in addresses.joined(cid)]
         return []
     if kind == "network":
         cid, network = attributes.get("container", ""), actor.get("ID", "")
         if action == "disconnect":
             ip = addresses.of(cid).pop(network, None)
-            return [("gone", ip)] if ip else []
+            return [("gone", ip)] if ip and addresses.left(cid, {network: ip}) else []
         if action == "connect":
-            addresses.by_container.pop(cid, None)
+            addresses.joined(cid)
             ip = addresses.of(cid).get(network)
             return [("joining", ip)] if ip else []
     return []

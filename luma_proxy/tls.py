@@ -289,6 +289,9 @@ class Https:
                     self.loaded[host] = loaded
         for host in [h for h in self.loaded if h not in services]:
             del self.loaded[host]
+        for host in [h for h in self._next_attempt if h not in services]:
+            self._attempts.pop(host, None)  # a removed host's failed orders are forgotten
+            self._next_attempt.pop(host, None)
 
     async def _loop(self) -> None:
         while True:

@@ -36,6 +36,20 @@ def test_docker_stop_takes_the_ip_out_at_the_kill_before_dns_does() -> None:
     assert inspected == ["c1"]  # asked once; after that the cache answers
 
 
+def test_an_old_containers_late_events_never_retire_the_one_reusing_its_ip() -> None:
+    """The engine hands a freed address to the next container at once; the old one's
+    ``destroy`` (``docker rm``) or ``disconnect`` may come after the new one joined."""
+    ips = {"old": {NET: "10.213.0.5"}, "new": {NET: "10.213.0.5"}}
+    known = Addresses(lambda cid: ips[cid])
+    assert changes(network_event("connect", "old"), known) == [("joining", "10.213.0.5")]
+    assert changes(container_event("die", "old"), known) == [("gone", "10.213.0.5")]
+    assert changes(network_event("connect", "new"), known) == [("joining", "10.213.0.5")]
+    # before: ("gone", "10.213.0.5") for each, retiring the new container
+    assert changes(network_event("disconnect", "old"), known) == []
+    assert changes(container_event("destroy", "old"), known) == []
+    assert changes(container_event("kill", "new"), known) == [("stopping", "10.213.0.5")]
+
+
 def test_a_container_joining_a_network_is_announced() -> None:
     known = Addresses(lambda cid: {NET: "10.213.0.9"})
     assert changes(network_event("connect", "c2"), known) == [("joining", "10.213.0.9")]
