@@ -40,10 +40,10 @@ def test_a_flapped_single_replica_is_served_once_its_health_check_passes(
     assert 200 not in statuses and "out of rotation for 8s" in proxy.logs()
     containers("blog-1", ip=ip, port=port)  # back, on the same address
     wait_until(lambda: "blog.test is now healthy" in proxy.logs(), timeout=5)
-    started = time.monotonic()
+    # Its ejection still has about 7 s to run: before, the request was held for the
+    # hold (1 s) and got 503. Served now (within the hold; no bound on time here).
     reply = proxy.get("blog.test")
     assert reply.status == 200 and reply.text.startswith("blog-1")
-    assert time.monotonic() - started < 1
 
 
 def test_a_container_reusing_an_ejected_ip_is_served_at_once(
@@ -68,4 +68,4 @@ def test_a_container_reusing_an_ejected_ip_is_served_at_once(
     started = time.monotonic()
     reply = proxy.get("blog.test")
     assert reply.status == 200 and reply.text.startswith("blog-new")
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 1, proxy.logs()[-700:]
