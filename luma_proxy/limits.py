@@ -31,7 +31,7 @@ from mitmproxy.proxy.layers.http import ErrorCode, ReceiveHttp, RequestProtocolE
 from mitmproxy.utils import human
 
 from . import engine_patches, pages
-from .environ import env_float
+from .environ import env_int
 from .flowinfo import BODY_TOO_LARGE
 
 DEFAULT_MAX_HEADER = "64k"
@@ -266,7 +266,7 @@ class Limits:
                           os.environ.get("LUMA_PROXY_MAX_BODY_SIZE", DEFAULT_MAX_BODY),
                           "Largest request body accepted; more: 413.")
         loader.add_option("luma_h2_upstream_connections", int,
-                          int(env_float("LUMA_PROXY_H2_UPSTREAM_CONNECTIONS", DEFAULT_H2_POOL)),
+                          env_int("LUMA_PROXY_H2_UPSTREAM_CONNECTIONS", DEFAULT_H2_POOL),
                           "Most HTTP/1 connections one HTTP/2 client connection opens to one "
                           "container (reused across its streams; more streams wait).")
 

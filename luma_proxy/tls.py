@@ -24,7 +24,7 @@ from mitmproxy import ctx, exceptions, http, tls
 
 from . import certificates as c
 from .certinfo import backoff_delay
-from .environ import env_float
+from .environ import env_float, env_int
 from .flowinfo import append_header, header_values, host_header
 from .models import Service, Settings, now
 from .paths import ACCOUNT_KEY
@@ -50,18 +50,6 @@ INTERMEDIATE_CIPHERS = (
 MAX_PARALLEL_ORDERS = 4
 HSTS = "Strict-Transport-Security"
 HSTS_MAX_AGE = 31536000  # one year: the usual value, and what preload lists ask for
-
-
-def env_max_age(name: str, default: int) -> int:
-    """A whole number of seconds from the environment; a malformed one is said and ignored."""
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        logger.warning("ignoring %s=%r: not a whole number of seconds", name, raw)
-        return default
 
 
 def redirect_location(host_header: str, path: str, https_port: int) -> str:
@@ -144,7 +132,7 @@ class Https:
                           "Seconds before the first retry of a failed ACME order (doubles, "
                           "up to 1 h).")
         loader.add_option("luma_hsts_max_age", int,
-                          env_max_age("LUMA_PROXY_HSTS_MAX_AGE", HSTS_MAX_AGE),
+                          env_int("LUMA_PROXY_HSTS_MAX_AGE", HSTS_MAX_AGE),
                           "max-age (seconds) of the Strict-Transport-Security header on the "
                           "HTTPS answers of ssl hosts served with their own certificate; "
                           "0: never sent.")
