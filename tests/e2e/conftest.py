@@ -217,3 +217,15 @@ def start_proxy(
 def proxy_kind(request: pytest.FixtureRequest) -> str:
     """Run a test against both entry points: the behaviour must be the same."""
     return request.param
+
+
+def start_with_https(start_proxy: Callable[..., Proxy], kind: str, https_port: int,
+                     env: dict[str, str]) -> Proxy:
+    """The proxy of ``kind`` with an HTTPS listener on ``https_port`` as well
+    (``run --https-port``; under mitmdump, a second reverse mode)."""
+    if kind == "run":
+        return start_proxy("run", args=("--https-port", str(https_port)), env=env)
+    http_port = free_port()
+    return start_proxy("mitmdump", port=http_port, env=env, args=(
+        "--mode", f"reverse:http://127.0.0.1:1/@127.0.0.1:{http_port}",
+        "--mode", f"reverse:http://127.0.0.1:1/@127.0.0.1:{https_port}"))

@@ -18,7 +18,7 @@ import h2.connection
 import h2.events
 import pytest
 
-from tests.e2e.conftest import Proxy, next_ip
+from tests.e2e.conftest import Proxy, next_ip, start_with_https
 from tests.e2e.docker_double import free_port
 from tests.e2e.recorder import OK, Recorder
 from tests.e2e.test_http2 import h2_connect, h2_exchange, req
@@ -58,13 +58,7 @@ def pooled(dns, cli, start_proxy, proxy_kind, tmp_path: Path) -> Iterator[Pooled
     https_port = free_port()
     env = {"LUMA_PROXY_H2_UPSTREAM_CONNECTIONS": str(POOL),
            "LUMA_PROXY_HEALTH_INTERVAL": "3600"}
-    if proxy_kind == "run":
-        proxy = start_proxy("run", args=("--https-port", str(https_port)), env=env)
-    else:
-        http_port = free_port()
-        proxy = start_proxy("mitmdump", port=http_port, env=env, args=(
-            "--mode", f"reverse:http://127.0.0.1:1/@127.0.0.1:{http_port}",
-            "--mode", f"reverse:http://127.0.0.1:1/@127.0.0.1:{https_port}"))
+    proxy = start_with_https(start_proxy, proxy_kind, https_port, env)
     yield Pooled(proxy, https_port, upstream)
     upstream.stop()
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.conftest import Proxy, next_ip, wait_until
+from tests.e2e.conftest import Proxy, next_ip, start_with_https, wait_until
 from tests.e2e.docker_double import free_port
 from tests.e2e.recorder import OK, Recorder
 from tests.e2e.test_https import make_cert
@@ -219,13 +219,7 @@ def slow_tls_proxy(recorder, cli, start_proxy, proxy_kind, tmp_path) -> Proxy:
         "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem"))
     https_port = free_port()
     env = {"LUMA_PROXY_BODY_IDLE_TIMEOUT": "1", "LUMA_PROXY_BODY_TIMEOUT": "4"}
-    if proxy_kind == "run":
-        p = start_proxy("run", args=("--https-port", str(https_port)), env=env)
-    else:
-        http_port = free_port()
-        p = start_proxy("mitmdump", port=http_port, env=env, args=(
-            "--mode", f"reverse:http://127.0.0.1:1/@127.0.0.1:{http_port}",
-            "--mode", f"reverse:http://127.0.0.1:1/@127.0.0.1:{https_port}"))
+    p = start_with_https(start_proxy, proxy_kind, https_port, env)
     p.extra["https"] = https_port
     wait_until(lambda: answer(https_port, b"GET / HTTP/1.1\r\nHost: blog.test\r\n\r\n",
                               sni="blog.test")[0] == 200, timeout=20, interval=0.2)

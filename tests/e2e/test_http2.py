@@ -17,7 +17,7 @@ import h2.errors
 import h2.events
 import pytest
 
-from tests.e2e.conftest import Proxy, wait_until
+from tests.e2e.conftest import Proxy, start_with_https, wait_until
 from tests.e2e.docker_double import free_port
 from tests.e2e.test_https import make_cert
 
@@ -179,13 +179,7 @@ def site(dns, cli, start_proxy, proxy_kind, tmp_path: Path):
     cli("updatehealth", "--host", "down.test", "--healthy", "false")
     https_port = free_port()
     env = {"LUMA_PROXY_MAX_BODY_SIZE": "1m", "LUMA_PROXY_HEALTH_INTERVAL": "3600"}
-    if proxy_kind == "run":
-        proxy = start_proxy("run", args=("--https-port", str(https_port)), env=env)
-    else:
-        http_port = free_port()
-        proxy = start_proxy("mitmdump", port=http_port, env=env, args=(
-            "--mode", f"reverse:http://127.0.0.1:1/@127.0.0.1:{http_port}",
-            "--mode", f"reverse:http://127.0.0.1:1/@127.0.0.1:{https_port}"))
+    proxy = start_with_https(start_proxy, proxy_kind, https_port, env)
     yield Site(proxy, https_port, upstream)
     upstream.close()
 
@@ -327,25 +321,12 @@ EVENTS = 8  # /sse sends one event every SLOW / EVENTS seconds
 SLOW_IP = "127.0.50.3"
 
 
-class SlowUpstream:
+class SlowUpstream(RawUpstream):
     """A container answering ``/late`` after SLOW seconds and streaming ``/sse`` for SLOW
     seconds (server-sent events); anything else (health checks too) at once."""
 
     def __init__(self, ip: str = SLOW_IP) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((ip, 0))
-        self.sock.listen(64)
-        self.ip, self.port = ip, self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+        super().__init__(ip)
 
     def _one(self, conn: socket.socket) -> None:
         with conn:
@@ -373,9 +354,6 @@ class SlowUpstream:
             except OSError:
                 pass
 
-    def close(self) -> None:
-        self.sock.close()
-
 
 @pytest.fixture
 def idle_site(dns, cli, start_proxy, proxy_kind, tmp_path: Path):
@@ -389,13 +367,7 @@ def idle_site(dns, cli, start_proxy, proxy_kind, tmp_path: Path):
         "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem"))
     https_port = free_port()
     env = {"LUMA_PROXY_HEADER_TIMEOUT": str(IDLE), "LUMA_PROXY_HEALTH_INTERVAL": "3600"}
-    if proxy_kind == "run":
-        start_proxy("run", args=("--https-port", str(https_port)), env=env)
-    else:
-        http_port = free_port()
-        start_proxy("mitmdump", port=http_port, env=env, args=(
-            "--mode", f"reverse:http://127.0.0.1:1/@127.0.0.1:{http_port}",
-            "--mode", f"reverse:http://127.0.0.1:1/@127.0.0.1:{https_port}"))
+    start_with_https(start_proxy, proxy_kind, https_port, env)
     yield https_port
     upstream.close()
 
