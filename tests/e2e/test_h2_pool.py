@@ -22,7 +22,7 @@ from tests.e2e.conftest import Proxy, next_ip, start_with_https
 from tests.e2e.docker_double import free_port
 from tests.e2e.recorder import OK, Recorder
 from tests.e2e.test_http2 import h2_connect, h2_exchange, req
-from tests.e2e.test_https import make_cert
+from tests.e2e.test_https import cert_args
 
 # Above mitmproxy's own bound of 5 per address, which kept-alive connections held:
 # a sixth connect waited for ever.
@@ -50,11 +50,8 @@ def pooled(dns, cli, start_proxy, proxy_kind, tmp_path: Path) -> Iterator[Pooled
 
     upstream = Recorder(ip, port, slow).start()
     dns.set_alias("pool", [ip])
-    cert, key = make_cert(["blog.test"])
-    (tmp_path / "c.pem").write_bytes(cert)
-    (tmp_path / "k.pem").write_bytes(key)
     cli("deploy", "--host", "blog.test", "--target", f"pool:{port}", "--project", "p",
-        "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem"))
+        *cert_args(tmp_path, ["blog.test"]))
     https_port = free_port()
     env = {"LUMA_PROXY_H2_UPSTREAM_CONNECTIONS": str(POOL),
            "LUMA_PROXY_HEALTH_INTERVAL": "3600"}

@@ -17,7 +17,7 @@ import pytest
 from tests.e2e.conftest import Proxy, next_ip, start_with_https, wait_until
 from tests.e2e.docker_double import free_port
 from tests.e2e.recorder import OK, Recorder
-from tests.e2e.test_https import make_cert
+from tests.e2e.test_https import cert_args
 
 LIMIT = 1024 * 1024
 
@@ -212,11 +212,8 @@ def slow_proxy(recorder, start_proxy, proxy_kind) -> Proxy:
 @pytest.fixture
 def slow_tls_proxy(recorder, cli, start_proxy, proxy_kind, tmp_path) -> Proxy:
     """As ``slow_proxy``, with blog.test also served over HTTPS (a custom certificate)."""
-    cert, key = make_cert(["blog.test"])
-    (tmp_path / "c.pem").write_bytes(cert)
-    (tmp_path / "k.pem").write_bytes(key)
     cli("deploy", "--host", "blog.test", "--target", f"rec:{recorder.port}", "--project", "p",
-        "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem"))
+        *cert_args(tmp_path, ["blog.test"]))
     https_port = free_port()
     env = {"LUMA_PROXY_BODY_IDLE_TIMEOUT": "1", "LUMA_PROXY_BODY_TIMEOUT": "4"}
     p = start_with_https(start_proxy, proxy_kind, https_port, env)

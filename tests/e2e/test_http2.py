@@ -19,7 +19,7 @@ import pytest
 
 from tests.e2e.conftest import Proxy, start_with_https, wait_until
 from tests.e2e.docker_double import free_port
-from tests.e2e.test_https import make_cert
+from tests.e2e.test_https import cert_args
 
 RAW_IP = "127.0.50.1"
 
@@ -169,10 +169,7 @@ def site(dns, cli, start_proxy, proxy_kind, tmp_path: Path):
     upstream = RawUpstream()
     dns.set_alias("raw", [upstream.ip])
     dns.set_alias("down", ["127.0.50.9"])
-    cert, key = make_cert(["blog.test", "down.test"])
-    (tmp_path / "c.pem").write_bytes(cert)
-    (tmp_path / "k.pem").write_bytes(key)
-    tls = ("--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem"))
+    tls = cert_args(tmp_path, ["blog.test", "down.test"])
     cli("deploy", "--host", "blog.test", "--target", f"raw:{upstream.port}", "--project", "p",
         *tls)
     cli("deploy", "--host", "down.test", "--target", "down:1", "--project", "p", *tls)
@@ -360,11 +357,8 @@ def idle_site(dns, cli, start_proxy, proxy_kind, tmp_path: Path):
     """blog.test on a SlowUpstream, behind a proxy whose idle bound is IDLE seconds."""
     upstream = SlowUpstream()
     dns.set_alias("slow", [upstream.ip])
-    cert, key = make_cert(["blog.test"])
-    (tmp_path / "c.pem").write_bytes(cert)
-    (tmp_path / "k.pem").write_bytes(key)
     cli("deploy", "--host", "blog.test", "--target", f"slow:{upstream.port}", "--project", "p",
-        "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem"))
+        *cert_args(tmp_path, ["blog.test"]))
     https_port = free_port()
     env = {"LUMA_PROXY_HEADER_TIMEOUT": str(IDLE), "LUMA_PROXY_HEALTH_INTERVAL": "3600"}
     start_with_https(start_proxy, proxy_kind, https_port, env)

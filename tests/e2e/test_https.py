@@ -14,30 +14,24 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from tests.certs import make_pair
 from tests.e2e.conftest import Proxy, wait_until
 from tests.e2e.docker_double import Container, FakeDockerDNS, free_port
 from tests.e2e.pebble import Pebble
 
 
 def make_cert(names: list[str]) -> tuple[bytes, bytes]:
-    """A self-signed certificate and key for ``names``, as an operator might bring."""
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    """A self-signed certificate and key for ``names`` (EC P-256, 90 days)."""
+    return make_pair(names)
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=90))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+def cert_args(directory: Path, names: list[str]) -> tuple[str, ...]:
+    """``deploy``'s ``--tls-cert``/``--tls-key`` for a new certificate of ``names``,
+    written as ``c.pem``/``k.pem`` in ``directory``."""
+    cert, key = make_cert(names)
+    (directory / "c.pem").write_bytes(cert)
+    (directory / "k.pem").write_bytes(key)
+    return "--tls-cert", str(directory / "c.pem"), "--tls-key", str(directory / "k.pem")
 
 
 @dataclass

@@ -104,14 +104,11 @@ def test_http2_authority_host_mismatch_is_refused(site, start_proxy, tmp_path: P
     import h2.connection
     import h2.events
 
-    from tests.e2e.test_https import make_cert
+    from tests.e2e.test_https import cert_args
 
     _, evil, port = site
-    cert, key = make_cert(["blog.test"])
-    (tmp_path / "c.pem").write_bytes(cert)
-    (tmp_path / "k.pem").write_bytes(key)
     cli("deploy", "--host", "blog.test", "--target", f"blog:{port}", "--project", "p",
-        "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem"))
+        *cert_args(tmp_path, ["blog.test"]))
     https_port = free_port()
     start_proxy("run", args=("--https-port", str(https_port)))
 
