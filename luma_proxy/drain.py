@@ -17,7 +17,7 @@ from typing import Any
 
 from mitmproxy import connection, ctx, http
 
-from .connections import close
+from .engine_patches import client_handlers, close_connection
 from .environ import env_float
 
 logger = logging.getLogger("luma_proxy")
@@ -75,14 +75,15 @@ class Drain:
         proxyserver = ctx.master.addons.get("proxyserver")
         for server in list(proxyserver.servers):
             await server.stop()
-        logger.info("draining %d connection(s), up to %gs", len(proxyserver.connections), timeout)
+        handlers = client_handlers()
+        logger.info("draining %d connection(s), up to %gs", len(handlers), timeout)
         deadline = time.monotonic() + timeout
-        while proxyserver.connections and time.monotonic() < deadline:
-            for client_id, handler in list(proxyserver.connections.items()):
+        while handlers and time.monotonic() < deadline:
+            for client_id, handler in list(handlers.items()):
                 if not self.in_flight.get(client_id):
-                    close(handler, None, "shutting down")
+                    close_connection(handler, None, "shutting down")
             await asyncio.sleep(POLL)
-        left = len(proxyserver.connections)
+        left = len(handlers)
         if left:
             logger.warning("drain timeout: closing %d connection(s) with requests in flight",
                            left)

@@ -1,7 +1,26 @@
 """mitmproxy 12 internals luma-proxy patches: the one module that touches them.
 
-Two seams mitmproxy offers no API for: HTTP/2 handling (issue 13) and opening
-a connection to a container (issue 15).
+Everything luma-proxy needs beyond mitmproxy's public addon API is here, so that a
+mitmproxy upgrade has one place to look (``tests/test_engine_patches_boundary.py``
+fails if another module imports an internal mitmproxy module). What it patches or
+touches, one line each:
+
+* ``HttpStream`` request-header, body and protocol-error states: HTTP/2 framing, body limit, resend.
+* ``HttpLayer.get_connection`` and ``HttpLayer._handle_event``: an HTTP/2 client's upstream pool.
+* ``_http1.Http1Client.send``: an HTTP/2 request made HTTP/1 before the connection is kept.
+* ``_http2.Http2Server.handle_h2_event``: malformed requests (400 on the stream), rapid reset.
+* ``_http2.Http2Server._handle_event``: GOAWAY(NO_ERROR) when the proxy closes an idle connection.
+* ``_http2.BufferedH2Connection.receive_data``: streams opened and reset in one read are dropped.
+* ``_http2.Http2Connection.protocol_error``: GOAWAY debug data that says nothing internal.
+* ``_http2.version``: no ``server: mitmproxy`` header on its own HTTP/2 error answers.
+* ``ConnectionHandler.__init__`` (``proxy/server``): its per-address connect semaphore (``pool``).
+* ``proxy/server``'s module-global ``asyncio``: container connects through ``Connector``.
+* ``Proxyserver.connections`` and a handler's ``transports``: closing live connections.
+* a handler's layer stack (``layer``, ``child_layer``, ``connections``, ``ClientTLSLayer.tls``):
+  idle upstream connections found, an answer written through the client's TLS session.
+
+The larger seams in detail: HTTP/2 handling (issue 13), opening a connection
+to a container (issue 15), and a request the container closed under.
 
 **HTTP/2.**
 
@@ -59,7 +78,7 @@ from typing import Any
 import h2.errors
 import h2.events
 import h2.exceptions
-from mitmproxy import ctx, exceptions
+from mitmproxy import connection, ctx, exceptions
 from mitmproxy import flow as mflow
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import commands, events
@@ -307,9 +326,6 @@ def close_upstreams(ip: str, idle_only: bool = False) -> int:
     connection -> ``HttpClient`` -> ``Http1Client``, idle when its ``stream_id``
     is None).
     """
-    from mitmproxy import connection
-    from mitmproxy.proxy.layers.http import _http1
-
     proxyserver = ctx.master.addons.get("proxyserver")
     closed = 0
     for handler in list(getattr(proxyserver, "connections", {}).values()):
@@ -367,6 +383,45 @@ def as_sent_to_client(handler: Any, data: bytes) -> bytes:
                 out += session.bio_read(65535)
         return out
     return data
+
+
+# ------------------------------------------------------------ live connections
+# Closing one of mitmproxy's live connections from an addon: mitmproxy offers no
+# API for it; its own inactivity watchdog cancels the task that reads the
+# connection, and so do the timeouts, the body limit and the graceful drain here.
+
+
+def client_handlers() -> dict[str, Any]:
+    """The live connection handlers, by client connection id (``proxyserver.connections``).
+
+    mitmproxy's own mapping (not a copy): it shrinks as connections end.
+    """
+    return ctx.master.addons.get("proxyserver").connections
+
+
+def close_connection(handler: Any, conn: connection.Connection | None, reason: str,
+                     answer: bytes | None = None) -> bool:
+    """Cancel the task reading ``conn`` (default: the client) of one connection handler.
+
+    ``answer`` is written to that connection first (a 408 while the request is still
+    arriving, before any response byte): the writer flushes it as the task closes it.
+    The handler keeps a ``transports`` entry per connection (reader, writer, task).
+    """
+    io = handler.transports.get(conn if conn is not None else handler.client)
+    if io is None or io.handler is None or io.handler.done():
+        return False
+    if answer is not None and io.writer is not None:
+        io.writer.write(as_sent_to_client(handler, answer) if conn is None else answer)
+    io.handler.cancel(reason)
+    return True
+
+
+def close_for_client(client_id: str, conn: connection.Connection | None, reason: str,
+                     answer: bytes | None = None) -> bool:
+    """As ``close_connection``, finding the handler by the client connection's id."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = proxyserver.connections.get(client_id) if proxyserver else None
+    return handler is not None and close_connection(handler, conn, reason, answer)
 
 
 # ------------------------------------------------- HTTP/2 client, HTTP/1 upstream

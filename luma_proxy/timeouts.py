@@ -29,8 +29,7 @@ from typing import Any
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.proxy import server_hooks
 
-from .connections import close_for_client
-from .engine_patches import install_h2_goaway_on_close
+from .engine_patches import close_for_client, install_h2_goaway_on_close
 from .environ import env_float
 from .limits import BODIES, TIMED_OUT, refuse
 from .streaming import stream_response
