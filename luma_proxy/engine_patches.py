@@ -15,6 +15,10 @@ touches, one line each:
 * ``_http2.version``: no ``server: mitmproxy`` header on its own HTTP/2 error answers.
 * ``ConnectionHandler.__init__`` (``proxy/server``): its per-address connect semaphore (``pool``).
 * ``proxy/server``'s module-global ``asyncio``: container connects through ``Connector``.
+* ``_http1.Http1Server.read_headers`` and ``read_body``: HTTP/1 head and body bounds (limits.py).
+* ``Http1Server.response``, ``body_reader`` (h11's ``ChunkedReader``): body deadlines, counting.
+* ``mitmproxy.net.http.http1.assemble_response``: our own pages as HTTP/1 bytes.
+* ``mitmproxy.utils.human.parse_size``: size options read as mitmproxy reads its own.
 * ``Proxyserver.connections`` and a handler's ``transports``: closing live connections.
 * a handler's layer stack (``layer``, ``child_layer``, ``connections``, ``ClientTLSLayer.tls``):
   idle upstream connections found, an answer written through the client's TLS session.
@@ -78,19 +82,24 @@ from typing import Any
 import h2.errors
 import h2.events
 import h2.exceptions
-from mitmproxy import connection, ctx, exceptions
+import h11
+from h11._readers import ChunkedReader
+from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy import flow as mflow
 from mitmproxy.connection import ConnectionState
+from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy import server as proxy_server
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers import tls as tls_layer
 from mitmproxy.proxy.layers.http import _events, _hooks, _http1, _http2
+from mitmproxy.utils import human
 from OpenSSL import SSL
 
 from .environ import env_float
 from .flowinfo import BODY_TOO_LARGE
-from .pages import page_body
+from .limits import BODY_TIMEOUT, HeadScanner, head_status
+from .pages import page, page_body
 
 MAX_RESETS = 200
 RESET_WINDOW = 10.0
@@ -705,3 +714,175 @@ def _server_handle(self: Any, event: Any) -> Generator[Any, Any, None]:
 def install_h2_goaway_on_close() -> None:
     """Put ``_server_handle`` in place (idempotent)."""
     _http2.Http2Server._handle_event = _server_handle  # type: ignore[method-assign]
+
+
+# ------------------------------------------------- HTTP/1 request limits (limits.py)
+# mitmproxy buffers a request head until it is complete, without any bound, and
+# reads a whole request body before it sends an answer an addon set; it has no
+# hook inside its HTTP/1 reader. So ``Http1Server.read_headers`` and ``read_body``
+# are wrapped: the head is checked (``limits.HeadScanner``, ``limits.head_status``)
+# before any body byte is read, and a chunked body is counted as h11's reader
+# decodes it. The scanner is kept on the server object between segments
+# (``luma_scanner``) and the body reader is wrapped in place (``body_reader``).
+_limits = {"head": 64 * 1024, "body": 1024**3}
+# Request bodies still arriving, for the body deadlines (timeouts.py): client
+# connection id -> [when the body began, when bytes last came, the Http1Server].
+BODIES: dict[str, list[Any]] = {}
+# Client connections closed by a body deadline: their flow ends with BODY_TIMEOUT.
+TIMED_OUT: set[str] = set()
+_original_read_headers = _http1.Http1Server.read_headers
+_original_read_body = _http1.Http1Server.read_body
+
+
+def human_size(value: str) -> int | None:
+    """A size such as ``64k``, ``10m`` or ``1g``, read as mitmproxy reads its own size
+    options (``mitmproxy.utils.human``); ValueError when it is not one."""
+    return human.parse_size(value)
+
+
+def assemble_http1(response: http.Response) -> bytes:
+    """A response as it goes on an HTTP/1 connection (``mitmproxy.net.http.http1``)."""
+    return http1.assemble_response(response)
+
+
+def refuse(status: int) -> bytes:
+    """Our page for ``status`` as HTTP/1 bytes, closing the connection."""
+    return assemble_http1(page(status, {"Connection": "close"}))
+
+
+def response_begun(server: Any) -> bool:
+    """Whether the ``Http1Server`` noted in ``BODIES`` has begun its response."""
+    return server.response is not None
+
+
+def _refuse(conn: Any, status: int) -> Generator[commands.Command, Any, None]:
+    """Answer and half-close: a full close with unread request bytes makes the kernel
+    send RST, which can destroy the answer before the client reads it."""
+    yield commands.SendData(conn, refuse(status))
+    yield commands.CloseTcpConnection(conn, half_close=True)
+
+
+def _read_headers_bounded(
+    self: _http1.Http1Server, event: events.ConnectionEvent
+) -> Generator[commands.Command, Any, None]:
+    """mitmproxy's request-head reader, with a size bound, a syntax check and an early 413.
+
+    The scanner follows the buffer while the head arrives (mitmproxy appends
+    each segment before calling this); a buffer that does not continue what
+    was scanned (a new request) starts a new one.
+    """
+    if isinstance(event, events.DataReceived):
+        scanner: HeadScanner | None = getattr(self, "luma_scanner", None)
+        if scanner is None or scanner.scanned + len(event.data) != len(self.buf):
+            scanner = self.luma_scanner = HeadScanner()  # type: ignore[attr-defined]
+            end = scanner.feed(bytes(self.buf))
+        else:
+            end = scanner.feed(event.data)
+        status = None
+        if end is None:
+            if len(self.buf) > _limits["head"]:
+                status = 431
+        else:
+            self.luma_scanner = None  # type: ignore[attr-defined]
+            if end > _limits["head"]:
+                status = 431
+            else:
+                status = head_status(bytes(self.buf)[:end], _limits["body"])
+        if status is not None:
+            yield from _refuse(self.conn, status)
+            self.state = self.done
+            return
+    yield from _original_read_headers(self, event)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BadChunking(Exception):
+    """A chunked body that does not parse (mitmproxy would close without an answer)."""
+
+
+class CountedReader:
+    """h11's chunked body reader (mitmproxy's ``body_reader``), counting the body and
+    dropping trailers.
+
+    Trailers: mitmproxy raises ``NotImplementedError`` on them (a traceback
+    and a hung client); a proxy may discard them (RFC 9110 §6.5.1).
+    """
+
+    __slots__ = ("limit", "reader", "seen")
+
+    def __init__(self, reader: ChunkedReader, limit: int) -> None:
+        self.reader, self.limit, self.seen = reader, limit, 0
+
+    def __call__(self, buf: Any) -> Any:
+        try:
+            event = self.reader(buf)
+        except h11.ProtocolError as e:
+            raise BadChunking(str(e)) from None
+        if type(event) is h11.Data:
+            self.seen += len(event.data)
+            if self.seen > self.limit:
+                raise BodyTooLarge
+        elif type(event) is h11.EndOfMessage and event.headers:
+            return h11.EndOfMessage()
+        return event
+
+    def read_eof(self) -> Any:
+        return self.reader.read_eof()
+
+
+def _read_body_bounded(
+    self: _http1.Http1Server, event: events.Event
+) -> Generator[commands.Command, Any, None]:
+    """mitmproxy's request-body reader; a chunked body over the limit ends in 413.
+
+    A body not complete after this segment is noted in ``BODIES`` (begun,
+    last bytes), so that the body deadlines can cut a client that trickles it.
+
+    The error event makes mitmproxy close the upstream connection before any
+    chunk terminator is written (the container sees a cut request, never a
+    complete one) and end the flow with ``BODY_TOO_LARGE``.
+    """
+    if type(self.body_reader) is ChunkedReader:
+        self.body_reader = CountedReader(self.body_reader, _limits["body"])
+    if TIMED_OUT and isinstance(event, events.ConnectionClosed) and self.conn.id in TIMED_OUT:
+        TIMED_OUT.discard(self.conn.id)
+        yield http_layer.ReceiveHttp(http_layer.RequestProtocolError(
+            self.stream_id, BODY_TIMEOUT, code=http_layer.ErrorCode.GENERIC_CLIENT_ERROR))
+        self.state = self.done
+        return
+    try:
+        yield from _original_read_body(self, event)
+    except BodyTooLarge:
+        BODIES.pop(self.conn.id, None)
+        yield from _refuse(self.conn, 413)
+        yield http_layer.ReceiveHttp(http_layer.RequestProtocolError(
+            self.stream_id, BODY_TOO_LARGE, code=http_layer.ErrorCode.REQUEST_TOO_LARGE))
+        self.state = self.done
+        return
+    except BadChunking as e:  # 400, and the upstream request is cut, never completed
+        BODIES.pop(self.conn.id, None)
+        yield from _refuse(self.conn, 400)
+        yield http_layer.ReceiveHttp(http_layer.RequestProtocolError(
+            self.stream_id, f"HTTP/1 protocol error: {e}",
+            code=http_layer.ErrorCode.GENERIC_CLIENT_ERROR))
+        self.state = self.done
+        return
+    if getattr(self.state, "__func__", None) is _read_body_bounded:  # more body to come
+        now = time.monotonic()
+        progress = BODIES.get(self.conn.id)
+        if progress is None:
+            BODIES[self.conn.id] = [now, now, self]
+        else:
+            progress[1] = now
+    elif BODIES:
+        BODIES.pop(self.conn.id, None)
+
+
+def install_http1_limits(head: int, body: int) -> None:
+    """Put the bounded HTTP/1 readers in place (idempotent) with these limits."""
+    _limits.update(head=head, body=body)
+    _http1.Http1Server.read_headers = _read_headers_bounded  # type: ignore[method-assign]
+    _http1.Http1Server.read_body = _read_body_bounded  # type: ignore[method-assign]

@@ -29,9 +29,15 @@ from typing import Any
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.proxy import server_hooks
 
-from .engine_patches import close_for_client, install_h2_goaway_on_close
+from .engine_patches import (
+    BODIES,
+    TIMED_OUT,
+    close_for_client,
+    install_h2_goaway_on_close,
+    refuse,
+    response_begun,
+)
 from .environ import env_float
-from .limits import BODIES, TIMED_OUT, refuse
 from .streaming import stream_response
 
 logger = logging.getLogger("luma_proxy")
@@ -164,7 +170,7 @@ class Timeouts:
                 if now - last > self.body_idle_timeout or now - begun > self.body_timeout]
         for client_id in late:
             server = BODIES.pop(client_id)[2]
-            answer = refuse(408) if server.response is None else None
+            answer = None if response_begun(server) else refuse(408)
             if close_for_client(client_id, None, "body timeout", answer):
                 TIMED_OUT.add(client_id)
                 logger.info("body timeout: closing client")

@@ -11,7 +11,8 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.test import taddons, tflow
 
-from luma_proxy.limits import HeadScanner, head_status, install_limits
+from luma_proxy.engine_patches import install_http1_limits
+from luma_proxy.limits import HeadScanner, head_status
 
 
 class CountingBuffer(ReceiveBuffer):
@@ -27,7 +28,7 @@ class CountingBuffer(ReceiveBuffer):
 
 @pytest.fixture
 def server() -> Iterator[_http1.Http1Server]:
-    install_limits(64 * 1024, 1024 * 1024)
+    install_http1_limits(64 * 1024, 1024 * 1024)
     with taddons.context() as tctx:
         client = tflow.tclient_conn()
         srv = _http1.Http1Server(Context(client, tctx.options))
