@@ -17,6 +17,7 @@ touches, one line each:
 * ``proxy/server``'s module-global ``asyncio``: container connects through ``Connector``.
 * ``_http1.Http1Server.read_headers`` and ``read_body``: HTTP/1 head and body bounds (limits.py).
 * ``Http1Server.response``, ``body_reader`` (h11's ``ChunkedReader``): body deadlines, counting.
+* ``format_error`` in ``_http1``/``_http2``/``_http3``, ``_http1.make_error_response``: our pages.
 * ``mitmproxy.net.http.http1.assemble_response``: our own pages as HTTP/1 bytes.
 * ``mitmproxy.utils.human.parse_size``: size options read as mitmproxy reads its own.
 * ``Proxyserver.connections`` and a handler's ``transports``: closing live connections.
@@ -92,7 +93,7 @@ from mitmproxy.proxy import commands, events
 from mitmproxy.proxy import server as proxy_server
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers import tls as tls_layer
-from mitmproxy.proxy.layers.http import _events, _hooks, _http1, _http2
+from mitmproxy.proxy.layers.http import _events, _hooks, _http1, _http2, _http3
 from mitmproxy.utils import human
 from OpenSSL import SSL
 
@@ -886,3 +887,31 @@ def install_http1_limits(head: int, body: int) -> None:
     _limits.update(head=head, body=body)
     _http1.Http1Server.read_headers = _read_headers_bounded  # type: ignore[method-assign]
     _http1.Http1Server.read_body = _read_body_bounded  # type: ignore[method-assign]
+
+
+# ----------------------------------------------------------- error pages (pages.py)
+def _engine_error(status_code: int, message: str) -> bytes:
+    """Replaces mitmproxy's error page, which quotes the socket error (with IPs)."""
+    return page_body(status_code)
+
+
+def _http1_error_response(status_code: int, message: str = "") -> bytes:
+    """mitmproxy's HTTP/1 error response, without the engine's name and version."""
+    response = http.Response.make(
+        status_code,
+        page_body(status_code),
+        {"Content-Type": "text/html; charset=utf-8", "Connection": "close"},
+    )
+    return assemble_http1(response)
+
+
+def install_engine_error_pages() -> None:
+    """Make mitmproxy's own error answers (e.g. 502 on a refused connect) our pages.
+
+    mitmproxy builds them with ``format_error(status, message)`` imported into each
+    HTTP layer module, and offers no hook to replace them; rebinding that name is
+    the narrowest change that keeps socket errors out of pages.
+    """
+    for module in (_http1, _http2, _http3):
+        module.format_error = _engine_error  # type: ignore[attr-defined]
+    _http1.make_error_response = _http1_error_response  # type: ignore[attr-defined]

@@ -44,32 +44,12 @@ def page(status: int, headers: dict[str, str] | None = None) -> http.Response:
     return http.Response.make(status, page_body(status), all_headers)
 
 
-def _engine_error(status_code: int, message: str) -> bytes:
-    """Replaces mitmproxy's error page, which quotes the socket error (with IPs)."""
-    return page_body(status_code)
-
-
-def _http1_error_response(status_code: int, message: str = "") -> bytes:
-    """mitmproxy's HTTP/1 error response, without the engine's name and version."""
-    from mitmproxy.net.http import http1
-
-    response = http.Response.make(
-        status_code,
-        page_body(status_code),
-        {"Content-Type": "text/html; charset=utf-8", "Connection": "close"},
-    )
-    return http1.assemble_response(response)
-
-
 def install_engine_error_pages() -> None:
-    """Make mitmproxy's own error answers (e.g. 502 on a refused connect) ours.
+    """Make mitmproxy's own error answers (e.g. 502 on a refused connect) these pages.
 
-    mitmproxy builds them with ``format_error(status, message)`` imported into each
-    HTTP layer module, and offers no hook to replace them; rebinding that name is
-    the narrowest change that keeps socket errors out of pages.
+    mitmproxy has no hook for them: ``engine_patches.install_engine_error_pages``
+    replaces them where its HTTP layers build them.
     """
-    from mitmproxy.proxy.layers.http import _http1, _http2, _http3
+    from . import engine_patches  # it imports this module's pages
 
-    for module in (_http1, _http2, _http3):
-        module.format_error = _engine_error  # type: ignore[attr-defined]
-    _http1.make_error_response = _http1_error_response  # type: ignore[attr-defined]
+    engine_patches.install_engine_error_pages()

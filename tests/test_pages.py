@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from mitmproxy.proxy.layers.http import _http1, _http2, _http3
 
-from luma_proxy import pages
 from luma_proxy.pages import RETRY_AFTER, install_engine_error_pages, page, page_body
 
 ENGINE_MESSAGE = "[Errno 111] Connect call failed ('10.1.2.3', 3000)"
@@ -63,7 +62,7 @@ def test_engine_error_pages_hide_the_socket_error() -> None:
     original_formats = [m.format_error for m in (_http1, _http2, _http3)]
     try:
         before = _http1.make_error_response(502, ENGINE_MESSAGE)
-        if original_http1 is not pages._http1_error_response:
+        if original_http1.__module__ == _http1.__name__:  # mitmproxy's own, not yet replaced
             assert b"10.1.2.3" in before and b"mitmproxy" in before.lower()
 
         install_engine_error_pages()
