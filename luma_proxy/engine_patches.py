@@ -20,6 +20,7 @@ touches, one line each:
 * ``format_error`` in ``_http1``/``_http2``/``_http3``, ``_http1.make_error_response``: our pages.
 * ``mitmproxy.net.http.http1.assemble_response``: our own pages as HTTP/1 bytes.
 * ``mitmproxy.utils.human.parse_size``: size options read as mitmproxy reads its own.
+* ``mode_servers``' module-global ``asyncio``: listeners bound with ``SO_REUSEPORT`` (workers).
 * ``Proxyserver.connections`` and a handler's ``transports``: closing live connections.
 * a handler's layer stack (``layer``, ``child_layer``, ``connections``, ``ClientTLSLayer.tls``):
   idle upstream connections found, an answer written through the client's TLS session.
@@ -75,6 +76,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import socket
 import time
 import types
 from collections.abc import Awaitable, Callable, Generator, Sequence
@@ -915,3 +917,66 @@ def install_engine_error_pages() -> None:
     for module in (_http1, _http2, _http3):
         module.format_error = _engine_error  # type: ignore[attr-defined]
     _http1.make_error_response = _http1_error_response  # type: ignore[attr-defined]
+
+
+# ------------------------------------------- SO_REUSEPORT for run --workers (workers.py)
+class _ReusePortAsyncio(types.ModuleType):
+    """What the name ``asyncio`` means inside ``mitmproxy.proxy.mode_servers`` in a worker.
+
+    Everything is the real asyncio except ``start_server``, which adds
+    ``reuse_port=True`` and remembers the sockets so that the worker can prove
+    they got the option before it reports ready.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("asyncio")
+        self.sockets: list[socket.socket] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    async def start_server(self, client_connected_cb: Any, host: Any = None, port: Any = None,
+                           **kwds: Any) -> asyncio.Server:
+        if kwds.get("sock") is None:
+            kwds["reuse_port"] = True
+        server = await asyncio.start_server(client_connected_cb, host, port, **kwds)
+        self.sockets.extend(server.sockets)
+        return server
+
+
+def enable_reuse_port() -> _ReusePortAsyncio:
+    """Make mitmproxy's TCP listeners in this process set ``SO_REUSEPORT`` (idempotent).
+
+    mitmproxy binds with ``asyncio.start_server(handler, host, port)`` in
+    ``mitmproxy/proxy/mode_servers.py`` and has no option for reuse_port.
+    Choices, narrowest first:
+
+    - rebind the name ``asyncio`` in that one module to a shim whose
+      ``start_server`` passes ``reuse_port=True`` (this): nothing else in the
+      process changes, mitmproxy still does its own binding, error messages and
+      restarts, and any later ``listen()`` (an options change) gets it too;
+    - patch ``asyncio.start_server`` for the whole process: also changes every
+      other server in the worker (metrics, anything an addon starts);
+    - subclass/replace ``AsyncioServerInstance.listen``: copies mitmproxy code
+      that changes between releases;
+    - bind in the supervisor and pass fds: mitmproxy cannot adopt a socket.
+
+    If a mitmproxy release stops binding through this name, ``reuse_port_sockets``
+    misses its listeners and ``workers.worker_listening`` fails the worker.
+    """
+    from mitmproxy.proxy import mode_servers
+
+    current = mode_servers.asyncio
+    if isinstance(current, _ReusePortAsyncio):
+        return current
+    shim = _ReusePortAsyncio()
+    mode_servers.asyncio = shim  # type: ignore[attr-defined]
+    return shim
+
+
+def reuse_port_sockets() -> list[socket.socket]:
+    """The sockets mitmproxy's listeners bound through the shim (none without it)."""
+    from mitmproxy.proxy import mode_servers
+
+    shim = mode_servers.asyncio
+    return shim.sockets if isinstance(shim, _ReusePortAsyncio) else []

@@ -38,7 +38,6 @@ is logged when all listen.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import logging
@@ -101,59 +100,18 @@ def workers_option(ctx: click.Context, param: click.Parameter, value: str) -> in
 
 
 # --------------------------------------------------------- SO_REUSEPORT, worker side
-class _ReusePortAsyncio(types.ModuleType):
-    """What the name ``asyncio`` means inside ``mitmproxy.proxy.mode_servers`` in a worker.
-
-    Everything is the real asyncio except ``start_server``, which adds
-    ``reuse_port=True`` and remembers the sockets so that the worker can prove
-    they got the option before it reports ready.
-    """
-
-    def __init__(self) -> None:
-        super().__init__("asyncio")
-        self.sockets: list[socket.socket] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(asyncio, name)
-
-    async def start_server(self, client_connected_cb: Any, host: Any = None, port: Any = None,
-                           **kwds: Any) -> asyncio.Server:
-        if kwds.get("sock") is None:
-            kwds["reuse_port"] = True
-        server = await asyncio.start_server(client_connected_cb, host, port, **kwds)
-        self.sockets.extend(server.sockets)
-        return server
-
-
-def enable_reuse_port() -> _ReusePortAsyncio:
+def enable_reuse_port() -> Any:
     """Make mitmproxy's TCP listeners in this process set ``SO_REUSEPORT``.
 
-    mitmproxy binds with ``asyncio.start_server(handler, host, port)`` in
-    ``mitmproxy/proxy/mode_servers.py`` and has no option for reuse_port.
-    Choices, narrowest first:
-
-    - rebind the name ``asyncio`` in that one module to a shim whose
-      ``start_server`` passes ``reuse_port=True`` (this): nothing else in the
-      process changes, mitmproxy still does its own binding, error messages and
-      restarts, and any later ``listen()`` (an options change) gets it too;
-    - patch ``asyncio.start_server`` for the whole process: also changes every
-      other server in the worker (metrics, anything an addon starts);
-    - subclass/replace ``AsyncioServerInstance.listen``: copies mitmproxy code
-      that changes between releases;
-    - bind in the supervisor and pass fds: mitmproxy cannot adopt a socket.
-
-    Called only in worker processes. If a mitmproxy release stops binding
-    through this name, ``worker_listening`` sees listeners without the option
-    and the worker fails with one line instead of sharing nothing.
+    mitmproxy has no option for it; ``engine_patches.enable_reuse_port`` gives
+    its listeners the option where they are bound. Called only in worker
+    processes. If a mitmproxy release stops binding there, ``worker_listening``
+    sees listeners without the option and the worker fails with one line
+    instead of sharing nothing.
     """
-    from mitmproxy.proxy import mode_servers
+    from .engine_patches import enable_reuse_port as enable  # imports mitmproxy
 
-    current = mode_servers.asyncio
-    if isinstance(current, _ReusePortAsyncio):
-        return current
-    shim = _ReusePortAsyncio()
-    mode_servers.asyncio = shim  # type: ignore[attr-defined]
-    return shim
+    return enable()
 
 
 def has_reuse_port(sock: socket.socket) -> bool:
@@ -165,10 +123,9 @@ def has_reuse_port(sock: socket.socket) -> bool:
 
 def missing_reuse_port(listen_addrs: Iterable[tuple[Any, ...]]) -> list[str]:
     """The listening addresses (host:port) not bound through the shim with SO_REUSEPORT."""
-    from mitmproxy.proxy import mode_servers
+    from .engine_patches import reuse_port_sockets  # imports mitmproxy
 
-    shim = mode_servers.asyncio
-    sockets = shim.sockets if isinstance(shim, _ReusePortAsyncio) else []
+    sockets = reuse_port_sockets()
     good = set()
     for sock in sockets:
         with contextlib.suppress(OSError):
