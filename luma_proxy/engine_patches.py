@@ -24,6 +24,7 @@ touches, one line each:
 * ``Proxyserver.connections`` and a handler's ``transports``: closing live connections.
 * a handler's layer stack (``layer``, ``child_layer``, ``connections``, ``ClientTLSLayer.tls``):
   idle upstream connections found, an answer written through the client's TLS session.
+* ``sys.modules["mitmproxy.addons"]``: a stand-in package, so the built-in addons never load.
 
 The larger seams in detail: HTTP/2 handling (issue 13), opening a connection
 to a container (issue 15), and a request the container closed under.
@@ -76,6 +77,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import importlib.util
+import os
 import socket
 import time
 import types
@@ -980,3 +983,26 @@ def reuse_port_sockets() -> list[socket.socket]:
 
     shim = mode_servers.asyncio
     return shim.sockets if isinstance(shim, _ReusePortAsyncio) else []
+
+
+# --------------------------------------- mitmproxy.addons left unimported (startup.py)
+def skip_addon_registry(modules: dict[str, types.ModuleType]) -> bool:
+    """Register ``mitmproxy.addons`` in ``modules`` as a bare package; whether it did.
+
+    ``mitmproxy/addons/__init__.py`` imports all ~36 built-in addons (flask, ldap3,
+    the onboarding app, ...) to offer ``default_addons()``, which the lean master
+    never calls, and importing a submodule runs that file first. A stand-in
+    package with the same ``__path__`` lets the submodules (``core``,
+    ``proxyserver``, ...) import without it. Nothing once the package is imported;
+    importing this module does not import it.
+    """
+    if "mitmproxy.addons" in modules:
+        return False
+    spec = importlib.util.find_spec("mitmproxy")
+    if spec is None or spec.origin is None:
+        return False
+    package = types.ModuleType("mitmproxy.addons", "mitmproxy's built-in addons (not imported)")
+    package.__path__ = [os.path.join(os.path.dirname(spec.origin), "addons")]
+    package.__package__ = "mitmproxy.addons"
+    modules["mitmproxy.addons"] = package
+    return True

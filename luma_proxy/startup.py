@@ -9,7 +9,8 @@ Two things in mitmproxy cost a serving process without serving anyone:
 - ``mitmproxy/addons/__init__.py`` imports all ~36 built-in addons (flask,
   ldap3, the onboarding app, ...) to offer ``default_addons()``, which the lean
   master never calls. Importing a submodule runs that file first, so
-  ``skip_builtin_addon_registry`` registers the package without running it.
+  ``skip_builtin_addon_registry`` has ``engine_patches`` register the package
+  without running it.
 
 ``LUMA_PROXY_OPTIMIZE=0`` keeps both (mitmproxy's checks back on, for
 debugging). And the event loop is uvloop's (``loop_factory``): asyncio's own
@@ -22,7 +23,6 @@ under mitmdump or mitmweb.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import sys
 import types
@@ -91,19 +91,15 @@ def skip_builtin_addon_registry(modules: dict[str, types.ModuleType] | None = No
     """Register ``mitmproxy.addons`` as a bare package (its submodules still import).
 
     Returns whether it did; it does nothing once the package is imported (in
-    mitmdump, or a test process), or when ``LUMA_PROXY_OPTIMIZE=0``.
+    mitmdump, or a test process), or when ``LUMA_PROXY_OPTIMIZE=0``. The stand-in
+    package is ``engine_patches.skip_addon_registry``'s.
     """
     modules = sys.modules if modules is None else modules
     if "mitmproxy.addons" in modules or not enabled(os.environ):
         return False
-    spec = importlib.util.find_spec("mitmproxy")
-    if spec is None or spec.origin is None:
-        return False
-    package = types.ModuleType("mitmproxy.addons", "mitmproxy's built-in addons (not imported)")
-    package.__path__ = [os.path.join(os.path.dirname(spec.origin), "addons")]
-    package.__package__ = "mitmproxy.addons"
-    modules["mitmproxy.addons"] = package
-    return True
+    from .engine_patches import skip_addon_registry  # imports mitmproxy, not its addons
+
+    return skip_addon_registry(modules)
 
 
 def log_level(environ: Mapping[str, str]) -> int:
