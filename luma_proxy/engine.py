@@ -26,6 +26,8 @@ from typing import Any
 
 from mitmproxy import addonmanager, exceptions, flow, hooks, master
 
+from . import engine_patches
+
 # (index of the top-level addon in the chain, handler)
 Handlers = tuple[tuple[int, Callable[..., Any]], ...]
 
@@ -159,6 +161,6 @@ def install(lean: master.Master) -> HookTable:
     old = lean.addons
     if len(old):
         raise RuntimeError("install the hook table before adding addons")
-    lean.options.changed.disconnect(old._configure_all)
+    engine_patches.detach_addon_manager(lean)
     table = lean.addons = HookTable(lean)
     return table

@@ -25,6 +25,7 @@ touches, one line each:
 * a handler's layer stack (``layer``, ``child_layer``, ``connections``, ``ClientTLSLayer.tls``):
   idle upstream connections found, an answer written through the client's TLS session.
 * ``sys.modules["mitmproxy.addons"]``: a stand-in package, so the built-in addons never load.
+* ``AddonManager._configure_all``: unsubscribed when ``engine.HookTable`` replaces the manager.
 
 The larger seams in detail: HTTP/2 handling (issue 13), opening a connection
 to a container (issue 15), and a request the container closed under.
@@ -1006,3 +1007,14 @@ def skip_addon_registry(modules: dict[str, types.ModuleType]) -> bool:
     package.__package__ = "mitmproxy.addons"
     modules["mitmproxy.addons"] = package
     return True
+
+
+# ------------------------------------------- the hook table's manager swap (engine.py)
+def detach_addon_manager(master: Any) -> None:
+    """Stop ``master``'s current ``AddonManager`` from hearing option changes.
+
+    An ``AddonManager`` subscribes its private ``_configure_all`` to
+    ``options.changed`` when it is built; one replaced by ``engine.HookTable``
+    must be unsubscribed, or every option change would also reach the old one.
+    """
+    master.options.changed.disconnect(master.addons._configure_all)
