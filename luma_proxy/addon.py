@@ -1,14 +1,13 @@
 """The mitmproxy addon: Host -> service -> alias -> container IP.
 
 The hot path (``requestheaders``) only reads the in-memory view. Background
-tasks keep that view fresh: the reloader follows the state file (routes) and
-the health file (observed health), the health checker probes every service.
+tasks keep that view fresh: the reloader follows the registry (routes and
+observed health), the health checker probes every service.
 Works the same under ``mitmdump -s``, ``mitmweb -s`` and ``luma-proxy run``.
 
-A reload is incremental: the files are read and parsed in a thread, by readers
-that keep the objects of unchanged entries, and what changed is worked out
-there by identity; the event loop then only swaps the new routes dict in and
-touches the services (and health entries) that changed.
+A reload reads the registry's rows that moved (``registry.Snapshot``) and
+builds the next ``View`` in a thread (``view.build_view``, a pure function);
+the event loop swaps it in whole and touches only what changed.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
@@ -33,20 +32,14 @@ from .flowinfo import CLIENT_GONE, MULTIPLEXED, header_values, host_header, vali
 from .forwarding import Network, asked_websocket, parse_trusted_proxies, set_forwarding_headers
 from .health import HealthChecker, passed, probe, unreachable
 from .leadership import Leadership
-from .models import Health, HealthEntry, Service, Settings, State
+from .models import Health, HealthEntry, Service, Settings
 from .proving import Prover
-from .registry import (
-    IMPORT_SUFFIX,
-    HealthReader,
-    RegistryError,
-    StateReader,
-    Store,
-    default_state_path,
-)
+from .registry import IMPORT_SUFFIX, RegistryError, Store, default_state_path
 from .resolver import Resolver, parse_dns_server
 from .router import HostTable, Reject, admit
 from .served import Beacon
 from .streaming import stream_counted, stream_request, stream_response
+from .view import EMPTY, View, build_view, diff
 
 logger = logging.getLogger("luma_proxy")
 
@@ -63,23 +56,6 @@ ENGINE_OPTIONS: dict[str, Any] = {
 }
 # Where requests would go if the addon ever failed to route one: nothing listens there.
 DUMMY_REVERSE = "reverse:http://127.0.0.1:1/"
-_UNREAD = object()  # the signature of a file not read yet
-
-
-@dataclass(slots=True)
-class Routes:
-    """A parsed state file and how it differs from the view it was compared with."""
-
-    state: State
-    base: dict[str, Service]  # the routes it was compared with
-    changed: dict[str, Service]  # new or different (by identity) services
-    removed: list[str]
-
-
-def diff_routes(state: State, base: dict[str, Service]) -> Routes:
-    services = state.services
-    return Routes(state, base, {h: s for h, s in services.items() if base.get(h) is not s},
-                  [h for h in base if h not in services])
 
 
 @dataclass(slots=True)
@@ -93,47 +69,22 @@ class Route:
     raw_host: str
 
 
-@dataclass(slots=True)
-class Observed:
-    """The parsed health file (or, without one, the state file's old health)."""
-
-    entries: dict[str, HealthEntry] | None  # None: there is no health file
-    # (host, service, health in force, entry): entries that may replace what is in
-    # force, worked out in the reader thread; the loop checks nothing moved since.
-    candidates: list[tuple[str, Service, Health | None, HealthEntry]] = field(
-        default_factory=list)
-
-
-def same_observation(a: Health, b: Health) -> bool:
-    return (a.healthy, a.checked_at, a.last_error, a.containers) == (
-        b.healthy, b.checked_at, b.last_error, b.containers)
-
-
 class LumaProxy:
     """Routes every request to a container of its host's Docker network alias."""
 
     def __init__(self) -> None:
         self.table = HostTable()
-        self.health: dict[str, Health] = {}
+        self.view = EMPTY  # the registry as last swapped in (view.py)
+        self.health: dict[str, HealthEntry] = {}  # the view's health in force
         self.balancer = Balancer()
         self.resolver = Resolver()
         self.store: Store | None = None
         self.beacon: Beacon | None = None  # tells the CLI which routes are in force
-        self._reader = StateReader()
-        self._health_reader = HealthReader()
-        self._health_writer = HealthReader()  # the leader's: keeps the lines it wrote
         self.settings = Settings()
         self.trusted: tuple[Network, ...] = ()
         self.checker: HealthChecker | None = None
-        self._signature: object = None
-        self._health_signature: object = _UNREAD
-        # The health file's entries (or the state file's old health while there is
-        # no health file): looked up when a service changes, compared on reload.
-        self._observed: dict[str, HealthEntry] = {}
-        self._legacy: dict[str, HealthEntry] = {}
         self._dirty: set[str] = set()  # hosts new or changed since the health loop looked
-        self._last_error: str | None = None  # of the last reload
-        self._health_error: str | None = None  # of the last health file read
+        self._read_error: str | None = None  # of the last reload
         self._persist_error: str | None = None  # of the last health write
         self._tasks: list[asyncio.Task[None]] = []
         self.leadership: Leadership | None = None
@@ -141,7 +92,7 @@ class LumaProxy:
         self._kick = asyncio.Event()
         self._alias_of: dict[str, tuple[str, str]] = {}  # ip -> (alias, host) last sent there
         self.prover = Prover(self._probe, self._departed)
-        self.engine_events = EngineEvents(self._engine_changes)
+        self.engine_events = EngineEvents(self.engine_changed)
 
     # ----------------------------------------------------------------- options
     def load(self, loader: Any) -> None:
@@ -206,9 +157,7 @@ class LumaProxy:
                 self.beacon.close()
             self.beacon = Beacon(opts.luma_state)
             self.beacon.open()  # no beacon (read-only disk): the CLI simply does not wait
-            self._reader, self._health_reader = StateReader(), HealthReader()
-            self._health_writer = HealthReader()
-            self._signature, self._health_signature = _UNREAD, _UNREAD
+            self._swap(EMPTY)
             if self.leadership is not None:
                 self.leadership.close()
             self.leadership = Leadership(str(self.store.path) + ".health.lock")
@@ -217,17 +166,16 @@ class LumaProxy:
             self.reload()  # routes and stored health are in place before the first request
 
     def _take_over(self) -> None:
-        """A state file of the Go proxy (or left where the registry used to be) becomes ours.
+        """Open the registry: the first process creates it and imports a JSON state file
+        (the Go proxy's, or this project's before the database) once.
 
-        Every worker tries; the first one writes it under the lock, the others find
-        nothing left to do. If it cannot be written (read-only disk), it is still
-        served as read: the reload below parses that layout too.
+        If no database can be written (read-only disk), the JSON file is served as read.
         """
         assert self.store is not None
         try:
-            notes = self.store.take_over()
+            notes = self.store.open()
         except RegistryError:
-            return  # the reload says why the file cannot be used
+            return  # the reload says why the registry cannot be used
         if notes is not None:
             logger.warning("took over the state file %s (original kept as %s%s)",
                            self.store.path, self.store.path.name, IMPORT_SUFFIX)
@@ -265,124 +213,58 @@ class LumaProxy:
 
     # ------------------------------------------------------------- the state
     def reload(self) -> bool:
-        """Re-read the state and health files if they changed; keep the last good view on error."""
-        assert self.store is not None
-        changed = False
-        signature = self.store.signature()
-        if signature != self._signature:
-            changed = self._take(signature, self._read(self.table.services))
-        signature = self.store.health_signature()
-        if signature != self._health_signature:
-            changed = self._take_health(signature, self._read_health(self.table.services)) \
-                or changed
-        return changed
+        """Swap in what moved in the registry since the view was built; False if nothing did."""
+        return self._swap(self._build(self.view))
 
     async def reload_in_background(self) -> bool:
-        """As ``reload``, with the reads, parsing and diffing off the event loop.
+        """As ``reload``, reading and parsing in a thread: the loop only swaps the result."""
+        return self._swap(await asyncio.to_thread(self._build, self.view))
 
-        Parsing a big registry takes long enough that doing it on the loop would
-        stop all traffic meanwhile; the loop only swaps in what changed.
-        """
-        assert self.store is not None
-        changed = False
-        signature = self.store.signature()
-        if signature != self._signature:
-            routes = await asyncio.to_thread(self._read, self.table.services)
-            changed = self._take(signature, routes)
-        signature = self.store.health_signature()
-        if signature != self._health_signature:
-            observed = await asyncio.to_thread(self._read_health, self.table.services)
-            changed = self._take_health(signature, observed) or changed
-        return changed
-
-    def _read(self, base: dict[str, Service]) -> Routes | RegistryError:
-        """Parse the state file and diff it against ``base`` (runs in a thread)."""
+    def _build(self, base: View) -> View | None:
+        """The next view, from the rows that moved since ``base`` (runs in a thread)."""
         assert self.store is not None
         try:
-            state = self.store.read(self._reader)
+            snapshot = self.store.snapshot(base.routes_gen, base.health_gen)
         except RegistryError as e:
-            return e
-        return diff_routes(state, base)
+            if str(e) != self._read_error:
+                logger.error("keeping the last good routes: %s", e)
+                self._read_error = str(e)
+            return None
+        self._read_error = None
+        if (snapshot.routes_gen, snapshot.health_gen) == (base.routes_gen, base.health_gen):
+            return None
+        view = build_view(snapshot, base)
+        for error in view.errors:
+            logger.error("registry: %s", error)
+        return view
 
-    def _take(self, signature: object, routes: Routes | RegistryError) -> bool:
-        if isinstance(routes, RegistryError):
-            if str(routes) != self._last_error:
-                logger.error("keeping the last good routes: %s", routes)
-                self._last_error = str(routes)
-            self._signature = signature  # parse this version once: read again when it changes
-            self._served()
-            return False
-        self._signature = signature
-        self._last_error = None
-        if routes.base is not self.table.services:  # the view moved while we parsed
-            routes = diff_routes(routes.state, self.table.services)
-        self.settings = routes.state.settings
-        self._legacy = routes.state.legacy_health
-        self._apply_changes(routes.state.services, routes.changed, routes.removed)
-        if self._health_signature is None:  # no health file: the state file's old health
-            self._take_health(None, Observed(None, self._candidates(self._legacy,
-                                                                    self.table.services)))
-        self._served()
+    def _swap(self, view: View | None) -> bool:
+        """Put ``view`` in force; the work is per service or health entry that changed."""
+        if view is None or (view is not EMPTY and (
+                view.routes_gen < self.view.routes_gen or view.health_gen < self.view.health_gen)):
+            return False  # built from an older snapshot than the one in force
+        old, self.view = self.view, view
+        changes = diff(old, view)
+        unused = self.table.update(view.services, changes.changed, changes.removed)
+        self.health, self.settings = view.health, view.settings
+        for host in changes.health:
+            self._take_containers(view.services[host], view.health[host])
+        self._dirty.update(changes.changed)
+        if unused:
+            self.resolver.discard(unused)
+            self.balancer.discard(unused)
+            self.balancer.forget(self.prover.discard(unused))
+        if changes.removed:
+            gone = set(changes.removed)
+            self._alias_of = {ip: found for ip, found in self._alias_of.items()
+                              if found[1] not in gone}
+            if self.checker:
+                self.checker.discard(changes.removed)
+        if changes.changed or changes.removed:
+            self._kick.set()
+        if self.beacon is not None and view.routes_gen != old.routes_gen:
+            self.beacon.serve(view.routes_gen)  # a waiting CLI may go on (served.py)
         return True
-
-    def _served(self) -> None:
-        """Tell a waiting CLI (served.py) which state version this process has in force."""
-        if self.beacon is not None:
-            self.beacon.serve(self._signature)
-
-    def _read_health(self, services: dict[str, Service]) -> Observed | RegistryError:
-        """Parse the health file and pick the entries that may change the view (in a thread)."""
-        assert self.store is not None
-        try:
-            entries = self.store.read_health(self._health_reader)
-        except RegistryError as e:
-            return e
-        return Observed(entries, self._candidates(
-            self._legacy if entries is None else entries, services))
-
-    def _candidates(self, entries: dict[str, HealthEntry], services: dict[str, Service]
-                    ) -> list[tuple[str, Service, Health | None, HealthEntry]]:
-        """Entries written since the last read that match their service as it is now.
-
-        Order is the order of writes to the file (under its lock), never the
-        ``checked_at`` clocks: after a wall-clock step back, a fresh result
-        has an earlier time than the one it replaces and must still win.
-        """
-        known, health = self._observed, self.health
-        out = []
-        for host, entry in entries.items():
-            if known.get(host) is entry:
-                continue
-            service = services.get(host)
-            if service is None or not entry.matches(service):
-                continue
-            mine = health.get(host)
-            if mine is None or not same_observation(entry, mine):  # our own write read back
-                out.append((host, service, mine, entry))
-        return out
-
-    def _take_health(self, signature: object, observed: Observed | RegistryError) -> bool:
-        if isinstance(observed, RegistryError):
-            if str(observed) != self._health_error:
-                logger.error("keeping the last good health: %s", observed)
-                self._health_error = str(observed)
-            self._health_signature = signature  # read again once it changes
-            return False
-        self._health_signature = signature
-        self._health_error = None
-        self._observed = self._legacy if observed.entries is None else observed.entries
-        services, health = self.table.services, self.health
-        taken = 0
-        for host, _service, mine, entry in observed.candidates:
-            current = services.get(host)
-            if health.get(host) is not mine or current is None or not entry.matches(current):
-                # A result taken since the file was read is newer than the file's; a
-                # service deployed elsewhere meanwhile is not what the entry observed.
-                continue
-            health[host] = entry
-            self._take_containers(current, entry)
-            taken += 1
-        return taken > 0
 
     def _take_containers(self, service: Service, health: Health) -> None:
         """Per-container results of a health check, into routing.
@@ -399,39 +281,6 @@ class LumaProxy:
                 self.prover.forget(ip, port)
         for ip in passed(health):
             self.balancer.restore(ip, port)
-
-    def _apply_changes(self, services: dict[str, Service], changed: dict[str, Service],
-                       removed: list[str]) -> None:
-        """Swap in ``services``, touching only the hosts that changed or left.
-
-        A service whose target, health path or ssl changed drops the health in
-        force (a new target must prove itself) unless the health file already
-        has an entry for what it is now.
-        """
-        before = self.table.services
-        unused = self.table.update(services, changed, removed)
-        for host in removed:
-            self.health.pop(host, None)
-        for host, service in changed.items():
-            old = before.get(host)
-            if old is None or old.routing_key() != service.routing_key():
-                self.health.pop(host, None)
-                entry = self._observed.get(host)
-                if entry is not None and entry.matches(service):
-                    self.health[host] = entry
-            self._dirty.add(host)
-        if unused:
-            self.resolver.discard(unused)
-            self.balancer.discard(unused)
-            self.balancer.forget(self.prover.discard(unused))
-        if removed:
-            gone = set(removed)
-            self._alias_of = {ip: found for ip, found in self._alias_of.items()
-                              if found[1] not in gone}
-        if self.checker and removed:
-            self.checker.discard(removed)
-        if changed or removed:
-            self._kick.set()
 
     async def _reload_loop(self) -> None:
         while True:
@@ -462,7 +311,8 @@ class LumaProxy:
         transient failure (a container restarting, an alias not yet attached when
         the proxy starts) costs seconds of 503, not a whole interval.
         """
-        self.checker = HealthChecker(self.resolver, self._report, ctx.options.luma_health_timeout)
+        self.checker = HealthChecker(self.resolver, self.record_health,
+                                     ctx.options.luma_health_timeout)
         next_round = next_recheck = 0.0
         leading = False
         while True:
@@ -506,8 +356,8 @@ class LumaProxy:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), max(0.05, wake - time.monotonic()))
 
-    def _report(self, results: dict[str, tuple[tuple, Health]]) -> None:
-        """Take fresh results into the view at once, then write them to the health file.
+    def record_health(self, results: dict[str, tuple[tuple, Health]]) -> None:
+        """Log what changed, write the results to the registry, then take them in.
 
         A result for a service deployed elsewhere (or removed) while it was being
         checked says nothing about what is routed now: it is dropped.
@@ -523,44 +373,40 @@ class LumaProxy:
             if before is None or before.healthy is not health.healthy:
                 level = logging.INFO if health.healthy else logging.WARNING
                 logger.log(level, "health: %s is now %s%s", host,
-                               "healthy" if health.healthy else "unhealthy",
-                               f" ({health.last_error})" if health.last_error else "")
-            self.health[host] = health
-            self._take_containers(services[host], health)
-        self._tasks.append(asyncio.create_task(self._persist(results)))
+                           "healthy" if health.healthy else "unhealthy",
+                           f" ({health.last_error})" if health.last_error else "")
+        self._tasks.append(asyncio.create_task(self.save_health(results)))
         self._tasks = [t for t in self._tasks if not t.done()]
 
-    async def _persist(self, results: dict[str, tuple[tuple, Health]]) -> None:
-        """Merge ``results`` into the health file (never the state file), in a thread.
+    async def save_health(self, results: dict[str, tuple[tuple, Health]]) -> None:
+        """Write ``results`` to the registry (in a thread), then swap them into the view.
 
-        Each entry carries the target it was checked for. A result for a
-        service deployed elsewhere by the time it is written is left out (were
-        it written, no process would apply it to the new target); entries of
-        hosts that are no longer routed are dropped.
+        Each is written only if the service is still deployed as it was checked,
+        in the same transaction that checks it: writes are ordered by the
+        registry's generations, never by ``checked_at`` (a clock step cannot
+        reorder them). Entries of hosts no longer routed are dropped.
         """
         assert self.store is not None
-        store, services = self.store, self.table.services
+        store = self.store
 
-        def change(entries: dict[str, HealthEntry]) -> None:
-            for host, (key, health) in results.items():
-                service = services.get(host)
-                if service is None or service.routing_key() != key:
-                    continue  # deployed elsewhere or removed since the check started
-                # A fresh result always replaces the entry: writes are ordered by the
-                # file's lock, not by checked_at (which a clock step can reorder).
-                entries[host] = HealthEntry.of(key, health)
-            for host in [h for h in entries if h not in services]:
-                del entries[host]
+        def write() -> None:
+            with store.transaction() as tx:
+                keys = tx.routing_keys()
+                for host, (key, health) in results.items():
+                    if keys.get(host) == key:
+                        tx.put_health(host, HealthEntry.of(key, health))
+                for host in tx.health_hosts() - keys.keys():
+                    tx.delete_health(host)
 
         try:
-            await asyncio.to_thread(store.update_health, change, self._legacy,
-                                    self._health_writer)
+            await asyncio.to_thread(write)
         except RegistryError as e:
             if str(e) != self._persist_error:
                 logger.error("cannot save health: %s", e)
             self._persist_error = str(e)
-        else:
-            self._persist_error = None
+            return
+        self._persist_error = None
+        await self.reload_in_background()
 
     # -------------------------------------------------------------- hot path
     def requestheaders(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
@@ -763,7 +609,7 @@ class LumaProxy:
         return (*proven, *(other for other in ips
                            if other not in proven and not self.prover.is_retired(other)))
 
-    def _engine_changes(self, changes: Iterable[tuple[str, str]]) -> None:
+    def engine_changed(self, changes: Iterable[tuple[str, str]]) -> None:
         """Docker's events (dockerevents.py), ahead of DNS: stopping IPs out, new ones asked."""
         joined = False
         for change, ip in changes:

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from .models import (
     parse_target,
 )
 from .paths import RESERVED_HOSTS
-from .registry import IMPORT_SUFFIX, RegistryError, Store, default_state_path
+from .registry import IMPORT_SUFFIX, RegistryError, Store, Tx, default_state_path
 from .workers import workers_option
 
 TRUE = ("true", "1", "yes", "on")
@@ -81,8 +81,9 @@ def state_option(f: Any) -> Any:
     )(f)
 
 
-def store_for(state_path: str) -> Store:
-    return Store(state_path)
+def store_for(state_path: str, create: bool = True) -> Store:
+    """The registry; ``create=False`` for commands that only read (they create nothing)."""
+    return Store(state_path, create=create)
 
 
 def checked(parse: Any, *args: Any) -> Any:
@@ -93,9 +94,30 @@ def checked(parse: Any, *args: Any) -> Any:
 
 
 def update(store: Store, change: Any) -> Any:
+    """``change(state)`` on the whole state, in one transaction (settings)."""
     try:
         result = store.update(change)
     except RegistryError as e:
+        raise CliError(str(e)) from None
+    print_import_notes(store)
+    return result
+
+
+def transaction[T](store: Store, change: Callable[[Tx], T], needs_host: bool = False) -> T:
+    """``change(tx)`` on the rows it names, in one transaction: a deploy on a
+    10,000-service registry reads and writes one row, not every service.
+
+    ``needs_host``: the change fails on a host that is not deployed; with no
+    registry yet it is tried on a read-only one first, so it creates nothing.
+    """
+    try:
+        if needs_host and not store.db_path.exists():
+            Store(store.path, create=False).dry_run(change)
+        with store.transaction() as tx:
+            result = change(tx)
+    except RegistryError as e:
+        raise CliError(str(e)) from None
+    except ValueError as e:  # a stored row that does not validate
         raise CliError(str(e)) from None
     print_import_notes(store)
     return result
@@ -115,31 +137,16 @@ def observed(store: Store, state: State) -> dict[str, HealthEntry]:
         raise CliError(str(e)) from None
 
 
-def update_health(store: Store, change: Any, seed: dict[str, HealthEntry]) -> Any:
-    try:
-        return store.update_health(change, seed)
-    except RegistryError as e:
-        raise CliError(str(e)) from None
-
-
-
-
-def drop_stale_health(store: Store, host: str, service: Service | None) -> None:
+def drop_stale_health(tx: Tx, host: str, service: Service | None) -> None:
     """Remove ``host``'s health entry unless it was observed for ``service`` as it is now.
 
     Such an entry is ignored anyway; dropping it keeps a host that is removed
     and deployed again, or moved back to its old target, "pending" until its
-    first check, as it was when health lived in the state file.
+    first check.
     """
-    if not store.health_path.exists():
-        return
-
-    def change(entries: dict[str, HealthEntry]) -> None:
-        entry = entries.get(host)
-        if entry is not None and (service is None or not entry.matches(service)):
-            del entries[host]
-
-    update_health(store, change, {})
+    entry = tx.health(host)
+    if entry is not None and (service is None or not entry.matches(service)):
+        tx.delete_health(host)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -191,10 +198,8 @@ def deploy(host: str, target: str, project: str, health_path: str, app: str, ssl
         raise CliError("--tls-cert needs --ssl: a certificate is only used for HTTPS")
     networks = route_networks(alias)
 
-    deployed: list[Service] = []  # the service as written
-
-    def change(state: State) -> str:
-        existing = state.services.get(host)
+    def change(tx: Tx) -> tuple[str, Service]:
+        existing = tx.service(host)
         if existing and existing.project != project and not force:
             raise CliError(f"host {host} belongs to project {existing.project!r}; "
                            "use --force to move it")
@@ -207,27 +212,28 @@ def deploy(host: str, target: str, project: str, health_path: str, app: str, ssl
             from .certificates import certs_dir, store_pair
 
             fields["cert_source"] = "custom"
-            # Under the lock, so the files and the state change together.
+            # Inside the transaction, so the files and the route change together.
             store_pair(certs_dir(state_path), host, *custom)
         if existing is None:
-            state.services[host] = Service(**fields)
-            deployed.append(state.services[host])
-            return "Deployed"
-        # A new target must prove itself: the health entry observed for the old one
-        # no longer applies (HealthEntry.matches), and is dropped below.
-        same = existing.model_copy(update=fields)
-        if same.model_dump(exclude={"updated_at"}) != existing.model_dump(exclude={"updated_at"}):
-            same.updated_at = now()
-        state.services[host] = Service.model_validate(same.model_dump())
-        deployed.append(state.services[host])
-        return "Updated"
+            service = Service(**fields)
+            verb = "Deployed"
+        else:
+            same = existing.model_copy(update=fields)
+            if same.model_dump(exclude={"updated_at"}) != existing.model_dump(
+                    exclude={"updated_at"}):
+                same.updated_at = now()
+            service = Service.model_validate(same.model_dump())
+            verb = "Updated"
+        tx.put(service)
+        # A new target must prove itself: the entry observed for the old one goes.
+        drop_stale_health(tx, host, service)
+        return verb, service
 
     store = store_for(state_path)
-    verb = update(store, change)
-    drop_stale_health(store, host, deployed[0])
+    verb, service = transaction(store, change)
     await_proxies(store)
     if wait:
-        wait_healthy(store, deployed[0], wait_timeout)
+        wait_healthy(store, service, wait_timeout)
     scheme = ("https" if hsts else "https, no HSTS") if ssl else "http only"
     click.echo(f"✅ {verb} {host} -> {alias}:{port} (project {project}, {scheme})")
 
@@ -242,7 +248,7 @@ def await_proxies(store: Store) -> None:
     from .served import wait_served
 
     timeout = env_float("LUMA_PROXY_SERVED_TIMEOUT", 5.0)
-    pending = wait_served(store.path, store.signature, timeout)
+    pending = wait_served(store.path, store.generation, timeout)
     if pending:
         click.echo(f"⚠️  saved, but {pending} running proxy process(es) did not take the "
                    f"change within {timeout:g}s; they serve it once they reload")
@@ -277,10 +283,11 @@ def wait_healthy(store: Store, service: Service, timeout: float) -> None:
         raise CliError(f"{service.host}: {service.target} did not pass a health check within "
                        f"{timeout:g}s ({health.last_error})")
 
-    def change(entries: dict[str, HealthEntry]) -> None:
-        entries[service.host] = HealthEntry.of(service.routing_key(), health)
+    def change(tx: Tx) -> None:
+        if tx.service(service.host) == service:  # not deployed elsewhere meanwhile
+            tx.put_health(service.host, HealthEntry.of(service.routing_key(), health))
 
-    update_health(store, change, {})
+    transaction(store, change)
 
 
 def route_networks(alias: str) -> list[str] | None:
@@ -333,13 +340,13 @@ def remove(host: str, state_path: str) -> None:
     """Stop routing HOST."""
     host = checked(normalize_host, host)
 
-    def change(state: State) -> None:
-        if state.services.pop(host, None) is None:
+    def change(tx: Tx) -> None:
+        if not tx.delete(host):
             raise CliError(f"host {host} is not deployed")
+        tx.delete_health(host)
 
     store = store_for(state_path)
-    update(store, change)
-    drop_stale_health(store, host, None)
+    transaction(store, change, needs_host=True)
     await_proxies(store)
     click.echo(f"✅ Removed {host}")
 
@@ -353,10 +360,8 @@ def switch(host: str, target: str, state_path: str) -> None:
     host = checked(normalize_host, host)
     alias, port = checked(parse_target, target)
     networks = route_networks(alias)
-    switched: list[Service] = []
-
-    def change(state: State) -> None:
-        existing = state.services.get(host)
+    def change(tx: Tx) -> None:
+        existing = tx.service(host)
         if existing is None:
             raise CliError(f"host {host} is not deployed")
         fields: dict[str, Any] = {"target": f"{alias}:{port}"}
@@ -364,13 +369,12 @@ def switch(host: str, target: str, state_path: str) -> None:
             fields["networks"] = networks
         if existing.target != fields["target"]:
             fields["updated_at"] = now()
-        state.services[host] = Service.model_validate(
-            existing.model_copy(update=fields).model_dump())
-        switched.append(state.services[host])
+        service = Service.model_validate(existing.model_copy(update=fields).model_dump())
+        tx.put(service)
+        drop_stale_health(tx, host, service)
 
     store = store_for(state_path)
-    update(store, change)
-    drop_stale_health(store, host, switched[0])
+    transaction(store, change, needs_host=True)
     await_proxies(store)
     click.echo(f"✅ Switched {host} -> {alias}:{port}")
 
@@ -383,25 +387,21 @@ def updatehealth(host: str, healthy: str, state_path: str) -> None:
     """Set a host's health by hand (the next health check decides again)."""
     host = checked(normalize_host, host)
     value = parse_bool(healthy, "--healthy")
-    store = store_for(state_path)
-    state = read(store)
-    service = state.services.get(host)
-    if service is None:
-        raise CliError(f"host {host} is not deployed")
-
-    def change(entries: dict[str, HealthEntry]) -> None:
-        entry = entries.get(host)
+    def change(tx: Tx) -> None:
+        service = tx.service(host)
+        if service is None:
+            raise CliError(f"host {host} is not deployed")
+        entry = tx.health(host)
         previous: Health = entry if entry is not None and entry.matches(service) else UNCHECKED
         at = now()
         changed = previous.healthy is not value
-        entries[host] = HealthEntry.of(service.routing_key(), previous.model_copy(update={
+        # The entry names the target it is for: a later deploy elsewhere makes it void.
+        tx.put_health(host, HealthEntry.of(service.routing_key(), previous.model_copy(update={
             "healthy": value, "checked_at": at, "last_error": None if value else SET_BY_HAND,
             "changed_at": at if changed else previous.changed_at,
-        }))
+        })))
 
-    # The health file, not the state file: the entry names the target it is for, so
-    # a deploy to another target meanwhile makes it void instead of being overwritten.
-    update_health(store, change, state.legacy_health)
+    transaction(store_for(state_path), change, needs_host=True)
     click.echo(f"✅ Health of {host} set to {'healthy' if value else 'unhealthy'}")
 
 
@@ -451,7 +451,7 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 @state_option
 def list_(as_json: bool, state_path: str) -> None:
     """Show every routed host with its target and health."""
-    store = store_for(state_path)
+    store = store_for(state_path, create=False)
     state = read(store)
     health = observed(store, state)
     if as_json:
@@ -472,11 +472,56 @@ def status(ctx: click.Context, as_json: bool, state_path: str) -> None:
     """Same as list, with a summary line."""
     ctx.invoke(list_, as_json=as_json, state_path=state_path)
     if not as_json:
-        store = store_for(state_path)
+        store = store_for(state_path, create=False)
         state = read(store)
         health = observed(store, state)
         healthy = sum(1 for h in state.services if health.get(h, UNCHECKED).healthy is not False)
         click.echo(f"{len(state.services)} host(s), {healthy} serving")
+
+
+@cli.command(name="export")
+@click.option("--output", "-o", default="-", type=click.Path(dir_okay=False, allow_dash=True),
+              show_default=True, help="Write the JSON here (-: stdout).")
+@state_option
+def export(output: str, state_path: str) -> None:
+    """Print the registry (routes, settings, health in force) as JSON."""
+    try:
+        data = store_for(state_path, create=False).export_json()
+    except RegistryError as e:
+        raise CliError(str(e)) from None
+    if output == "-":
+        click.echo(data.decode(), nl=False)
+        return
+    from .atomic import write_atomic
+
+    try:
+        write_atomic(Path(output), data, 0o600)
+    except OSError as e:
+        raise CliError(f"cannot write {output}: {e.strerror}") from None
+    click.echo(f"✅ Exported to {output}")
+
+
+@cli.command(name="import")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--replace", is_flag=True,
+              help="Remove the hosts FILE does not have, and take its settings.")
+@state_option
+def import_(file: str, replace: bool, state_path: str) -> None:
+    """Add the routes of a JSON file (``export``'s, an older state.json, the Go proxy's)."""
+    try:
+        data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    except OSError as e:
+        raise CliError(f"cannot read {file}: {e.strerror}") from None
+    store = store_for(state_path)
+    try:
+        notes, count = store.import_json(data, replace)
+    except RegistryError as e:
+        raise CliError(str(e)) from None
+    print_import_notes(store)
+    await_proxies(store)
+    click.echo(f"✅ Imported {count} host(s) from {file}")
+    for note in notes:
+        click.echo(f"  note: {note}")
 
 
 @cli.command(cls=GoBoolCommand)
@@ -504,7 +549,7 @@ def cert_status(host: str | None, as_json: bool, state_path: str) -> None:
     """Certificate state of each HTTPS host: active, pending or failed, and expiry."""
     from .certificates import certs_dir, load_pair, read_status, status_line
 
-    state = read(store_for(state_path))
+    state = read(store_for(state_path, create=False))
     services = sorted(state.services.values(), key=lambda s: s.host)
     if host is not None:
         wanted = checked(normalize_host, host)
@@ -560,17 +605,17 @@ def cert_renew(host: str, wait: float, state_path: str) -> None:
     host = checked(normalize_host, host)
     asked = now()
 
-    def change(state: State) -> None:
-        service = state.services.get(host)
+    def change(tx: Tx) -> None:
+        service = tx.service(host)
         if service is None:
             raise CliError(f"host {host} is not deployed")
         if not service.ssl:
             raise CliError(f"host {host} is deployed with --no-ssl")
         if service.cert_source != "acme":
             raise CliError(f"host {host} uses a custom certificate; deploy a new one instead")
-        service.renew_requested_at = asked
+        tx.put(service.model_copy(update={"renew_requested_at": asked}))
 
-    update(store_for(state_path), change)
+    transaction(store_for(state_path), change, needs_host=True)
     from .certificates import certs_dir, read_status
 
     root = certs_dir(state_path)

@@ -122,7 +122,7 @@ def rejoin_networks(state_path: str, path: str = SOCKET) -> None:
     from .registry import RegistryError, Store
 
     try:
-        state = Store(state_path).read()
+        state = Store(state_path, create=False).read()
     except RegistryError:
         return  # the proxy itself says why the state cannot be read
     networks = {n for service in state.services.values() for n in service.networks}

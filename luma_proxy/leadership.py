@@ -12,15 +12,33 @@ found out only at its next health round, up to a whole interval later.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 from collections.abc import Callable
 
-from .registry import hold_lock
-
 logger = logging.getLogger("luma_proxy")
 
 POLL = 1.0  # seconds between a follower's attempts to take the lock
+
+
+def hold_lock(path: str | os.PathLike[str], new: bool = False) -> int | None:
+    """Open ``path`` (``new``: it must not exist yet) and take an exclusive ``flock``
+    without waiting; the fd holds it until closed (or the process dies), None if not.
+
+    Leadership and each proxy's served-version file (served.py) use it.
+    """
+    flags = os.O_RDWR | os.O_CREAT | (os.O_EXCL if new else 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 class Leadership:

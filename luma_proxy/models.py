@@ -1,8 +1,8 @@
 """The registry's data model: what the CLI desires and what the proxy observed.
 
-The two live in two files: ``State`` (routes, written by the CLI) in the state
-file, ``HealthEntry`` (observed health, written by the proxy's health leader and
-by ``updatehealth``) in the health file next to it. See ``registry``.
+Both live in the registry (``registry.py``): ``Service`` rows written by the
+CLI, ``HealthEntry`` rows written by the proxy's health leader and by
+``updatehealth``; ``State`` is the whole of the routes and settings.
 
 Parsing functions are pure and raise ``ValueError`` with a one-line message, so
 the CLI, the addon and the tests share one definition of "valid".
@@ -180,7 +180,7 @@ class Service(BaseModel):
 
 
 class HealthEntry(Health):
-    """One line of the health file: a host's health and what it was observed for.
+    """A host's health in the registry, and what it was observed for.
 
     Health is kept per host; the fields below are the rest of the service's
     ``routing_key`` at the time of the check. An entry whose service has been
@@ -222,21 +222,13 @@ class Settings(BaseModel):
 
 
 class State(BaseModel):
-    """The whole state file."""
+    """Every route and the settings (``list``, ``export``; JSON imports)."""
 
     model_config = ConfigDict(extra="ignore")
 
     version: int = STATE_VERSION
     services: dict[str, Service] = Field(default_factory=dict)
     settings: Settings = Field(default_factory=Settings)
-    # Health found inside service entries: files written before the health file
-    # existed kept it there. Read as the initial health while there is no health
-    # file; never written back.
-    legacy_health: dict[str, HealthEntry] = Field(default_factory=dict, exclude=True)
-    # Set when the file was not in this layout (the Go proxy's, or found where
-    # the registry used to be): the notes of the import. The next write takes
-    # it over (``Store.take_over``). None for a file of ours.
-    imported: list[str] | None = Field(default=None, exclude=True)
 
     def find(self, host: str) -> Service | None:
         return self.services.get(normalize_host(host))

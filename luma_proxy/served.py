@@ -1,10 +1,10 @@
-"""Which version of the state file each running proxy process serves.
+"""Which version of the registry's routes each running proxy process serves.
 
 A deploy tool stops the old containers right after ``luma-proxy deploy``
 returns; if no worker has read the new routes yet, those requests still go
 to the old containers (503s within 0.1 s of a kill were seen on a real
 engine). So every proxy process keeps a small file in ``<state>.served/``
-naming the state-file version it serves, and holds an exclusive ``flock`` on
+naming the routes generation it serves, and holds an exclusive ``flock`` on
 it for its life; the CLI, after a write, waits until every file whose lock
 is still held names the version now on disk. The kernel drops the lock when
 a process dies, so a file left by a killed proxy is recognised (and removed)
@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .registry import hold_lock
+from .leadership import hold_lock
 
 SUFFIX = ".served"
 
@@ -101,7 +101,7 @@ def live_versions(state_path: str | os.PathLike[str]) -> list[bytes]:
 
 def wait_served(state_path: str | os.PathLike[str], current: Callable[[], object],
                 timeout: float, poll: float = 0.02) -> int:
-    """Wait until every live proxy serves ``current()`` (the version on disk now).
+    """Wait until every live proxy serves ``current()`` (the generation committed now).
 
     Any version on disk now is the caller's or a later one, so matching it
     means the caller's change is in force. Returns how many live proxies

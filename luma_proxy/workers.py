@@ -51,7 +51,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -294,19 +293,20 @@ def supervisor_registry(multiproc_dir: str, state_path: str) -> CollectorRegistr
 
     from .certificates import certs_dir, load_pair
     from .metrics import CertExpiryCollector, HealthCollector
-    from .registry import HealthReader, StateReader, Store, observed_health
+    from .registry import Store
+    from .view import EMPTY, build_view
 
     store = Store(state_path)
     certs = certs_dir(state_path)
-    readers = (StateReader(), HealthReader())  # a scrape re-validates only what changed
+    last = [EMPTY]  # a scrape parses only the rows that moved (view.py)
 
     def view() -> Any:
         try:
-            state = store.read(readers[0])
-            health = observed_health(state, store.read_health(readers[1]))
+            base = last[0]
+            last[0] = build_view(store.snapshot(base.routes_gen, base.health_gen), base)
         except Exception:
             return None
-        return types.SimpleNamespace(health=health, services=state.services)
+        return last[0]
 
     def expiry() -> dict[str, float]:
         state = view()

@@ -10,7 +10,7 @@ from typing import Any
 from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
-from luma_proxy.models import Health, HealthEntry, Service, State
+from luma_proxy.models import Health, HealthEntry, Service
 from luma_proxy.registry import Store
 
 
@@ -18,17 +18,10 @@ def write_state(path: Path) -> Path:
     """blog.test -> 127.0.0.9:3000 (project p), down.test unhealthy (project q)."""
     down = Service(name="d", host="down.test", target="127.0.0.8:3000", project="q")
 
-    def add(s: State) -> None:
-        s.services["blog.test"] = Service(name="b", host="blog.test", target="127.0.0.9:3000",
-                                          project="p")
-        s.services["down.test"] = down
-
-    def unhealthy(entries: dict[str, HealthEntry]) -> None:
-        entries["down.test"] = HealthEntry.of(down.routing_key(), Health(healthy=False))
-
-    store = Store(path)
-    store.update(add)
-    store.update_health(unhealthy)
+    with Store(path).transaction() as tx:
+        tx.put(Service(name="b", host="blog.test", target="127.0.0.9:3000", project="p"))
+        tx.put(down)
+        tx.put_health("down.test", HealthEntry.of(down.routing_key(), Health(healthy=False)))
     return path
 
 

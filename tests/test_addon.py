@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -14,10 +15,10 @@ from mitmproxy import exceptions
 from mitmproxy.addons import proxyserver
 from mitmproxy.test import taddons, tflow
 
+from luma_proxy import view
 from luma_proxy.addon import LumaProxy
-from luma_proxy.models import Health, HealthEntry, Service, State, now
-from luma_proxy.registry import Store, dump_state
-from luma_proxy.resolver import _Entry
+from luma_proxy.models import Health, HealthEntry, Service, now
+from luma_proxy.registry import Store, db_path
 from luma_proxy.streaming import ByteCounter
 from tests.obs_util import call, flow_for, write_state
 
@@ -147,21 +148,6 @@ def test_sets_engine_options_it_needs(tmp_path: Path) -> None:
         assert tctx.options.mode[0].startswith("reverse:")
 
 
-def test_corrupt_state_keeps_last_good_view(state: Path) -> None:
-    addon = LumaProxy()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, luma_state=str(state))
-        assert set(addon.table.services) == {"blog.test", "down.test"}
-        state.write_text('{"version": 1, "services": {')
-        assert addon.reload() is False
-        assert set(addon.table.services) == {"blog.test", "down.test"}
-        state.write_text('{"version": 7}')
-        assert addon.reload() is False
-        state.write_text('{"version": 1, "services": {}}')
-        assert addon.reload() is True
-        assert addon.table.services == {}
-
-
 def test_sse_unsized_and_large_responses_are_streamed() -> None:
     addon = LumaProxy()
     with taddons.context(addon):
@@ -218,24 +204,26 @@ def test_client_leaving_during_connect_does_not_eject_the_container() -> None:
     assert addon.balancer.is_ejected("127.0.0.9", 3000)
 
 
-# ------------------------------------------------------------------ state and health files
+# ------------------------------------------------------------------ the registry and health
 def deploy(path: Path, host: str, target: str, **fields: object) -> Service:
     service = Service(name="x", host=host, target=target, project="p", **fields)  # type: ignore[arg-type]
-    Store(path).update(lambda s: s.services.__setitem__(host, service))
+    with Store(path).transaction() as tx:
+        tx.put(service)
     return service
 
 
 def set_health(path: Path, host: str, healthy: bool, target: str | None = None,
                at: datetime | None = None) -> None:
     """Write ``host``'s entry as the health leader would, for ``target`` (default: as deployed)."""
-    store = Store(path)
-    service = store.read().services[host]
-    key = service.routing_key() if target is None else (target, *service.routing_key()[1:])
-    health = Health(healthy=healthy, checked_at=at or now(), containers={})
-    store.update_health(lambda e: e.__setitem__(host, HealthEntry.of(key, health)))
+    with Store(path).transaction() as tx:
+        service = tx.service(host)
+        assert service is not None
+        key = service.routing_key() if target is None else (target, *service.routing_key()[1:])
+        health = Health(healthy=healthy, checked_at=at or now(), containers={})
+        tx.put_health(host, HealthEntry.of(key, health))
 
 
-def test_health_comes_from_the_health_file_for_the_target_deployed(tmp_path: Path) -> None:
+def test_health_in_force_is_the_entry_for_the_target_deployed(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     deploy(path, "blog.test", "127.0.0.9:3000")
     addon = LumaProxy()
@@ -248,7 +236,9 @@ def test_health_comes_from_the_health_file_for_the_target_deployed(tmp_path: Pat
         # An entry observed for another target says nothing about this one.
         set_health(path, "blog.test", True, target="127.0.0.7:3000")
         addon.reload()
-        assert addon.health["blog.test"].healthy is False
+        assert "blog.test" not in addon.health
+        set_health(path, "blog.test", False)
+        addon.reload()
         # A deploy to a new target drops the health in force: it must prove itself.
         deploy(path, "blog.test", "127.0.0.8:3000")
         addon.reload()
@@ -271,7 +261,7 @@ def test_health_comes_from_the_health_file_for_the_target_deployed(tmp_path: Pat
 
 
 def test_restart_serves_stored_health_before_any_check(tmp_path: Path) -> None:
-    path = write_state(tmp_path / "state.json")  # down.test unhealthy in the health file
+    path = write_state(tmp_path / "state.json")  # down.test stored unhealthy
     addon = LumaProxy()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, luma_state=str(path))  # a fresh process: no check ran
@@ -279,15 +269,16 @@ def test_restart_serves_stored_health_before_any_check(tmp_path: Path) -> None:
         assert "blog.test" not in addon.health
 
 
-async def test_old_state_file_with_health_inside_is_the_initial_health(tmp_path: Path) -> None:
+async def test_an_old_state_file_is_imported_with_its_health(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
-    raw = json.loads(dump_state(State(services={
-        "down.test": Service(name="d", host="down.test", target="127.0.0.8:3000", project="q"),
-        "blog.test": Service(name="b", host="blog.test", target="127.0.0.9:3000", project="p"),
-    })))
-    raw["services"]["down.test"]["health"] = {"healthy": False, "checked_at": now().isoformat(),
-                                              "last_error": "HTTP 503", "containers": {}}
-    path.write_text(json.dumps(raw, indent=2))  # as an older luma-proxy wrote it
+    down = Service(name="d", host="down.test", target="127.0.0.8:3000", project="q")
+    raw = {"version": 1, "settings": {}, "services": {
+        "down.test": {**down.model_dump(mode="json"), "health": {
+            "healthy": False, "checked_at": now().isoformat(), "last_error": "HTTP 503",
+            "containers": {}}},
+        "blog.test": Service(name="b", host="blog.test", target="127.0.0.9:3000",
+                             project="p").model_dump(mode="json")}}
+    path.write_text(json.dumps(raw, indent=2))  # as an early luma-proxy wrote it
     addon = LumaProxy()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, luma_state=str(path))
@@ -295,88 +286,116 @@ async def test_old_state_file_with_health_inside_is_the_initial_health(tmp_path:
         await call([addon], "requestheaders", f)
         assert f.response is not None and f.response.status_code == 503
         assert addon.health["down.test"].last_error == "HTTP 503"
-        # Once the health leader has written a health file, that is what counts.
+        assert (tmp_path / "state.json.imported.json").read_text() == json.dumps(raw, indent=2)
+        assert not path.exists()  # nobody edits a file that is no longer read
         set_health(path, "down.test", True)
         addon.reload()
         assert addon.health["down.test"].healthy is True
 
 
-def test_broken_health_file_keeps_the_last_good_health(tmp_path: Path, caplog) -> None:
-    path = write_state(tmp_path / "state.json")
+def corrupt_row(path: Path, host: str, data: str) -> None:
+    """A row no writer of ours would write (a hand edit, a newer version), as a new generation."""
+    with contextlib.closing(sqlite3.connect(db_path(path))) as db, db:
+        db.execute("UPDATE services SET data = ?, gen = gen + 1000 WHERE host = ?", (data, host))
+        db.execute("UPDATE meta SET value = value + 1000 WHERE key = 'routes'")
+
+
+async def test_an_invalid_row_keeps_its_last_good_version_and_is_parsed_once(
+        state: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """One bad row costs nothing else; it is not re-validated on every poll."""
+    parsed: list[str] = []
+    real = view.parse_service
+    monkeypatch.setattr(view, "parse_service",
+                        lambda host, data: parsed.append(host) or real(host, data))
     addon = LumaProxy()
     with taddons.context(addon) as tctx:
-        tctx.configure(addon, luma_state=str(path))
-        Store(path).health_path.write_text("{")
-        assert addon.reload() is False
-        assert addon.health["down.test"].healthy is False
-        assert "keeping the last good health" in caplog.text
-        set_health(path, "down.test", True)
-        assert addon.reload() is True
-        assert addon.health["down.test"].healthy is True
+        tctx.configure(addon, luma_state=str(state))
+        corrupt_row(state, "blog.test", '{"host": "blog.test", "target": "nope"}')
+        parsed.clear()
+        for _ in range(5):
+            await addon.reload_in_background()
+        assert parsed == ["blog.test"]
+        assert caplog.text.count("service 'blog.test' is invalid") == 1
+        assert (await _route(addon, "blog.test")).request.host == "127.0.0.9"  # last good kept
+        assert (await _route(addon, "down.test")).response.status_code == 503
+        deploy(state, "blog.test", "127.0.0.7:3000")  # a good version again
+        await addon.reload_in_background()
+        assert (await _route(addon, "blog.test")).request.host == "127.0.0.7"
 
 
-async def test_health_results_go_to_the_health_file_not_the_state_file(tmp_path: Path) -> None:
+async def test_health_results_go_to_the_registry_and_leave_routes_alone(tmp_path: Path) -> None:
     path = write_state(tmp_path / "state.json")
     store = Store(path)
-    routes = path.read_bytes()
+    routes = store.generation()
     addon = LumaProxy()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, luma_state=str(path))
         blog, down = addon.table.services["blog.test"], addon.table.services["down.test"]
-        results = {"blog.test": (blog.routing_key(), Health(healthy=True, checked_at=now())),
-                   "down.test": (down.routing_key(), Health(healthy=True, checked_at=now())),
-                   # checked for a target it no longer has: not written
-                   "gone.test": (("x:1", "/up", "gone.test", True), Health(healthy=False))}
-        addon._report(results)
-        await asyncio.gather(*addon._tasks)
-        assert path.read_bytes() == routes
+        await addon.save_health({
+            "blog.test": (blog.routing_key(), Health(healthy=True, checked_at=now())),
+            "down.test": (down.routing_key(), Health(healthy=True, checked_at=now())),
+            # checked for a target it no longer has: not written
+            "gone.test": (("x:1", "/up", "gone.test", True), Health(healthy=False))})
+        assert store.generation() == routes
         entries = store.read_health()
-        assert entries is not None and sorted(entries) == ["blog.test", "down.test"]
+        assert sorted(entries) == ["blog.test", "down.test"]
         assert entries["down.test"].healthy is True and entries["down.test"].target == down.target
-        assert addon.reload() is False  # our own results: nothing new in the file
+        assert addon.health["down.test"].healthy is True  # in force at once
         # A check of a target blog.test no longer has is neither applied nor written.
-        written = store.health_path.read_bytes()
-        addon._report({"blog.test": (("old:1", "/up", "blog.test", True),
-                                     Health(healthy=False, checked_at=now()))})
-        await asyncio.gather(*addon._tasks)
+        await addon.save_health({"blog.test": (("old:1", "/up", "blog.test", True),
+                                               Health(healthy=False, checked_at=now()))})
         assert addon.health["blog.test"].healthy is True
-        assert store.health_path.read_bytes() == written
+        assert store.read_health()["blog.test"].healthy is True
         # A removed host's entry is dropped with the next write.
-        Store(path).update(lambda s: s.services.pop("down.test"))
+        with store.transaction() as tx:
+            tx.delete("down.test")
         addon.reload()
-        addon._report({"blog.test": (blog.routing_key(), Health(healthy=False, checked_at=now()))})
-        await asyncio.gather(*addon._tasks)
-        assert sorted(store.read_health() or {}) == ["blog.test"]
+        await addon.save_health({"blog.test": (blog.routing_key(),
+                                               Health(healthy=False, checked_at=now()))})
+        assert sorted(store.read_health()) == ["blog.test"]
+
+
+async def test_a_round_that_changes_no_health_moves_nothing(tmp_path: Path) -> None:
+    """Only ``checked_at`` moved: no generation, so no process re-reads anything."""
+    path = write_state(tmp_path / "state.json")
+    store = Store(path)
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(path))
+        down = addon.table.services["down.test"]
+        before = store.snapshot()
+        in_force = addon.health["down.test"]
+        later = now() + timedelta(seconds=30)
+        await addon.save_health({"down.test": (down.routing_key(), Health(
+            healthy=False, checked_at=later, changed_at=in_force.changed_at))})
+        after = store.snapshot()
+        assert (after.routes_gen, after.health_gen) == (before.routes_gen, before.health_gen)
+        assert store.read_health()["down.test"].checked_at == later  # yet it is stored
+        assert addon.health["down.test"] is in_force
 
 
 def test_one_deploy_on_a_large_registry_touches_only_that_service(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     n = 3000
     path = tmp_path / "state.json"
-    services = {f"h{i}.test": Service(name="x", host=f"h{i}.test", target=f"app{i}:3000",
-                                      project="p") for i in range(n)}
-    Store(path).update(lambda s: s.services.update(services))
-    Store(path).update_health(lambda e: e.update({
-        h: HealthEntry.of(s.routing_key(), Health(healthy=True, checked_at=now()))
-        for h, s in services.items()}))
+    with Store(path).transaction() as tx:
+        for i in range(n):
+            service = Service(name="x", host=f"h{i}.test", target=f"app{i}:3000", project="p")
+            tx.put(service)
+            tx.put_health(service.host, HealthEntry.of(
+                service.routing_key(), Health(healthy=True, checked_at=now())))
     addon = LumaProxy()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, luma_state=str(path))
         assert len(addon.table.services) == n and len(addon.health) == n
         before_services = dict(addon.table.services)
         before_health = dict(addon.health)
-        for s in before_services.values():
-            addon.table.target(s)  # as requests would have
-        before_targets = dict(addon.table._targets)
-        addon._dirty.clear()  # as the health loop does when it checks them all
-        addon.resolver._cache.update({f"app{i}": _Entry(("10.0.0.1",), 1e18) for i in range(n)})
 
-        validated: list[str] = []
+        parsed: list[str] = []
+        real = view.parse_service
+        monkeypatch.setattr(view, "parse_service",
+                            lambda host, data: parsed.append(host) or real(host, data))
         swaps: list[tuple[list[str], list[str]]] = []
-        original_validate = Service.model_validate.__func__  # type: ignore[attr-defined]
-        monkeypatch.setattr(Service, "model_validate", classmethod(
-            lambda cls, obj, *a, **kw: validated.append(obj["host"])
-            or original_validate(cls, obj, *a, **kw)))
         original_update = addon.table.update
 
         def update(services, changed, removed):  # type: ignore[no-untyped-def]
@@ -384,18 +403,18 @@ def test_one_deploy_on_a_large_registry_touches_only_that_service(
             return original_update(services, changed, removed)
 
         monkeypatch.setattr(addon.table, "update", update)
-        # One deploy: h7 moves, h9 is removed, new.test is added.
-        Store(path).update(lambda s: (
-            s.services.__setitem__("h7.test", s.services["h7.test"].model_copy(
-                update={"target": "moved:1"})),
-            s.services.pop("h9.test"),
-            s.services.__setitem__("new.test", Service(name="n", host="new.test",
-                                                       target="app1:3000", project="p"))))
-        validated.clear()  # the CLI side validated the whole file; the proxy's reads start here
+        # One transaction: h7 moves, h9 is removed, new.test is added.
+        with Store(path).transaction() as tx:
+            h7 = tx.service("h7.test")
+            assert h7 is not None
+            tx.put(h7.model_copy(update={"target": "moved:1"}))
+            tx.delete("h9.test")
+            tx.put(Service(name="n", host="new.test", target="app1:3000", project="p"))
         assert addon.reload() is True
 
-        assert validated == ["h7.test", "new.test"]  # only the changed lines
-        assert swaps == [(["h7.test", "new.test"], ["h9.test"])]
+        assert sorted(parsed) == ["h7.test", "new.test"]  # only the rows that moved
+        assert swaps == [(["h7.test", "new.test"], ["h9.test"])] or swaps == [
+            (["new.test", "h7.test"], ["h9.test"])]
         after = addon.table.services
         assert len(after) == n
         same = [h for h in after if after[h] is before_services.get(h)]
@@ -403,36 +422,6 @@ def test_one_deploy_on_a_large_registry_touches_only_that_service(
         assert [h for h, health in addon.health.items() if health is not before_health.get(h)
                 ] == []  # no health entry was replaced ...
         assert "h7.test" not in addon.health and "h9.test" not in addon.health  # ... only dropped
-        targets = addon.table._targets  # cached targets of the others kept as they were
-        assert [h for h in targets if targets[h] is not before_targets.get(h)] == [
-            "h7.test", "new.test"] and "h9.test" not in targets
-        assert set(addon.resolver._cache) == {f"app{i}" for i in range(n)} - {"app7", "app9"}
-        assert addon._dirty == {"h7.test", "new.test"}  # what the health loop checks at once
-
-
-async def test_a_broken_state_file_is_parsed_once_per_version(
-        state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A broken file is not re-validated on every poll (at 10,000 services that was 0.44 s)."""
-    reads = []
-    real = Store.read
-
-    def counting(self: Store, *args: object) -> State:
-        reads.append(1)
-        return real(self, *args)
-
-    addon = LumaProxy()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, luma_state=str(state))
-        state.write_text('{"services": {"x": 1}}')
-        monkeypatch.setattr(Store, "read", counting)
-        for _ in range(5):
-            await addon.reload_in_background()
-        assert len(reads) == 1
-        assert (await _route(addon, "blog.test")).request.host == "127.0.0.9"  # last good kept
-        state.write_text('{"services": {"x": 2}}')  # a new version: read again, once
-        for _ in range(3):
-            await addon.reload_in_background()
-        assert len(reads) == 2
 
 
 async def _route(addon: LumaProxy, host: str):
@@ -452,20 +441,20 @@ async def test_leader_results_are_written_after_a_wall_clock_step_back(tmp_path:
         tctx.configure(addon, luma_state=str(path))
         service = addon.table.services["blog.test"]
         fresh = Health(healthy=True, checked_at=now())
-        addon._report({"blog.test": (service.routing_key(), fresh)})
-        await asyncio.gather(*addon._tasks)
-        entries = store.read_health()
-        assert entries is not None and entries["blog.test"].healthy is True
+        await addon.save_health({"blog.test": (service.routing_key(), fresh)})
+        assert store.read_health()["blog.test"].healthy is True
+        assert addon.health["blog.test"].healthy is True
 
 
 # ------------------------------------------------------------------ passive ejection
 def set_containers(path: Path, host: str, containers: dict[str, bool]) -> None:
     """Write ``host``'s entry as the health leader would after probing each container."""
-    store = Store(path)
-    service = store.read().services[host]
-    health = Health(healthy=any(containers.values()), checked_at=now(), containers=containers)
-    store.update_health(lambda e: e.__setitem__(host, HealthEntry.of(service.routing_key(),
-                                                                      health)))
+    with Store(path).transaction() as tx:
+        service = tx.service(host)
+        assert service is not None
+        health = Health(healthy=any(containers.values()), checked_at=now(),
+                        containers=containers)
+        tx.put_health(host, HealthEntry.of(service.routing_key(), health))
 
 
 async def test_a_passing_health_check_lifts_a_passive_ejection_at_once(tmp_path: Path) -> None:
@@ -512,7 +501,7 @@ async def test_an_ip_that_leaves_its_alias_is_forgotten(tmp_path: Path) -> None:
         assert not addon.balancer.is_ejected("10.0.0.2", 3000)
         assert not addon.balancer.knows("10.0.0.2")
         addon.balancer.eject("10.0.0.1", 3000)
-        addon._engine_changes([("gone", "10.0.0.1")])  # the engine: its container is gone
+        addon.engine_changed([("gone", "10.0.0.1")])  # the engine: its container is gone
         assert not addon.balancer.is_ejected("10.0.0.1", 3000)
         assert not addon.balancer.knows("10.0.0.1")
         addon.prover.close()
@@ -529,7 +518,8 @@ async def test_a_removed_service_leaves_no_state_on_its_ips(tmp_path: Path) -> N
             await call([addon], "requestheaders", flow_for(host))
         addon.balancer.eject("127.0.0.9", 3000)
         addon.balancer.eject("127.0.0.10", 3000)
-        Store(path).update(lambda s: s.services.pop("blog.test"))
+        with Store(path).transaction() as tx:
+            tx.delete("blog.test")
         assert addon.reload()
         assert not addon.balancer.is_ejected("127.0.0.9", 3000)
         assert not addon.balancer.knows("127.0.0.9")

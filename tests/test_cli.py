@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from luma_proxy.models import Health, Service, State
+from luma_proxy.models import Health, Service
 from luma_proxy.registry import Store
 
 pytestmark = pytest.mark.spawns  # runs the CLI / builds as real processes
@@ -54,15 +54,24 @@ def ok(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout
 
 
+def registry(path: Path) -> bytes:
+    """Everything in the registry (routes, settings, health), to compare before and after."""
+    return Store(path, create=False).export_json()
+
+
+def routes(path: Path) -> tuple[int, bytes]:
+    """The routes generation and the routes: what the proxy follows."""
+    store = Store(path, create=False)
+    data = json.loads(store.export_json())
+    return store.generation(), json.dumps([data["services"], data["settings"]]).encode()
+
+
 def seed(path: Path, *services: Service) -> bytes:
-    """Write a state file in-process (faster than the CLI) and return its bytes."""
-
-    def change(state: State) -> None:
+    """Write services in-process (faster than the CLI) and return the registry's content."""
+    with Store(path).transaction() as tx:
         for s in services:
-            state.services[s.host] = s
-
-    Store(path).update(change)
-    return path.read_bytes()
+            tx.put(s)
+    return registry(path)
 
 
 def health_of(path: Path, host: str) -> Health:
@@ -97,7 +106,7 @@ def test_luma_deploy_then_updatehealth(state: Path) -> None:
     assert service.health_path == "/up"
     assert service.ssl is True
     assert health_of(state, "blog.com").healthy is None
-    routes = state.read_bytes()
+    before = routes(state)
 
     out = ok(run("updatehealth", "--host", "blog.com", "--healthy", "true", state=state))
     assert out.startswith("✅")
@@ -109,9 +118,9 @@ def test_luma_deploy_then_updatehealth(state: Path) -> None:
     health = health_of(state, "blog.com")
     assert health.healthy is False
     assert health.last_error
-    # Health goes to the health file; the routes the proxy follows are untouched.
-    assert state.read_bytes() == routes
-    assert Store(state).health_path.stat().st_mode & 0o777 == 0o600
+    # Health moves no routes: the proxy reloads no route for it.
+    assert routes(state) == before
+    assert Store(state).db_path.stat().st_mode & 0o777 == 0o600
 
 
 def test_state_path_from_env(tmp_path: Path) -> None:
@@ -161,10 +170,10 @@ def test_hsts_flag_forms_stored_listed_and_kept_on_redeploy(tmp_path: Path) -> N
         assert shown["hsts"] is expected, flags
     # A re-deploy says it again: one without --no-hsts turns it back on.
     path = paths[1]
-    data = path.read_bytes()
+    data = routes(path)
     ok(run("deploy", "--host", "a.com", "--target", "a:1", "--project", "p", "--no-hsts",
            state=path))
-    assert path.read_bytes() == data
+    assert routes(path) == data
     ok(run("deploy", "--host", "a.com", "--target", "a:1", "--project", "p", state=path))
     assert Store(path).read().services["a.com"].hsts is True
 
@@ -184,11 +193,11 @@ def test_redeploy_updates_in_place(state: Path) -> None:
     ok(run(*DEPLOY_BLOG, state=state))
     ok(run("updatehealth", "--host", "blog.com", "--healthy", "true", state=state))
     first = Store(state).read().services["blog.com"]
-    data = state.read_bytes()
+    data = registry(state), routes(state)
 
-    # Same deploy again: nothing changes, not even the file.
+    # Same deploy again: nothing changes, not even the routes generation.
     assert ok(run(*DEPLOY_BLOG, state=state)).startswith("✅")
-    assert state.read_bytes() == data
+    assert (registry(state), routes(state)) == data
 
     # New target: updated in place, creation time kept, health must be proven again.
     out = ok(run("deploy", "--host", "blog.com", "--target", "myproject-blog-v2:3000",
@@ -215,7 +224,7 @@ def test_other_projects_host_needs_force(state: Path) -> None:
                  state=state)
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and "--force" in result.stderr
-    assert state.read_bytes() == data
+    assert registry(state) == data
 
     ok(run("deploy", "--host", "blog.com", "--target", "b:1", "--project", "beta", "--force",
            state=state))
@@ -245,7 +254,7 @@ def test_remove(state: Path) -> None:
 
 def test_list_and_status(state: Path) -> None:
     assert ok(run("list", state=state)).strip() == "No hosts deployed."
-    assert not state.exists()  # reading never creates the file
+    assert not state.parent.exists()  # reading never creates the registry
     seed(state, svc("z.com", project="alpha", target="z:1"),
          svc("a.com", project="beta", target="a:2"), svc("m.com", project="alpha", target="m:3"))
     ok(run("updatehealth", "--host", "m.com", "--healthy", "false", state=state))
@@ -334,15 +343,16 @@ def test_bad_input_one_line_and_state_untouched(
     result, state, data = bad_results[name]
     assert_one_line_error(result)
     assert result.stderr.startswith("Error: ")
-    assert state.read_bytes() == data
-    assert sorted(p.name for p in state.parent.iterdir()) == ["state.json", "state.json.lock"]
+    assert registry(state) == data
+    assert sorted(p.name for p in state.parent.iterdir() if "served" not in p.name) == [
+        "state.db", "state.db-shm", "state.db-wal"][:len(list(state.parent.iterdir()))]
 
 
 @pytest.mark.parametrize("args", [BAD["target without port"], BAD["unknown host on remove"]],
                          ids=["deploy", "remove"])
 def test_bad_input_creates_no_state_file(state: Path, args: list[str]) -> None:
     assert_one_line_error(run(*args, state=state))
-    assert not state.exists()
+    assert not state.parent.exists() or list(state.parent.iterdir()) == []
 
 
 @pytest.mark.parametrize(
