@@ -25,7 +25,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from luma_proxy.certificates import PAIR, Loaded, load_pair, pair_version, store_pair
+from luma_proxy import certificates
+from luma_proxy.certificates import (
+    PAIR,
+    ExpiryCache,
+    Loaded,
+    PairCache,
+    Scan,
+    load_pair,
+    pair_version,
+    store_pair,
+)
 from tests.certs import make_pair
 
 HOST = "shop.test"
@@ -192,3 +202,114 @@ def test_sigkill_mid_write_leaves_the_old_or_the_new_pair(tmp_path: Path) -> Non
         loaded = load_pair(root, HOST)
         assert loaded is not None and consistent(loaded)
         assert loaded.entry.cert.to_cryptography() in leaves
+
+
+# ------------------------------------------------- many hosts: only what changed is parsed
+
+
+@pytest.fixture
+def parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The hosts whose pair is read and parsed (``certificates.load_pair``, counted)."""
+    calls: list[str] = []
+    real = certificates.load_pair
+
+    def counting(root: Path, host: str, version: tuple[int, ...] | None = None) -> Loaded | None:
+        calls.append(host)
+        return real(root, host, version)
+
+    monkeypatch.setattr(certificates, "load_pair", counting)
+    return calls
+
+
+def test_pair_cache_parses_again_only_the_pairs_that_changed(tmp_path: Path,
+                                                             parses: list[str]) -> None:
+    hosts = [f"h{i}.test" for i in range(3)]
+    for host in hosts:
+        store_pair(tmp_path, host, *make_pair([host]))
+    cache = PairCache(tmp_path)
+    first = cache.scan([*hosts, "pending.test"])  # no files yet: nothing to read
+    assert sorted(first.loaded) == hosts and first.gone == [] and sorted(parses) == hosts
+    assert all(consistent(loaded) for loaded in first.loaded.values())
+    parses.clear()
+    assert cache.scan(hosts) == Scan() and parses == []  # unchanged: statted, not read
+    new_cert, new_key = make_pair(["h1.test"])
+    store_pair(tmp_path, "h1.test", new_cert, new_key)
+    again = cache.scan(hosts)
+    assert parses == ["h1.test"] and list(again.loaded) == ["h1.test"]
+    assert again.loaded["h1.test"].entry.cert.to_cryptography() == leaf_of(new_cert)
+    assert again.loaded["h1.test"].version == pair_version(tmp_path, "h1.test")
+    assert cache.version("h1.test") == pair_version(tmp_path, "h1.test")
+    assert cache.loaded("h1.test") is again.loaded["h1.test"]
+    # A host no longer asked for (removed, --no-ssl) is gone; asked for again, read again.
+    assert cache.scan(hosts[:2]) == Scan(gone=["h2.test"])
+    parses.clear()
+    assert list(cache.scan(hosts).loaded) == ["h2.test"] and parses == ["h2.test"]
+
+
+def test_pair_cache_reads_a_go_pair_replaced_by_hand_again_when_its_key_lands(
+        tmp_path: Path, parses: list[str]) -> None:
+    store_pair(tmp_path, HOST, *make_pair([HOST]))
+    cache = PairCache(tmp_path)
+    old = cache.scan([HOST]).loaded[HOST]
+    newer_cert, newer_key = make_pair([HOST])
+    directory = tmp_path / HOST
+    later = time.time_ns() + 2_000_000_000
+    (directory / "cert.pem").write_bytes(newer_cert)  # in place, as an operator might
+    os.utime(directory / "cert.pem", ns=(later, later))
+    half = cache.scan([HOST]).loaded[HOST]  # the new certificate with the old key: not served
+    assert consistent(half)
+    assert half.entry.cert.to_cryptography() == old.entry.cert.to_cryptography()
+    (directory / "key.pem").write_bytes(newer_key)
+    os.utime(directory / "key.pem", ns=(later + 1, later + 1))
+    whole = cache.scan([HOST]).loaded[HOST]
+    assert consistent(whole) and whole.entry.cert.to_cryptography() == leaf_of(newer_cert)
+    assert parses == [HOST] * 3
+
+
+def test_pair_cache_does_not_parse_an_unusable_pair_on_every_pass(tmp_path: Path,
+                                                                  parses: list[str]) -> None:
+    (tmp_path / HOST).mkdir()
+    (tmp_path / HOST / "cert.pem").write_bytes(b"not a certificate")
+    cache = PairCache(tmp_path)
+    assert cache.scan([HOST]) == Scan() and cache.scan([HOST]) == Scan()
+    assert parses == [HOST]
+    store_pair(tmp_path, HOST, *make_pair([HOST]))  # fixed: read at the next pass
+    assert list(cache.scan([HOST]).loaded) == [HOST] and parses == [HOST, HOST]
+
+
+def test_pair_cache_load_supersedes_what_an_earlier_pass_read(tmp_path: Path) -> None:
+    """An order's read of the pair it just stored is the latest: ``version`` says so."""
+    store_pair(tmp_path, HOST, *make_pair([HOST]))
+    cache = PairCache(tmp_path)
+    earlier = cache.scan([HOST]).loaded[HOST]
+    store_pair(tmp_path, HOST, *make_pair([HOST]))
+    now = cache.load(HOST)
+    assert now is not None and now.version != earlier.version
+    assert cache.version(HOST) == now.version == pair_version(tmp_path, HOST)
+    assert cache.scan([HOST]) == Scan()  # already read
+
+
+def test_expiry_cache_parses_again_only_the_certificates_that_changed(
+        tmp_path: Path, parses: list[str]) -> None:
+    certs = {f"h{i}.test": make_pair([f"h{i}.test"], days=30 + i) for i in range(3)}
+    for host, pair in certs.items():
+        store_pair(tmp_path, host, *pair)
+    hosts = [*certs, "pending.test"]
+
+    def expected() -> dict[str, float]:
+        return {host: leaf_of(cert).not_valid_after_utc.timestamp()
+                for host, (cert, _key) in certs.items()}
+
+    cache = ExpiryCache()
+    assert cache.expiries(tmp_path, hosts) == expected()
+    assert sorted(parses) == sorted(certs)
+    parses.clear()
+    assert cache.expiries(tmp_path, hosts) == expected() and parses == []
+    certs["h1.test"] = make_pair(["h1.test"], days=7)
+    store_pair(tmp_path, "h1.test", *certs["h1.test"])
+    assert cache.expiries(tmp_path, hosts) == expected() and parses == ["h1.test"]
+    parses.clear()
+    assert cache.expiries(tmp_path, ["h0.test"]) == {"h0.test": expected()["h0.test"]}
+    assert parses == []
+    assert cache.expiries(tmp_path, ["h2.test"]) == {"h2.test": expected()["h2.test"]}
+    assert parses == ["h2.test"]  # forgotten when it was not asked for
