@@ -7,6 +7,13 @@ right certificate for each SNI, and adds ``Strict-Transport-Security`` to the
 HTTPS answers of a host served with its own certificate. Issuance runs in a
 background task, one ACME order per host at a time, with backoff on failure;
 it never blocks requests.
+
+Certificates written by another process (the CLI, the leader worker) are taken
+in every second: the files are statted, and only the changed ones read and
+parsed, in a thread (``certificates.PairCache``); the event loop swaps in the
+hosts that changed. Start-up does not wait for them either: until a host's
+certificate has been read, its handshakes get the placeholder, as a host whose
+certificate is not issued yet.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,6 +38,8 @@ from .paths import ACCOUNT_KEY
 from .router import HostTable
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     from .acme_client import AcmeIssuer
 
 CHALLENGE_PREFIX = c.CHALLENGE_PREFIX.encode()  # matched on the raw path: no decoding
@@ -72,6 +81,24 @@ def wants_certificate(service: Service, loaded: c.Loaded | None, at: datetime.da
     return requested is not None and requested > issued
 
 
+def due_orders(services: Mapping[str, Service], pairs: c.PairCache,
+               at: datetime.datetime) -> list[tuple[str, Service]]:
+    """The services ``wants_certificate`` says need an order, as far as ``pairs`` has read.
+
+    Runs in a thread with the certificate pass: a look at every service, so that
+    the event loop only looks at those.
+    """
+    return [(host, service) for host, service in services.items()
+            if service.ssl and service.cert_source == "acme"
+            and wants_certificate(service, pairs.loaded(host), at)]
+
+
+def _import_acme() -> ModuleType:
+    from . import acme_client  # ~6 MiB, a few hundred ms: in a thread, once
+
+    return acme_client
+
+
 class Router(Protocol):
     """What HTTPS needs of the routing addon (``addon.LumaProxy``): the hosts, the
     settings, and whether this process orders certificates (the leader)."""
@@ -106,6 +133,8 @@ class Https:
         self.challenges: dict[str, str] = {}
         self.fallback = c.fallback_entry()
         self.root: Path | None = None
+        self.pairs: c.PairCache | None = None  # what is on disk, read in a thread
+        self._due: list[tuple[str, Service]] = []  # of the last pass: candidates for orders
         self.https_port = 0
         self._attempts: dict[str, int] = {}
         self._next_attempt: dict[str, float] = {}
@@ -113,6 +142,7 @@ class Https:
         self._issuer: AcmeIssuer | None = None
         self._issuer_key: tuple | None = None
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
         self.hsts = f"max-age={HSTS_MAX_AGE}"  # the header's value; "" when off
 
     def load(self, loader: Any) -> None:
@@ -140,8 +170,9 @@ class Https:
     def configure(self, updated: set[str]) -> None:
         if "luma_state" in updated:
             self.root = c.certs_dir(ctx.options.luma_state)
-            self.loaded = {}
-            self.refresh_from_disk()
+            self.pairs = c.PairCache(self.root)
+            self.loaded, self._due = {}, []
+            self._wake.set()  # read at once (the loop's first pass, in a thread)
         if "luma_https_port" in updated:
             self.https_port = ctx.options.luma_https_port
         if "luma_hsts_max_age" in updated:
@@ -260,31 +291,48 @@ class Https:
         client.mitmcert = loaded.entry.cert
 
     # ------------------------------------------------- background: certificates
-    def refresh_from_disk(self) -> None:
-        """Load certificates written by another process (a leader worker, the CLI)."""
-        if self.root is None:
+    async def refresh(self) -> None:
+        """Take in certificates written by another process (a leader worker, the CLI).
+
+        The stat of every ssl host's files, and the reading and parsing of those
+        that changed, happen in a thread; here only the hosts that changed are
+        swapped in. The services dict is never modified in place (``HostTable``),
+        so the thread may read the one it was given.
+        """
+        pairs = self.pairs
+        if pairs is None:
             return
         services = self.router.table.services
-        for host, service in services.items():
-            if not service.ssl:
-                self.loaded.pop(host, None)
-                continue
-            version = c.pair_version(self.root, host)
-            current = self.loaded.get(host)
-            if version is not None and (current is None or current.version != version):
-                loaded = c.load_pair(self.root, host)
-                if loaded is not None:
-                    self.loaded[host] = loaded
-        for host in [h for h in self.loaded if h not in services]:
-            del self.loaded[host]
+        leading = self.router.is_leader()
+        scan, due = await asyncio.to_thread(self._survey, pairs, services, leading)
+        if pairs is not self.pairs:  # the state moved meanwhile: the next pass reads it
+            return
+        self._take(pairs, scan)
+        self._due = due
         for host in [h for h in self._next_attempt if h not in services]:
             self._attempts.pop(host, None)  # a removed host's failed orders are forgotten
             self._next_attempt.pop(host, None)
 
+    @staticmethod
+    def _survey(pairs: c.PairCache, services: Mapping[str, Service], leading: bool,
+                ) -> tuple[c.Scan, list[tuple[str, Service]]]:
+        """In a thread: the certificates that changed, and (leader) the orders due."""
+        scan = pairs.scan(host for host, service in services.items() if service.ssl)
+        return scan, due_orders(services, pairs, now()) if leading else []
+
+    def _take(self, pairs: c.PairCache, scan: c.Scan) -> None:
+        """On the loop: O(hosts that changed)."""
+        loaded = self.loaded
+        for host in scan.gone:
+            loaded.pop(host, None)
+        for host, pair in scan.loaded.items():
+            if pairs.version(host) == pair.version:  # not overtaken by a later read
+                loaded[host] = pair
+
     async def _loop(self) -> None:
         while True:
             try:
-                self.refresh_from_disk()
+                await self.refresh()
                 if self.router.is_leader():
                     self._start_due_orders()
             except Exception:
@@ -294,13 +342,17 @@ class Https:
             self._wake.clear()
 
     def _start_due_orders(self) -> None:
+        """Order for the candidates of the last pass still deployed as they were then."""
         at = now()
         clock = asyncio.get_running_loop().time()
-        for host, service in self.router.table.services.items():
+        services = self.router.table.services
+        for host, service in self._due:
             if host in self._orders or self._next_attempt.get(host, 0) > clock:
                 continue
             if len(self._orders) >= MAX_PARALLEL_ORDERS:
                 return
+            if services.get(host) is not service:
+                continue  # redeployed or removed since the pass: the next one decides
             if wants_certificate(service, self.loaded.get(host), at):
                 task = asyncio.create_task(self._order(host), name=f"acme {host}")
                 self._orders[host] = task
@@ -323,11 +375,10 @@ class Https:
         return self._issuer
 
     async def _order(self, host: str) -> None:
-        from .acme_client import AcmeError
-
-        assert self.root is not None
-        root = self.root
-        previous = c.read_status(root, host) or c.CertStatus()
+        acme = await asyncio.to_thread(_import_acme)
+        assert self.root is not None and self.pairs is not None
+        root, pairs = self.root, self.pairs
+        previous = await asyncio.to_thread(c.read_status, root, host) or c.CertStatus()
         logger.info("certificate: ordering one for %s from %s", host,
                     self.issuer().directory_url)
         try:
@@ -335,8 +386,8 @@ class Https:
                                              self._unpublish)
             await asyncio.to_thread(c.store_pair, root, host, issued.fullchain_pem,
                                     issued.key_pem)
-        except (AcmeError, OSError) as e:
-            error = str(e) if isinstance(e, AcmeError) else (
+        except (acme.AcmeError, OSError) as e:
+            error = str(e) if isinstance(e, acme.AcmeError) else (
                 f"cannot write the certificate of {host} under {root}: {e.strerror}")
             attempt = self._attempts.get(host, 0)
             delay = backoff_delay(attempt, base=ctx.options.luma_acme_retry)
@@ -350,8 +401,9 @@ class Https:
         else:
             self._attempts.pop(host, None)
             self._next_attempt.pop(host, None)
-            loaded = c.load_pair(root, host)
-            if loaded is not None:
+            loaded = await asyncio.to_thread(pairs.load, host)
+            if loaded is not None and pairs is self.pairs \
+                    and pairs.version(host) == loaded.version:
                 self.loaded[host] = loaded
             status = c.CertStatus(state="active", source="acme", not_after=issued.not_after,
                                   issued_at=now(), attempts=0)

@@ -8,6 +8,9 @@ entries from ``CertStore.certs``, mitmproxy's public map of them.
 
 from __future__ import annotations
 
+import asyncio
+import datetime
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +23,12 @@ from mitmproxy.addons import tlsconfig
 from mitmproxy.proxy import context
 from mitmproxy.test import taddons, tflow
 
+from luma_proxy import certificates
 from luma_proxy.addon import LumaProxy
-from luma_proxy.certificates import certs_dir, store_pair
+from luma_proxy.certificates import Loaded, PairCache, certs_dir, store_pair
 from luma_proxy.models import Service, State
 from luma_proxy.registry import Store
-from luma_proxy.tls import HSTS, Https
+from luma_proxy.tls import HSTS, Https, due_orders
 from tests.obs_util import flow_for
 from tests.test_certificates import make_pair
 
@@ -70,7 +74,12 @@ class Bed:
     def deploy(self, change: Any) -> None:
         Store(self.state).update(change)
         self.router.reload()
-        self.https.refresh_from_disk()
+        refresh(self.https)
+
+
+def refresh(https: Https) -> None:
+    """One pass of the certificate loop (its reads run in a thread) from a synchronous test."""
+    asyncio.run(https.refresh())
 
 
 def service(host: str, **kw: Any) -> Service:
@@ -99,8 +108,78 @@ def bed(tmp_path: Path) -> Iterator[Bed]:
     with taddons.context(router, https, config) as tctx:
         tctx.configure(config, confdir=str(tmp_path / "mitmproxy"))
         tctx.configure(router, luma_state=str(state))
-        https.refresh_from_disk()
+        refresh(https)
         yield Bed(router, https, config, tctx, state, certs)
+
+
+def placeholder(cert: x509.Certificate) -> bool:
+    return "luma-proxy default" in cert.subject.rfc4514_string()
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """(host, thread id) of each read and parse of a pair (``certificates.load_pair``)."""
+    calls: list[tuple[str, int]] = []
+    real = certificates.load_pair
+
+    def recording(root: Path, host: str, version: tuple[int, ...] | None = None
+                  ) -> Loaded | None:
+        calls.append((host, threading.get_ident()))
+        return real(root, host, version)
+
+    monkeypatch.setattr(certificates, "load_pair", recording)
+    return calls
+
+
+# ----------------------------------------------------- certificates from disk, off the loop
+
+
+async def test_certificates_are_read_in_a_thread_not_at_configure(
+        bed: Bed, reads: list[tuple[str, int]]) -> None:
+    bed.https.configure({"luma_state"})  # as at start-up: nothing read yet
+    assert reads == [] and bed.https.loaded == {}
+    served, _ = bed.handshake("shop.test")
+    assert placeholder(served)  # as for a certificate not issued yet
+    await bed.https.refresh()
+    loop_thread = threading.get_ident()
+    assert sorted(host for host, _ in reads) == ["old.test", "quiet.test", "shop.test"]
+    assert all(thread != loop_thread for _, thread in reads)
+    served, _ = bed.handshake("shop.test")
+    assert served == bed.certs["shop.test"]
+
+
+def test_a_pass_parses_again_only_the_certificates_that_changed(
+        bed: Bed, reads: list[tuple[str, int]]) -> None:
+    refresh(bed.https)
+    assert reads == []  # nothing changed since the fixture's pass: statted only
+    cert_pem, key_pem = make_pair(["shop.test"])
+    store_pair(certs_dir(str(bed.state)), "shop.test", cert_pem, key_pem)
+    refresh(bed.https)
+    assert [host for host, _ in reads] == ["shop.test"]
+    served, _ = bed.handshake("shop.test")
+    assert served == x509.load_pem_x509_certificate(cert_pem)
+    refresh(bed.https)
+    assert len(reads) == 1
+
+
+def test_orders_are_due_for_acme_hosts_without_a_valid_certificate(tmp_path: Path) -> None:
+    at = datetime.datetime.now(datetime.UTC)
+    services = {s.host: s for s in (
+        service("new.test"), service("valid.test"), service("renew.test"),
+        service("custom.test", cert_source="custom"), service("plain.test", ssl=False))}
+    for host in ("valid.test", "renew.test", "custom.test"):
+        store_pair(tmp_path, host, *make_pair([host]))
+    pairs = PairCache(tmp_path)
+    pairs.scan(services)
+    assert [h for h, _ in due_orders(services, pairs, at)] == ["new.test"]
+    # cert-renew: asked after the certificate was written.
+    services["renew.test"] = service("renew.test", renew_requested_at=at
+                                     + datetime.timedelta(seconds=5))
+    assert [h for h, _ in due_orders(services, pairs, at)] == ["new.test", "renew.test"]
+    # Within 30 days of expiry (or after 2/3 of its life): renewed.
+    later = at + datetime.timedelta(days=61)
+    assert [h for h, _ in due_orders(services, pairs, later)] == [
+        "new.test", "valid.test", "renew.test"]
 
 
 # ------------------------------------------------------------------ SNI and the store
