@@ -13,7 +13,6 @@ the event loop swaps it in whole and touches only what changed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -30,13 +29,14 @@ from .dockerevents import EngineEvents
 from .environ import env_float
 from .flowinfo import CLIENT_GONE, MULTIPLEXED, header_values, host_header, valid_h2_target
 from .forwarding import Network, asked_websocket, parse_trusted_proxies, set_forwarding_headers
-from .health import HealthChecker, passed, probe, unreachable
+from .health import passed, probe, unreachable
 from .leadership import Leadership
 from .models import Health, HealthEntry, Service, Settings
 from .proving import Prover
 from .registry import IMPORT_SUFFIX, RegistryError, Store, default_state_path
 from .resolver import Resolver, parse_dns_server
 from .router import HostTable, Reject, admit
+from .schedule import HealthSchedule
 from .served import Beacon
 from .streaming import stream_counted, stream_request, stream_response
 from .view import EMPTY, View, build_view, diff
@@ -45,7 +45,6 @@ logger = logging.getLogger("luma_proxy")
 
 RELOAD_POLL = 0.2
 HOLD_POLL = 0.2  # a held request asks DNS again at least this often
-UNHEALTHY_RECHECK = 2.0  # seconds between checks of a service that is unhealthy
 # Options of mitmproxy's own addons that routing by Host needs. Options of
 # built-ins a lean master does not load are simply absent, so each is optional.
 ENGINE_OPTIONS: dict[str, Any] = {
@@ -82,14 +81,12 @@ class LumaProxy:
         self.beacon: Beacon | None = None  # tells the CLI which routes are in force
         self.settings = Settings()
         self.trusted: tuple[Network, ...] = ()
-        self.checker: HealthChecker | None = None
-        self._dirty: set[str] = set()  # hosts new or changed since the health loop looked
         self._read_error: str | None = None  # of the last reload
-        self._persist_error: str | None = None  # of the last health write
         self._tasks: list[asyncio.Task[None]] = []
         self.leadership: Leadership | None = None
         self._leader_listeners: list[Callable[[bool], None]] = []
-        self._kick = asyncio.Event()
+        self.schedule = HealthSchedule(self, lambda: ctx.options.luma_health_interval,
+                                       lambda: ctx.options.luma_health_timeout)
         self._alias_of: dict[str, tuple[str, str]] = {}  # ip -> (alias, host) last sent there
         self.prover = Prover(self._probe, self._departed)
         self.engine_events = EngineEvents(self.engine_changed)
@@ -140,8 +137,7 @@ class LumaProxy:
             if opts.luma_dns_ttl < 0:
                 raise exceptions.OptionsError("luma_dns_ttl must be >= 0")
             self.resolver = Resolver(dns, opts.luma_dns_ttl)
-            if self.checker:
-                self.checker.resolver = self.resolver
+            self.schedule.use_resolver(self.resolver)
         if "luma_trusted_proxies" in updated:
             try:
                 self.trusted = parse_trusted_proxies(opts.luma_trusted_proxies)
@@ -186,10 +182,9 @@ class LumaProxy:
     def running(self) -> None:
         self._set_engine_options()  # again: command-line options are applied after load
         pages.install_engine_error_pages()
-        self._kick = asyncio.Event()
         self._tasks = [
             asyncio.create_task(self._reload_loop(), name="luma reload"),
-            asyncio.create_task(self._health_loop(), name="luma health"),
+            asyncio.create_task(self.schedule.run(), name="luma health"),
         ]
         if self.leadership is not None:
             self._tasks.append(asyncio.create_task(self.leadership.run(), name="luma leader"))
@@ -249,7 +244,7 @@ class LumaProxy:
         self.health, self.settings = view.health, view.settings
         for host in changes.health:
             self._take_containers(view.services[host], view.health[host])
-        self._dirty.update(changes.changed)
+        self.schedule.changed(changes.changed)
         if unused:
             self.resolver.discard(unused)
             self.balancer.discard(unused)
@@ -258,10 +253,7 @@ class LumaProxy:
             gone = set(changes.removed)
             self._alias_of = {ip: found for ip, found in self._alias_of.items()
                               if found[1] not in gone}
-            if self.checker:
-                self.checker.discard(changes.removed)
-        if changes.changed or changes.removed:
-            self._kick.set()
+            self.schedule.removed(changes.removed)
         if self.beacon is not None and view.routes_gen != old.routes_gen:
             self.beacon.serve(view.routes_gen)  # a waiting CLI may go on (served.py)
         return True
@@ -290,7 +282,7 @@ class LumaProxy:
             except Exception:  # never let the reloader die
                 logger.exception("reload failed")
 
-    # ---------------------------------------------------------------- health
+    # ---------------------------------------------------------------- leading
     def is_leader(self) -> bool:
         """One process (of several workers) runs the checks; the others read the file."""
         return self.leadership is not None and self.leadership.try_take()
@@ -299,114 +291,14 @@ class LumaProxy:
         """``listener(leading)`` when this process starts or stops leading (the ACME loop)."""
         self._leader_listeners.append(listener)
 
+    @property
+    def services(self) -> dict[str, Service]:
+        return self.table.services
+
     def _leadership_changed(self, leading: bool) -> None:
-        self._kick.set()  # the health loop: a new leader checks everything at once
+        self.schedule.wake()
         for listener in self._leader_listeners:
             listener(leading)
-
-    async def _health_loop(self) -> None:
-        """Every service each interval; new or changed ones at once; unhealthy ones often.
-
-        An unhealthy service is re-checked every ``UNHEALTHY_RECHECK`` seconds, so a
-        transient failure (a container restarting, an alias not yet attached when
-        the proxy starts) costs seconds of 503, not a whole interval.
-        """
-        self.checker = HealthChecker(self.resolver, self.record_health,
-                                     ctx.options.luma_health_timeout)
-        next_round = next_recheck = 0.0
-        leading = False
-        while True:
-            interval = ctx.options.luma_health_interval
-            recheck = min(UNHEALTHY_RECHECK, interval)
-            try:
-                if self.is_leader():
-                    if not leading:  # just became the leader: check everything at once
-                        leading, next_round = True, 0.0
-                    services = self.table.services
-                    now = time.monotonic()
-                    if now >= next_round:
-                        next_round, next_recheck = now + interval, now + recheck
-                        self._dirty.clear()
-                        await self.checker.check_all(list(services.values()), self.health)
-                    elif self._dirty:
-                        hosts, self._dirty = self._dirty, set()
-                        fresh = self.checker.unchecked(
-                            [services[h] for h in hosts if h in services])
-                        try:
-                            await self.checker.check_all(fresh, self.health)
-                        except BaseException:
-                            self._dirty |= hosts
-                            raise
-                    elif now >= next_recheck:
-                        next_recheck = now + recheck
-                        failing = [s for s in services.values()
-                                   if (h := self.health.get(s.host)) is not None
-                                   and h.healthy is False]
-                        await self.checker.check_all(failing, self.health)
-                else:
-                    leading = False
-                    self._dirty.clear()
-                    next_round = next_recheck = time.monotonic() + interval
-            except Exception:
-                logger.exception("health check round failed")
-            self._kick.clear()
-            wake = next_round
-            if any(h.healthy is False for h in self.health.values()):
-                wake = min(wake, next_recheck)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), max(0.05, wake - time.monotonic()))
-
-    def record_health(self, results: dict[str, tuple[tuple, Health]]) -> None:
-        """Log what changed, write the results to the registry, then take them in.
-
-        A result for a service deployed elsewhere (or removed) while it was being
-        checked says nothing about what is routed now: it is dropped.
-        """
-        services = self.table.services
-        results = {host: (key, health) for host, (key, health) in results.items()
-                   if (service := services.get(host)) is not None
-                   and service.routing_key() == key}
-        if not results:
-            return
-        for host, (_key, health) in results.items():
-            before = self.health.get(host)
-            if before is None or before.healthy is not health.healthy:
-                level = logging.INFO if health.healthy else logging.WARNING
-                logger.log(level, "health: %s is now %s%s", host,
-                           "healthy" if health.healthy else "unhealthy",
-                           f" ({health.last_error})" if health.last_error else "")
-        self._tasks.append(asyncio.create_task(self.save_health(results)))
-        self._tasks = [t for t in self._tasks if not t.done()]
-
-    async def save_health(self, results: dict[str, tuple[tuple, Health]]) -> None:
-        """Write ``results`` to the registry (in a thread), then swap them into the view.
-
-        Each is written only if the service is still deployed as it was checked,
-        in the same transaction that checks it: writes are ordered by the
-        registry's generations, never by ``checked_at`` (a clock step cannot
-        reorder them). Entries of hosts no longer routed are dropped.
-        """
-        assert self.store is not None
-        store = self.store
-
-        def write() -> None:
-            with store.transaction() as tx:
-                keys = tx.routing_keys()
-                for host, (key, health) in results.items():
-                    if keys.get(host) == key:
-                        tx.put_health(host, HealthEntry.of(key, health))
-                for host in tx.health_hosts() - keys.keys():
-                    tx.delete_health(host)
-
-        try:
-            await asyncio.to_thread(write)
-        except RegistryError as e:
-            if str(e) != self._persist_error:
-                logger.error("cannot save health: %s", e)
-            self._persist_error = str(e)
-            return
-        self._persist_error = None
-        await self.reload_in_background()
 
     # -------------------------------------------------------------- hot path
     def requestheaders(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:

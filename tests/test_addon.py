@@ -331,7 +331,7 @@ async def test_health_results_go_to_the_registry_and_leave_routes_alone(tmp_path
     with taddons.context(addon) as tctx:
         tctx.configure(addon, luma_state=str(path))
         blog, down = addon.table.services["blog.test"], addon.table.services["down.test"]
-        await addon.save_health({
+        await addon.schedule.save({
             "blog.test": (blog.routing_key(), Health(healthy=True, checked_at=now())),
             "down.test": (down.routing_key(), Health(healthy=True, checked_at=now())),
             # checked for a target it no longer has: not written
@@ -342,7 +342,7 @@ async def test_health_results_go_to_the_registry_and_leave_routes_alone(tmp_path
         assert entries["down.test"].healthy is True and entries["down.test"].target == down.target
         assert addon.health["down.test"].healthy is True  # in force at once
         # A check of a target blog.test no longer has is neither applied nor written.
-        await addon.save_health({"blog.test": (("old:1", "/up", "blog.test", True),
+        await addon.schedule.save({"blog.test": (("old:1", "/up", "blog.test", True),
                                                Health(healthy=False, checked_at=now()))})
         assert addon.health["blog.test"].healthy is True
         assert store.read_health()["blog.test"].healthy is True
@@ -350,7 +350,7 @@ async def test_health_results_go_to_the_registry_and_leave_routes_alone(tmp_path
         with store.transaction() as tx:
             tx.delete("down.test")
         addon.reload()
-        await addon.save_health({"blog.test": (blog.routing_key(),
+        await addon.schedule.save({"blog.test": (blog.routing_key(),
                                                Health(healthy=False, checked_at=now()))})
         assert sorted(store.read_health()) == ["blog.test"]
 
@@ -366,7 +366,7 @@ async def test_a_round_that_changes_no_health_moves_nothing(tmp_path: Path) -> N
         before = store.snapshot()
         in_force = addon.health["down.test"]
         later = now() + timedelta(seconds=30)
-        await addon.save_health({"down.test": (down.routing_key(), Health(
+        await addon.schedule.save({"down.test": (down.routing_key(), Health(
             healthy=False, checked_at=later, changed_at=in_force.changed_at))})
         after = store.snapshot()
         assert (after.routes_gen, after.health_gen) == (before.routes_gen, before.health_gen)
@@ -441,7 +441,7 @@ async def test_leader_results_are_written_after_a_wall_clock_step_back(tmp_path:
         tctx.configure(addon, luma_state=str(path))
         service = addon.table.services["blog.test"]
         fresh = Health(healthy=True, checked_at=now())
-        await addon.save_health({"blog.test": (service.routing_key(), fresh)})
+        await addon.schedule.save({"blog.test": (service.routing_key(), fresh)})
         assert store.read_health()["blog.test"].healthy is True
         assert addon.health["blog.test"].healthy is True
 
