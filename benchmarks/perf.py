@@ -821,9 +821,9 @@ def memory(env: Env, args: argparse.Namespace) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- scale
 def make_state(path: Path, n: int, port: int, ssl: bool = False) -> list[str]:
-    """A state file with n services host i.bench.test -> alias app-i:port; returns hosts."""
-    from luma_proxy.models import Service, State
-    from luma_proxy.registry import dump_state
+    """A registry with n services host i.bench.test -> alias app-i:port; returns hosts."""
+    from luma_proxy.models import Service
+    from luma_proxy.registry import Store
 
     services = {}
     hosts = []
@@ -832,8 +832,9 @@ def make_state(path: Path, n: int, port: int, ssl: bool = False) -> list[str]:
         services[host] = Service(name=f"app{i}", host=host, target=f"app-{i:05d}:{port}",
                                  project="bench", ssl=ssl)
         hosts.append(host)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(dump_state(State(services=services)))
+    with Store(path).transaction() as tx:
+        for service in services.values():
+            tx.put(service)
     return hosts
 
 

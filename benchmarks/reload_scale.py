@@ -1,39 +1,34 @@
-"""What a reload costs the running proxy with 10,000 services, in process.
+"""What the registry costs at 10,000 services: the CLI's write, and each proxy's reload.
 
 Usage: .venv/bin/python benchmarks/reload_scale.py [--services 10000] [--runs 7]
 
 Prints a markdown table of wall times (median and max of ``--runs`` runs, each
-on a different service), in one process that holds a ``LumaProxy`` addon loaded
-with the registry, as a proxy process does. The writers (the CLI, the health
-leader) run in a second process, as in production, so that their allocations
-and garbage collections are not counted in the proxy's:
+on a different service). The registry holds N services, half of them
+``--ssl``, each with a stored health entry. The writers (the CLI, the health
+leader) run in a second process, as in production, so their allocations and
+garbage collections are not counted in the proxy's; the proxy side is a
+``LumaProxy`` addon in this process, loaded with the registry:
 
-- the parts of a reload of the state file after one deploy: read + parse
-  (``StateReader``), the diff against the routes in force, and the swap on the
-  event loop (``LumaProxy._take``);
-- end to end, one deploy: from the moment the state file has been written (by
-  ``Store.update``, as ``luma-proxy deploy`` writes it) to the moment the new
-  target is in the routing view, by ``LumaProxy.reload()`` (all of it inline) and
-  by ``reload_in_background()`` (the proxy's path: parse in a thread, swap on
-  the event loop);
-- a health round: the leader writing every service's result to the health
-  file, and then what each process pays to take them in (read + parse in a
-  thread, swap on the loop), for a typical round (every ``checked_at`` moves,
-  no health changes) and for one where every service's health flips; the state
-  file is not touched by either;
-- for scale: ``orjson.loads`` of the whole state file, the full validation the
-  CLI does (``parse_state``) and the CLI's whole locked read-modify-write.
+- one deploy: the CLI's transaction (``luma-proxy deploy``'s write: read the
+  row, write it, drop a stale health entry, commit with fsync), and the whole
+  ``luma-proxy deploy`` command as a process;
+- the proxy's side of that deploy: reading the rows that moved and building
+  the next view (``store.snapshot`` + ``view.build_view``, in a thread in the
+  proxy), the swap on the event loop, and end to end (``reload()``);
+- a health round by the leader (``schedule.write_results``) where nothing
+  changed (every ``checked_at`` moves) and one where every result flips, and
+  what each proxy process then pays (``reload()``).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import multiprocessing
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,12 +40,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mitmproxy.version
-import orjson
 from mitmproxy.test import taddons
 
 from luma_proxy.addon import LumaProxy
-from luma_proxy.models import Health, HealthEntry, Service, State
-from luma_proxy.registry import HealthReader, StateReader, Store, dump_state, parse_state
+from luma_proxy.models import Health, HealthEntry, Service
+from luma_proxy.registry import Store
+from luma_proxy.schedule import write_results
+from luma_proxy.view import build_view
+
+EXE = Path(sys.executable).parent / "luma-proxy"
 
 
 def ms(seconds: float) -> str:
@@ -61,103 +59,64 @@ def summary(samples: list[float]) -> str:
     return f"{ms(statistics.median(samples))} (max {ms(max(samples))})"
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
-    started = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - started, result
+def timed[T](call: Callable[[], T]) -> tuple[float, T]:
+    t0 = time.perf_counter()
+    result = call()
+    return time.perf_counter() - t0, result
 
 
-def record_time(obj: object, method: str) -> list[float]:
-    """Wrap ``obj.method`` so that each call's wall time is appended to the returned list."""
-    original = getattr(obj, method)
-    seconds: list[float] = []
-
-    def wrapper(*args: object) -> object:
-        took, result = timed(lambda: original(*args))
-        seconds.append(took)
-        return result
-
-    setattr(obj, method, wrapper)
-    return seconds
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{os.cpu_count()} vCPU {cpu}, Python {platform.python_version()}, "
-            f"mitmproxy {mitmproxy.version.VERSION}, load average "
-            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+def host(i: int) -> str:
+    return f"h{i}.example.com"
 
 
 def deploy(store: Store, i: int) -> None:
-    """What ``luma-proxy deploy --host h<i>.example.com --target moved<i>:3000`` writes."""
-    host = f"h{i}.example.com"
+    """What ``luma-proxy deploy`` writes: one row, its stale health entry dropped."""
+    with store.transaction() as tx:
+        service = tx.service(host(i))
+        assert service is not None
+        moved = service.model_copy(update={"target": f"moved{i}:3000"})
+        tx.put(moved)
+        entry = tx.health(host(i))
+        if entry is not None and not entry.matches(moved):
+            tx.delete_health(host(i))
 
-    def change(state: State) -> None:
-        state.services[host] = state.services[host].model_copy(
-            update={"target": f"moved{i}:3000"})
 
-    store.update(change)
-
-
-def health_round(store: Store, writer: HealthReader, services: dict[str, Service],
-                 clock: datetime, flip: bool, healthy: bool) -> float:
-    """The leader's write of one round's results; returns the seconds it took."""
-    since = datetime(2026, 1, 1, tzinfo=UTC)  # the last change, long ago
-    results = {h: (s.routing_key(), Health(
-        healthy=healthy, checked_at=clock, changed_at=clock if flip else since,
-        containers={f"10.0.{i % 250}.2": healthy}))
-        for i, (h, s) in enumerate(services.items())}
-
-    def change(entries: dict[str, HealthEntry]) -> None:
-        for host, (key, health) in results.items():  # what LumaProxy._persist does
-            entries[host] = HealthEntry.of(key, health)
-
-    return timed(lambda: store.update_health(change, None, writer))[0]
+def health_round(store: Store, at: datetime, healthy: bool, flip: bool) -> float:
+    """The leader's write of one result per service (``changed_at`` moves only on a flip)."""
+    with store.transaction() as tx:
+        keys = tx.routing_keys()
+    changed = at if flip else FILLED_AT
+    results = {h: (key, Health(healthy=healthy, checked_at=at, changed_at=changed,
+                               last_error=None if healthy else "HTTP 503"))
+               for h, key in keys.items()}
+    return timed(lambda: write_results(store, results))[0]
 
 
 def writer_process(path: str, conn: Connection) -> None:
-    """The other processes: the CLI deploying, the health leader writing its rounds.
-
-    They run apart from the measured process, as they do in production, so
-    that their allocations (and garbage collections) are not counted there.
-    """
-    store, writer = Store(path), HealthReader()
-    services: dict[str, Service] | None = None
-    while True:  # nothing runs here while the measured process works
-        command, *args = conn.recv()
-        if command == "deploy":
-            conn.send(timed(lambda: deploy(store, args[0]))[0])  # noqa: B023
-            services = None
-        elif command == "health":
-            if services is None:
-                services = store.read().services
-            conn.send(health_round(store, writer, services, *args))
+    """The CLI and the health leader: another process, as in production."""
+    store = Store(path)
+    while True:
+        command = conn.recv()
+        if command[0] == "deploy":
+            conn.send(timed(lambda c=command: deploy(store, c[1]))[0])
+        elif command[0] == "health":
+            conn.send(health_round(store, *command[1:]))
         else:
             return
 
 
-def reader_rows(path: Path, ask: Callable[..., float], runs: int) -> list[tuple[str, str]]:
-    """The parse of one reload, with a reader that kept the previous version (as the proxy)."""
-    data = path.read_bytes()
-    reader = StateReader()
-    reader.parse(data)
-    unchanged = [timed(lambda: reader.parse(data))[0] for _ in range(runs)]
-    cli, parse = [], []
-    for i in range(runs):
-        cli.append(ask("deploy", i))
-        changed = path.read_bytes()
-        parse.append(timed(lambda: reader.parse(changed))[0])  # noqa: B023
-    return [("StateReader.parse, file unchanged", summary(unchanged)),
-            ("StateReader.parse, one service deployed", summary(parse)),
-            ("the CLI's write of that deploy (`Store.update`: lock, parse all, change, dump, "
-             "fsync, rename; another process)", summary(cli))]
+FILLED_AT = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def fill(path: Path, n: int) -> None:
+    at = FILLED_AT
+    with Store(path).transaction() as tx:
+        for i in range(n):
+            service = Service(name=f"app{i}", host=host(i), target=f"app{i}:3000",
+                              project="p", ssl=i % 2 == 0)
+            tx.put(service)
+            tx.put_health(service.host, HealthEntry.of(service.routing_key(), Health(
+                healthy=True, checked_at=at, changed_at=at)))
 
 
 def main() -> None:
@@ -169,14 +128,9 @@ def main() -> None:
     started_at = datetime.now(UTC)
     workdir = Path(tempfile.mkdtemp(prefix="luma-reload-scale-"))
     path = workdir / "state.json"
+    fill_time, _ = timed(lambda: fill(path, n))
     store = Store(path)
-    services = {f"h{i}.example.com": Service(name=f"app{i}", host=f"h{i}.example.com",
-                                             target=f"app{i}:3000", project="p")
-                for i in range(n)}
-    path.write_bytes(dump_state(State(services=services)))
-    del services
-    data = path.read_bytes()
-    fork = multiprocessing.get_context("fork")
+    fork = multiprocessing.get_context("spawn")  # never fork a process with SQLite open
     conn, child_end = fork.Pipe()
     helper = fork.Process(target=writer_process, args=(str(path), child_end), daemon=True)
     helper.start()
@@ -185,91 +139,80 @@ def main() -> None:
         conn.send(command)
         return conn.recv()
 
-    rows: list[tuple[str, str]] = [("state file", f"{len(data) / 1e6:.1f} MB, {n} services")]
-    rows.append(("orjson.loads of the whole state file",
-                 summary([timed(lambda: orjson.loads(data))[0] for _ in range(runs)])))
-    rows.append(("full validation (`parse_state`, what the CLI does)",
-                 summary([timed(lambda: parse_state(data))[0] for _ in range(3)])))
+    size = sum(p.stat().st_size for p in workdir.glob("state.db*"))
+    rows: list[tuple[str, str]] = [
+        ("registry", f"{size / 1e6:.1f} MB (db + WAL), {n} services (half --ssl), "
+                     f"{n} health entries; written in one transaction in {ms(fill_time)}")]
 
-    rows += reader_rows(path, ask, runs)
+    commands = []
+    for i in range(runs):
+        argv = [str(EXE), "deploy", "--host", host(i), "--target", f"cli{i}:3000",
+                "--project", "p", "--state", str(path)]
+        env = {**os.environ, "LUMA_PROXY_SERVED_TIMEOUT": "0"}
+        seconds, result = timed(lambda a=argv, e=env: subprocess.run(
+            a, capture_output=True, text=True, env=e))
+        assert result.returncode == 0, result.stderr
+        commands.append(seconds)
     gc.collect()
 
     addon = LumaProxy()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, luma_state=str(path), luma_health_interval=3600)
-        assert len(addon.table.services) == n
+        assert len(addon.table.services) == n and len(addon.health) == n - runs
 
-        # --- end to end, inline: reload() = stat + read + parse + diff + swap
-        inline: list[float] = []
-        swaps = record_time(addon, "_take")
+        writes, builds, swaps, inline = [], [], [], []
         for i in range(runs, 2 * runs):
+            writes.append(ask("deploy", i))
+            base = addon.view
+            seconds, view = timed(lambda b=base: build_view(
+                store.snapshot(b.routes_gen, b.health_gen), b))
+            builds.append(seconds)
+            swaps.append(timed(lambda v=view: addon._swap(v))[0])  # the loop's part alone
+            assert addon.table.services[host(i)].target == f"moved{i}:3000", (
+                base.routes_gen, view.routes_gen, addon.view.routes_gen,
+                addon.table.services[host(i)].target)
+        for i in range(2 * runs, 3 * runs):
             ask("deploy", i)
             seconds, changed = timed(addon.reload)
-            assert changed and addon.table.services[f"h{i}.example.com"].target == \
-                f"moved{i}:3000"
+            assert changed and addon.table.services[host(i)].target == f"moved{i}:3000"
             inline.append(seconds)
-        rows.append(("swap on the event loop (`_take`: diff check, routes, health, resolver)",
-                     summary(swaps)))
-        rows.append(("**deploy, file written -> in the routing view, `reload()` inline**",
-                     f"**{summary(inline)}**"))
+        rows += [
+            ("one deploy: the CLI's transaction (another process)", summary(writes)),
+            ("one deploy: the whole `luma-proxy deploy` command (a process: Python start-up,"
+             " imports, transaction; no proxy to wait for)", summary(commands)),
+            ("one deploy, each proxy: rows that moved -> next view (`snapshot` + "
+             "`build_view`, in a thread in the proxy)", summary(builds)),
+            ("one deploy, each proxy: swap on the event loop", summary(swaps)),
+            ("**one deploy: committed -> in the routing view (`reload()`, all inline)**",
+             f"**{summary(inline)}**"),
+        ]
 
-        # --- end to end, the proxy's path: parse in a thread, swap on the loop
-        async def background() -> list[float]:
-            out = []
-            for i in range(2 * runs, 3 * runs):
-                ask("deploy", i)
-                t0 = time.perf_counter()
-                await addon.reload_in_background()
-                out.append(time.perf_counter() - t0)
-                assert addon.table.services[f"h{i}.example.com"].target == f"moved{i}:3000"
-            return out
-
-        rows.append(("**deploy, file written -> in the routing view, `reload_in_background()`"
-                     " (thread + loop)**", f"**{summary(asyncio.run(background()))}**"))
-
-        # --- health rounds: the leader (another process) writes, this process reads
-        state_before = path.read_bytes()
-        health_swaps = record_time(addon, "_take_health")
         clock = datetime.now(UTC)
-        kinds = (("typical round: every service checked, no health changed", False),
-                 ("every service's health changed (all flip)", True))
-        for label, flip in kinds:
-            writes, reads = [], []
-            del health_swaps[:]
+        for label, flip in (("round where no result changed (only checked_at moves)", False),
+                            ("round where every result flips", True)):
+            leader, reads = [], []
             for r in range(runs + 1):  # the first one only sets the scene
                 clock += timedelta(seconds=30)
                 healthy = bool(r % 2) if flip else True
-                write = ask("health", clock, flip, healthy)
-                swaps_before = len(health_swaps)
+                write = ask("health", clock, healthy, flip)
                 read, _changed = timed(addon.reload)
-                assert len(health_swaps) == swaps_before + 1
-                assert addon.health["h0.example.com"].healthy is healthy
-                assert addon.health["h0.example.com"].checked_at == clock
+                assert addon.health[host(3 * runs + 1)].healthy is healthy
                 if r:
-                    writes.append(write)
+                    leader.append(write)
                     reads.append(read)
-            del health_swaps[0]
-            rows.append((f"{label}, leader: write every result (merge, encode, fsync, "
-                         "rename)", summary(writes)))
-            rows.append((f"{label}, each process: swap on the event loop",
-                         summary(health_swaps)))
-            rows.append((f"**{label}, each process: read + parse + swap (`reload()`)**",
-                         f"**{summary(reads)}**"))
-        assert path.read_bytes() == state_before
-        health_size = store.health_path.stat().st_size
-        rows.append(("health file", f"{health_size / 1e6:.1f} MB, {n} entries"))
-        rows.append(("state file rewritten by the health rounds", "no (byte-identical)"))
-
+            rows += [(f"health {label}: the leader's write", summary(leader)),
+                     (f"**health {label}: each proxy's `reload()`**", f"**{summary(reads)}**")]
     conn.send(("stop",))
-    helper.join(10)
-    print(f"Command: `.venv/bin/python benchmarks/reload_scale.py --services {n} --runs {runs}`; "
-          f"{machine()}; {started_at:%Y-%m-%d %H:%M} UTC.\n")
-    print("| step | wall time, median (max) of runs |\n|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
-    for file in workdir.iterdir():
-        file.unlink()
-    workdir.rmdir()
+    helper.join(5)
+
+    print(f"`.venv/bin/python benchmarks/reload_scale.py --services {n} --runs {runs}`, "
+          f"{started_at:%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}, mitmproxy {mitmproxy.version.VERSION}, "
+          f"SQLite {__import__('sqlite3').sqlite_version}\n")
+    print("| step | wall time, median (max) |")
+    print("|---|---|")
+    for step, value in rows:
+        print(f"| {step} | {value} |")
 
 
 if __name__ == "__main__":

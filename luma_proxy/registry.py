@@ -169,8 +169,9 @@ class Snapshot:
     routes_gen: int
     health_gen: int
     settings: str
-    services: list[tuple[str, int, str]]  # (host, gen, data)
-    health: list[tuple[str, int, str, str | None]]  # (host, gen, data, checked_at)
+    # (host, gen, data): data is None for rows not newer than the reader's generation
+    services: list[tuple[str, int, str | None]]
+    health: list[tuple[str, int, str | None, str | None]]  # (host, gen, data, checked_at)
 
 
 # ------------------------------------------------------------------ transactions
@@ -536,14 +537,19 @@ class Store:
         return int(row[0]) if row else 0
 
     def snapshot(self, routes_since: int = -1, health_since: int = -1) -> Snapshot:
-        """The generations, and the rows of whichever of routes and health moved since."""
+        """The generations, and the rows of whichever of routes and health moved since
+        (every row, with data only for those changed after ``*_since``)."""
         def read(db: sqlite3.Connection) -> Snapshot:
             gens = dict(db.execute("SELECT key, value FROM meta").fetchall())
             routes, health = int(gens.get("routes", 0)), int(gens.get("health", 0))
-            services = db.execute("SELECT host, gen, data FROM services").fetchall() \
-                if routes != routes_since else []
-            entries = db.execute("SELECT host, gen, data, checked_at FROM health").fetchall() \
-                if health != health_since else []
+            # Rows older than what the reader has come without their data: it parsed
+            # them already (view.py), so a deploy costs the reader one row's parse.
+            services = db.execute(
+                "SELECT host, gen, CASE WHEN gen > ? THEN data END FROM services",
+                (routes_since,)).fetchall() if routes != routes_since else []
+            entries = db.execute(
+                "SELECT host, gen, CASE WHEN gen > ? THEN data END, checked_at FROM health",
+                (health_since,)).fetchall() if health != health_since else []
             return Snapshot(routes, health, gens.get("settings", "{}"), services, entries)
         return self._read_tx(read)
 

@@ -58,13 +58,33 @@ def build_view(snapshot: Snapshot, previous: View = EMPTY) -> View:
         observed, health_rows = _health(snapshot, previous)
     else:
         observed, health_rows = previous.observed, previous.health_rows
-    if services is previous.services and observed is previous.observed:
-        health = previous.health
-    else:
-        health = {host: entry for host, entry in observed.items()
-                  if (service := services.get(host)) is not None and entry.matches(service)}
+    health = _in_force(services, observed, previous)
     return View(snapshot.routes_gen, snapshot.health_gen, services, health, settings,
                 tuple(errors), service_rows, health_rows, observed)
+
+
+def _in_force(services: dict[str, Service], observed: dict[str, HealthEntry],
+              previous: View) -> dict[str, HealthEntry]:
+    """The entries observed for their service as it is now; per changed host when it can."""
+    if services is previous.services and observed is previous.observed:
+        return previous.health
+    if previous is EMPTY or len(services) < 64:
+        return {host: entry for host, entry in observed.items()
+                if (service := services.get(host)) is not None and entry.matches(service)}
+    old_services, old_observed = previous.services, previous.observed
+    touched = {h for h, s in services.items() if old_services.get(h) is not s}
+    touched.update(h for h in old_services if h not in services)
+    if observed is not old_observed:
+        touched.update(h for h, e in observed.items() if old_observed.get(h) is not e)
+        touched.update(h for h in old_observed if h not in observed)
+    health = dict(previous.health)
+    for host in touched:
+        service, entry = services.get(host), observed.get(host)
+        if service is not None and entry is not None and entry.matches(service):
+            health[host] = entry
+        else:
+            health.pop(host, None)
+    return health
 
 
 def _services(snapshot: Snapshot, previous: View, errors: list[str]
@@ -77,6 +97,9 @@ def _services(snapshot: Snapshot, previous: View, errors: list[str]
         if known is not None and known[0] == gen:
             service = known[1]
             rows[host] = known
+        elif data is None:  # older than the previous view, yet not in it: keep what was
+            service = None
+            errors.append(f"service {host!r} was not read; it is read again when it changes")
         else:
             try:
                 service = parse_service(host, data)
@@ -101,6 +124,8 @@ def _health(snapshot: Snapshot, previous: View
         if known is not None and known[0] == gen:
             rows[host] = known
             entry = known[1]
+        elif data is None:
+            entry = None
         else:
             entry = parse_health(data, checked_at)
             rows[host] = (gen, entry)
