@@ -32,9 +32,10 @@ def test_luma_cli_run_serves_as_10001_and_writes_its_host_owned_mounts(
     first_deploy(bed)
     assert uid_of_pid_1(bed.engine, bed.proxy) == "10001"
     certs = bed.home / ".luma" / "luma-proxy-certs"
-    state = certs / ".luma-proxy" / "state.json"
-    assert state.exists() and state.stat().st_uid == 10001  # the registry lives in the mount
-    assert HOST in json.loads(state.read_text())["services"]
+    registry = certs / ".luma-proxy" / "state.db"
+    assert registry.exists() and registry.stat().st_uid == 10001  # the registry lives in the mount
+    listed = json.loads(bed.exec("list", "--json").stdout)["services"]
+    assert HOST in [s["host"] for s in listed]
     # A certificate lands in the certs mount and is served.
     cert_pem, key_pem = make_cert([HOST])
     config = bed.home / ".luma" / "luma-proxy-config"  # mounted on /tmp
@@ -148,7 +149,7 @@ def test_hardened_run_and_root_without_capabilities(engine: Engine, images: dict
                                "--target", "h:80", "--project", "p", check=False)
         assert (result.returncode, result.stderr) == (0, ""), result.stderr
         assert engine.docker("exec", name, "test", "-s",
-                             "/var/lib/luma-proxy/state.json", check=False).returncode == 0
+                             "/var/lib/luma-proxy/state.db", check=False).returncode == 0
         # No Docker socket here: said in one line, and routing goes on from DNS alone.
         engine.docker("restart", name)  # run's start now has a route whose networks it lacks
         time.sleep(3)
