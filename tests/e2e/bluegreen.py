@@ -33,10 +33,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import json
 import math
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -48,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Self
 
+from luma_proxy.registry import db_path
 from tests.e2e.conftest import Proxy
 from tests.e2e.docker_double import (
     FakeDockerDNS,
@@ -168,7 +171,7 @@ STRATEGIES = ("alias", "target")
             moves from the old colour's IPs to the new ones (one DNS table change).
 ``target``  one alias per colour (``blog-blue``, ``blog-green``) that never moves;
             the switch is ``luma-proxy deploy --target blog-green:PORT``, which the
-            running proxy picks up from its state file. The old colour keeps its
+            running proxy picks up from the registry. The old colour keeps its
             alias until it exits, as Docker keeps a container's aliases until then.
 """
 
@@ -359,18 +362,31 @@ class Deployment:
                  f"{self.target_alias(generation)}:{self.port}", "--project", "p", "--no-ssl")
 
     def _point_host_timed(self, generation: Generation) -> float:
-        """``_point_host``, returning when the state file first named the new target."""
-        wanted = f'"{self.target_alias(generation)}:{self.port}"'.encode()
+        """``_point_host``, returning when the registry first named the new target: the
+        moment the CLI's transaction committed the host's row (what the proxy reloads)."""
+        wanted = f"{self.target_alias(generation)}:{self.port}"
+        registry = db_path(self.state)
         seen: list[float] = []
         done = threading.Event()
 
+        def target(db: sqlite3.Connection) -> str | None:
+            row = db.execute("SELECT data FROM services WHERE host = ?", (self.host,)).fetchone()
+            return json.loads(row[0]).get("target") if row else None
+
         def watch() -> None:
-            while not done.is_set():
-                with contextlib.suppress(OSError):
-                    if wanted in self.state.read_bytes():
-                        seen.append(time.monotonic())
-                        return
-                time.sleep(0.002)
+            db: sqlite3.Connection | None = None
+            try:
+                while not done.is_set():
+                    with contextlib.suppress(sqlite3.Error, ValueError):
+                        if db is None and registry.exists():  # read-only: creates nothing
+                            db = sqlite3.connect(f"file:{registry}?mode=ro", uri=True)
+                        if db is not None and target(db) == wanted:
+                            seen.append(time.monotonic())
+                            return
+                    time.sleep(0.002)
+            finally:
+                if db is not None:
+                    db.close()
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
@@ -379,7 +395,9 @@ class Deployment:
         finally:
             done.set()
             watcher.join()
-        return seen[0] if seen else time.monotonic()
+        if not seen:  # a silent fallback would measure the lags from the CLI's exit
+            raise RuntimeError(f"the registry {registry} never named {wanted} for {self.host}")
+        return seen[0]
 
     def start_next(self, replicas: int | None = None) -> Generation:
         """``docker run --network-alias blog-green-temp`` (or ``blog-green``) per replica."""
@@ -413,7 +431,7 @@ class Deployment:
 
         ``alias``: the alias ``blog`` now answers the new IPs only (the temporary alias
         goes). ``target``: ``luma-proxy deploy --target blog-green:PORT``; the time is
-        when the new target first shows in the state file (polled every 2 ms while the
+        when the new target first shows in the registry (polled every 2 ms while the
         CLI runs): the CLI's own start-up and exit are not the proxy's lag.
         """
         if self.strategy == "alias":

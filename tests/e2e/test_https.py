@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from luma_proxy.registry import Store
 from tests.certs import make_pair
 from tests.e2e.conftest import Proxy, wait_until
 from tests.e2e.docker_double import Container, FakeDockerDNS, free_port
@@ -203,13 +204,18 @@ def test_custom_certificate(https: Https, cli, state_path: Path, tmp_path: Path)
     base = ("deploy", "--host", "shop.test", "--target", f"blog:{https.app_port}",
             "--project", "p")
 
-    before = state_path.read_bytes() if state_path.exists() else None
+    cli("deploy", "--host", "plain.test", "--target", f"blog:{https.app_port}", "--project", "p",
+        "--no-ssl")  # something in the registry, to see it untouched
+    before = cli("export").stdout
+    generation = Store(state_path).generation()
     for cert, key, why in (("c.pem", "other-k.pem", "does not match"),
                            ("other-c.pem", "other-k.pem", "does not cover shop.test")):
         r = cli(*base, "--tls-cert", str(tmp_path / cert), "--tls-key", str(tmp_path / key),
                 check=False)
         assert r.returncode != 0 and why in r.stderr and len(r.stderr.splitlines()) == 1
-        assert (state_path.read_bytes() if state_path.exists() else None) == before
+        assert cli("export").stdout == before  # the registry is untouched
+        assert Store(state_path).generation() == generation
+        assert not (state_path.parent / "certs" / "shop.test").exists()
 
     cli(*base, "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem"))
     proxy = https.proxy()
