@@ -26,6 +26,10 @@ touches, one line each:
   idle upstream connections found, an answer written through the client's TLS session.
 * ``sys.modules["mitmproxy.addons"]``: a stand-in package, so the built-in addons never load.
 * ``AddonManager._configure_all``: unsubscribed when ``engine.HookTable`` replaces the manager.
+* the layers' own events, hooks and commands (``_events``, ``_hooks``, ``commands``,
+  ``SendHttp``, ``ReceiveHttp``): built as mitmproxy's layers build them, in the patches above.
+* attributes of ours kept on its objects: ``luma_scanner`` (``Http1Server``),
+  ``_luma_resets`` (an HTTP/2 connection), ``_luma_parked`` (``HttpLayer``).
 
 The larger seams in detail: HTTP/2 handling (issue 13), opening a connection
 to a container (issue 15), and a request the container closed under.
