@@ -199,7 +199,12 @@ def deploy(host: str, target: str, project: str, health_path: str, app: str, ssl
     networks = route_networks(alias)
 
     def change(tx: Tx) -> tuple[str, Service]:
-        existing = tx.service(host)
+        try:
+            existing = tx.service(host)
+        except ValueError as e:  # a row that does not validate (a hand edit)
+            if not force:
+                raise CliError(f"{e}; use --force to replace it") from None
+            existing = None
         if existing and existing.project != project and not force:
             raise CliError(f"host {host} belongs to project {existing.project!r}; "
                            "use --force to move it")
@@ -512,7 +517,9 @@ def import_(file: str, replace: bool, state_path: str) -> None:
         data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
     except OSError as e:
         raise CliError(f"cannot read {file}: {e.strerror}") from None
-    store = store_for(state_path)
+    # A new registry starts from FILE alone: a state file of unknown layout lying
+    # where the registry used to be is not taken over (and does not stop the import).
+    store = Store(state_path, adopt=False)
     try:
         notes, count = store.import_json(data, replace)
     except RegistryError as e:

@@ -275,17 +275,22 @@ class Store:
 
     ``create=False`` (``list``, ``status``, ``export``): a registry with no
     database yet is read without creating one; a JSON file there is read as
-    it would be imported, and left alone.
+    it would be imported, and left alone. ``adopt=False`` (``import``): a new
+    database starts empty, whatever JSON file lies where the registry used to be.
     """
 
-    def __init__(self, path: str | os.PathLike[str], create: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], create: bool = True,
+                 adopt: bool = True) -> None:
         self.path = Path(path)
-        self.create = create
+        self.create, self.adopt = create, adopt
         self.db_path = db_path(self.path)
         self.last_import: list[str] | None = None  # notes, when opening took a JSON file over
         self._local = threading.local()
         self._read_only: sqlite3.Connection | None = None  # a JSON file served as read
         self._imported_from: Path | None = None
+        # A JSON file that could not be imported, by its (inode, size, mtime): not parsed
+        # again (five times a second per proxy process) until it changes.
+        self._failed: tuple[tuple[int, int, int] | None, RegistryError] | None = None
 
     # ------------------------------------------------------------ connections
     def _connect(self) -> sqlite3.Connection:
@@ -294,6 +299,10 @@ class Store:
             return db
         if self._read_only is not None:
             return self._read_only
+        if self._failed is not None and not self.db_path.exists() \
+                and self._failed[0] == _file_id(self.path):
+            raise self._failed[1]
+        self._failed = None
         if not self.create and not self.db_path.exists():
             db = self._serve_json_read_only(None)
         else:
@@ -301,6 +310,9 @@ class Store:
                 db = self._open()
             except sqlite3.Error as e:
                 db = self._serve_json_read_only(e)
+            except RegistryError as e:
+                self._failed = (_file_id(self.path), e)
+                raise
         self._local.db = db
         return db
 
@@ -349,7 +361,7 @@ class Store:
                 for statement in _SCHEMA_SQL.split(";"):
                     db.execute(statement)
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA),))
-                sources = self._json_sources()
+                sources = self._json_sources() if self.adopt else None
                 if sources is not None:
                     self._import(db, *sources)
             db.execute("COMMIT")
@@ -371,7 +383,11 @@ class Store:
                 continue
             except OSError as e:
                 raise RegistryError(f"cannot read state file {source}: {e.strerror}") from None
-            state, health, notes = parse_json(data)
+            try:
+                state, health, notes = parse_json(data)
+            except RegistryError as e:
+                raise RegistryError(f"{e} (at {source}: move it aside, or start the registry "
+                                    "with `luma-proxy import FILE`)") from None
             sidecar = source.with_name(source.name + HEALTH_SUFFIX)
             with contextlib.suppress(OSError):
                 health = {**health, **parse_health_json(sidecar.read_bytes())}
@@ -580,6 +596,14 @@ class Store:
                 if entry is not None and entry.matches(service):
                     tx.put_health(service.host, entry)
         return notes, len(state.services)
+
+
+def _file_id(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _rename_cert_dirs(state_path: Path, dirs: dict[str, str]) -> None:

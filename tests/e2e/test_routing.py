@@ -12,8 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from luma_proxy.registry import Store, db_path
 from tests.e2e.conftest import LUMA, request, wait_until
 from tests.e2e.docker_double import free_port
@@ -158,15 +156,19 @@ def test_invalid_row_keeps_last_good_route(dns, containers, cli, start_proxy, st
     assert "Traceback" not in proxy.logs()
 
 
-@pytest.mark.xfail(strict=True, reason="product: deploy (even --force) reads the existing row "
-                   "first and refuses with 'service ... is invalid'; only remove repairs it")
-def test_deploy_replaces_an_invalid_row(dns, containers, cli, start_proxy, state_path):
+def test_deploy_force_replaces_an_invalid_row(dns, containers, cli, start_proxy, state_path):
     deploy_alias(dns, containers, cli, "blog.test", "blog", ["blog-1"])
     proxy = start_proxy("run", env={"LUMA_PROXY_HEALTH_INTERVAL": "600"})
     assert proxy.get("blog.test").status == 200
     break_row(state_path, "blog.test")
     wait_until(lambda: "service 'blog.test' is invalid" in proxy.logs(), timeout=5)
-    deploy_alias(dns, containers, cli, "blog.test", "blog2", ["blog-2"])  # a later deploy fixes it
+    # Whose host it is cannot be read: a plain deploy says how to replace it ...
+    refused = cli("deploy", "--host", "blog.test", "--target", "blog:1", "--project", "p",
+                  check=False)
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1
+    assert "is invalid" in refused.stderr and "--force" in refused.stderr
+    # ... and deploy --force does.
+    deploy_alias(dns, containers, cli, "blog.test", "blog2", ["blog-2"], args=("--force",))
     wait_until(lambda: proxy.get("blog.test").text == "blog-2", timeout=5)
     assert "blog2:" in cli("list").stdout
 
