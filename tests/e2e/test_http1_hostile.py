@@ -95,9 +95,9 @@ def test_chunked_body_over_the_limit_is_413_and_never_complete_upstream(
     head = b"POST /up1 HTTP/1.1\r\nHost: blog.test\r\nTransfer-Encoding: %s\r\n\r\n" % coding
     status, _ = answer(proxy.port, head, chunks(4 * LIMIT))
     assert status == 413
-    # Upstream: at most a cut request, never a terminated one, on a connection closed after it.
-    sent = wait_until(lambda: posts(recorder) or [b"-"], timeout=5)
-    for data in sent:
+    # Upstream: at most a cut request (none at all when the limit is hit before the
+    # upstream connection opens), never a terminated one, on a connection closed after it.
+    for data in posts(recorder):
         assert b"0\r\n\r\n" not in data[data.find(b"\r\n\r\n") + 4:], data[-40:]
         assert data.count(b"POST ") == 1 and data.count(b" HTTP/1.1\r\n") == 1
     assert [r for r in recorder.requests() if r.startswith(b"POST")] == []
