@@ -120,8 +120,10 @@ def test_an_h2_connection_is_idle_only_once_no_stream_is_open() -> None:
         later.client_conn = client
         addon.requestheaders(later)  # a new stream: busy again
         assert client.id not in addon.pending["header"]
+        addon.response(later)
+        assert client.id in addon.pending["header"]  # idle again
         addon.client_disconnected(client)
-        assert not addon._h2_open
+        assert client.id not in addon.pending["header"]
 
 
 def test_connect_deadline_lives_until_connected_or_failed() -> None:
@@ -163,5 +165,8 @@ async def test_the_sweeper_runs_while_the_proxy_runs() -> None:
                 break
             await asyncio.sleep(0.05)
         assert not addon.pending["header"]
+        assert any(t.get_name() == "luma timeouts" for t in asyncio.all_tasks())
         addon.done()
-        assert addon._sweeper is None
+        await asyncio.sleep(0)  # the cancelled task ends
+        assert not any(t.get_name() == "luma timeouts" and not t.done()
+                       for t in asyncio.all_tasks())
