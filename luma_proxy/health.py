@@ -135,6 +135,7 @@ class HealthChecker:
         self.resolver = resolver
         self.report = report
         self.timeout = timeout
+        self.concurrency = concurrency
         self._limit = asyncio.Semaphore(concurrency)
         self._checked: dict[str, tuple] = {}
 
@@ -158,14 +159,22 @@ class HealthChecker:
         return await probe(random.choice(ips), port, host, path, self.timeout)
 
     async def check_all(self, services: Iterable[Service], health: dict[str, Health]) -> None:
-        services = list(services)
-        results = await asyncio.gather(
-            *(self.check(s, health.get(s.host, UNCHECKED)) for s in services)
-        )
-        report = {}
-        for service, result in zip(services, results, strict=True):
-            self._checked[service.host] = service.routing_key()
-            report[service.host] = (service.routing_key(), result)
+        """Check ``services``, at most ``concurrency`` at a time, then report them together.
+
+        A fixed set of workers pulls from one iterator: 10,000 services never mean
+        10,000 tasks created in one tick of the event loop (a stall of ~0.1 s or more).
+        """
+        pending = iter(list(services))
+        report: dict[str, tuple[tuple, Health]] = {}
+
+        async def worker() -> None:
+            for service in pending:
+                key = service.routing_key()
+                result = await self.check(service, health.get(service.host, UNCHECKED))
+                self._checked[service.host] = key
+                report[service.host] = (key, result)
+
+        await asyncio.gather(*(worker() for _ in range(self.concurrency)))
         if report:
             self.report(report)
 

@@ -291,7 +291,7 @@ def supervisor_registry(multiproc_dir: str, state_path: str) -> CollectorRegistr
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    from .certificates import certs_dir, load_pair
+    from .certificates import ExpiryCache, certs_dir
     from .metrics import CertExpiryCollector, HealthCollector
     from .registry import Store
     from .view import EMPTY, build_view
@@ -308,14 +308,12 @@ def supervisor_registry(multiproc_dir: str, state_path: str) -> CollectorRegistr
             return None
         return last[0]
 
+    expiries = ExpiryCache()  # a scrape parses again only the certificates that changed
+
     def expiry() -> dict[str, float]:
         state = view()
-        out = {}
-        for host, service in (state.services.items() if state else ()):
-            loaded = load_pair(certs, host) if service.ssl else None
-            if loaded is not None:
-                out[host] = loaded.not_after.timestamp()
-        return out
+        ssl = [host for host, service in state.services.items() if service.ssl] if state else []
+        return expiries.expiries(certs, ssl)
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=multiproc_dir)
