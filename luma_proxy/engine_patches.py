@@ -22,6 +22,7 @@ touches, one line each:
 * ``mitmproxy.utils.human.parse_size``: size options read as mitmproxy reads its own.
 * ``mode_servers``' module-global ``asyncio``: listeners bound with ``SO_REUSEPORT`` (workers).
 * ``Proxyserver.connections`` and a handler's ``transports``: closing live connections.
+* ``tlsconfig.certstore.certs``: each host's certificate put where the TLS layer looks (tls.py).
 * a handler's layer stack (``layer``, ``child_layer``, ``connections``, ``ClientTLSLayer.tls``):
   idle upstream connections found, an answer written through the client's TLS session.
 * ``sys.modules["mitmproxy.addons"]``: a stand-in package, so the built-in addons never load.
@@ -409,6 +410,15 @@ def as_sent_to_client(handler: Any, data: bytes) -> bytes:
 # Closing one of mitmproxy's live connections from an addon: mitmproxy offers no
 # API for it; its own inactivity watchdog cancels the task that reads the
 # connection, and so do the timeouts, the body limit and the graceful drain here.
+
+
+def certificate_entries() -> dict[str, Any] | None:
+    """mitmproxy's certificates by SNI (tlsconfig's ``CertStore.certs``), where its TLS
+    layer looks before minting one; None without tlsconfig (nothing to serve HTTPS)."""
+    tlsconfig = ctx.master.addons.get("tlsconfig")
+    if tlsconfig is None or tlsconfig.certstore is None:
+        return None
+    return tlsconfig.certstore.certs
 
 
 def client_handlers() -> dict[str, Any]:

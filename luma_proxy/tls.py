@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mitmproxy import ctx, exceptions, http, tls
 
 from . import certificates as c
+from . import engine_patches
 from .certinfo import backoff_delay
 from .environ import env_float, env_int
 from .flowinfo import append_header, header_values, host_header
@@ -271,23 +272,22 @@ class Https:
         entry per configured host served (the SNI is canonical by now), and
         ``client.mitmcert`` says which certificate this connection got (HSTS).
         """
-        tlsconfig = ctx.master.addons.get("tlsconfig")
-        if tlsconfig is None or tlsconfig.certstore is None:
+        certs = engine_patches.certificate_entries()
+        if certs is None:
             return
-        store = tlsconfig.certstore
-        if store.certs.get("*") is not self.fallback:
-            store.certs["*"] = self.fallback
+        if certs.get("*") is not self.fallback:
+            certs["*"] = self.fallback
         client = data.context.client
         sni = client.sni
         host = self.router.table.canonical(sni) if sni else None
         loaded = self.loaded.get(host) if host else None
         if loaded is None:
             if sni and sni != "*":
-                store.certs.pop(sni, None)  # a removed host's certificate is not served
+                certs.pop(sni, None)  # a removed host's certificate is not served
             client.mitmcert = self.fallback.cert
             return
-        if loaded.entry is not store.certs.get(sni):
-            store.certs[sni] = loaded.entry
+        if loaded.entry is not certs.get(sni):
+            certs[sni] = loaded.entry
         client.mitmcert = loaded.entry.cert
 
     # ------------------------------------------------- background: certificates
