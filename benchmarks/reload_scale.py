@@ -165,7 +165,7 @@ def main() -> None:
             writes.append(ask("deploy", i))
             base = addon.view
             seconds, view = timed(lambda b=base: build_view(
-                store.snapshot(b.routes_gen, b.health_gen), b))
+                store.snapshot(b.routes_gen, b.health_gen, b.registry_id), b))
             builds.append(seconds)
             swaps.append(timed(lambda v=view: addon._swap(v))[0])  # the loop's part alone
             assert addon.table.services[host(i)].target == f"moved{i}:3000", (

@@ -219,14 +219,16 @@ class LumaProxy:
         """The next view, from the rows that moved since ``base`` (runs in a thread)."""
         assert self.store is not None
         try:
-            snapshot = self.store.snapshot(base.routes_gen, base.health_gen)
+            snapshot = self.store.snapshot(base.routes_gen, base.health_gen,
+                                           base.registry_id)
         except RegistryError as e:
             if str(e) != self._read_error:
                 logger.error("keeping the last good routes: %s", e)
                 self._read_error = str(e)
             return None
         self._read_error = None
-        if (snapshot.routes_gen, snapshot.health_gen) == (base.routes_gen, base.health_gen):
+        if (snapshot.routes_gen, snapshot.health_gen, snapshot.registry_id) == (
+                base.routes_gen, base.health_gen, base.registry_id):
             return None
         view = build_view(snapshot, base)
         for error in view.errors:
@@ -235,7 +237,7 @@ class LumaProxy:
 
     def _swap(self, view: View | None) -> bool:
         """Put ``view`` in force; the work is per service or health entry that changed."""
-        if view is None or (view is not EMPTY and (
+        if view is None or (view is not EMPTY and view.registry_id == self.view.registry_id and (
                 view.routes_gen < self.view.routes_gen or view.health_gen < self.view.health_gen)):
             return False  # built from an older snapshot than the one in force
         old, self.view = self.view, view

@@ -18,7 +18,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from .models import Service, Settings, State, normalize_host, parse_name, parse_target
+from pydantic import ValidationError
+
+from .models import (
+    Service,
+    Settings,
+    State,
+    normalize_host,
+    one_line,
+    parse_name,
+    parse_target,
+)
 
 GO_LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 GO_LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
@@ -60,8 +70,14 @@ def from_go(raw: dict[str, Any]) -> tuple[State, list[str]]:
         for key, entry in hosts.items():
             try:
                 service, created = _service(project, key, entry)
+            except ValidationError as e:  # pydantic's text is several lines: its first error
+                first = e.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                notes.append(one_line(f"skipped host {key!r} of project {project!r}: "
+                                      f"{where}: {first['msg']}"))
+                continue
             except ValueError as e:
-                notes.append(f"skipped host {key!r} of project {project!r}: {e}")
+                notes.append(one_line(f"skipped host {key!r} of project {project!r}: {e}"))
                 continue
             previous = chosen.get(service.host)
             if previous is not None:

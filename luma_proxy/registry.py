@@ -111,7 +111,10 @@ def parse_json(data: bytes) -> tuple[State, dict[str, HealthEntry], list[str]]:
                 health[key] = HealthEntry.model_validate(
                     {**entry, "target": service.target, "health_path": service.health_path,
                      "ssl": service.ssl})
-    for key, entry in (raw.get("health") or {}).items():  # what export_json writes
+    exported = raw.get("health") or {}  # what export_json writes
+    if not isinstance(exported, dict):
+        raise RegistryError("state file is invalid at health: not an object")
+    for key, entry in exported.items():
         with contextlib.suppress(ValidationError, TypeError):
             health[key] = HealthEntry.model_validate(entry)
     return state, health, []
@@ -172,6 +175,9 @@ class Snapshot:
     # (host, gen, data): data is None for rows not newer than the reader's generation
     services: list[tuple[str, int, str | None]]
     health: list[tuple[str, int, str | None, str | None]]  # (host, gen, data, checked_at)
+    # Random per database: generations of a restored or re-created one start again,
+    # so a reader seeing another id starts from scratch.
+    registry_id: str = ""
 
 
 # ------------------------------------------------------------------ transactions
@@ -287,61 +293,53 @@ class Store:
         self.last_import: list[str] | None = None  # notes, when opening took a JSON file over
         self._local = threading.local()
         self._read_only: sqlite3.Connection | None = None  # a JSON file served as read
-        self._imported_from: Path | None = None
         # A JSON file that could not be imported, by its (inode, size, mtime): not parsed
         # again (five times a second per proxy process) until it changes.
-        self._failed: tuple[tuple[int, int, int] | None, RegistryError] | None = None
+        self._failed: tuple[Path, tuple[int, int, int] | None, RegistryError] | None = None
 
     # ------------------------------------------------------------ connections
     def _connect(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is not None:
-            return db
+            if getattr(self._local, "inode", None) == _inode(self.db_path):
+                return db
+            db.close()  # the file was replaced (a restore) or removed: open what is there now
+            self._local.db = None
         if self._read_only is not None:
             return self._read_only
-        if self._failed is not None and not self.db_path.exists() \
-                and self._failed[0] == _file_id(self.path):
-            raise self._failed[1]
+        exists = self.db_path.exists()
+        if not exists and self._failed is not None \
+                and self._failed[1] == _file_id(self._failed[0]):
+            raise self._failed[2]  # the same file that failed to import: not parsed again
         self._failed = None
-        if not self.create and not self.db_path.exists():
+        if not exists and not self.create:
             db = self._serve_json_read_only(None)
         else:
             try:
+                if not exists:
+                    self._create()
                 db = self._open()
             except sqlite3.Error as e:
-                db = self._serve_json_read_only(e)
-            except RegistryError as e:
-                self._failed = (_file_id(self.path), e)
-                raise
+                if exists:  # a database that is there but broken is never replaced
+                    raise RegistryError(one_line(
+                        f"cannot open the registry {self.db_path}: {e}")) from None
+                db = self._serve_json_read_only(e)  # none can be created (read-only disk)
         self._local.db = db
+        self._local.inode = _inode(self.db_path) if db is not self._read_only else None
         return db
 
     def _open(self) -> sqlite3.Connection:
-        created = False
-        try:
-            self.db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if not self.db_path.exists():  # 0600 from the start: WAL files copy its mode
-                os.close(os.open(self.db_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
-                created = True
-        except FileExistsError:
-            pass
-        except OSError as e:
-            raise sqlite3.OperationalError(e.strerror) from None
         db = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_MS / 1000,
                              isolation_level=None, check_same_thread=False)
         try:
             db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            if db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
-                raise sqlite3.OperationalError("cannot use WAL mode")
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                raise sqlite3.DatabaseError("not a luma-proxy registry (no WAL journal)")
             db.execute("PRAGMA synchronous = FULL")
             if self._schema(db) is None:
-                self._create(db)
+                raise sqlite3.DatabaseError("not a luma-proxy registry (no schema)")
         except BaseException:
             db.close()
-            if created:  # a failed first import leaves no empty registry behind
-                for suffix in ("", "-wal", "-shm"):
-                    with contextlib.suppress(OSError):
-                        os.unlink(f"{self.db_path}{suffix}")
             raise
         return db
 
@@ -353,23 +351,50 @@ class Store:
             return None
         return int(row[0]) if row else None
 
-    def _create(self, db: sqlite3.Connection) -> None:
-        """The first process to get here creates the tables and imports the JSON once."""
-        db.execute("BEGIN IMMEDIATE")
+    def _create(self) -> None:
+        """Create the database whole (schema, WAL, the one-time import) under a temporary
+        name, then link it into place: a reader never sees a half-made registry, a failed
+        import leaves nothing behind, and of two processes creating it at once one wins
+        (``link`` fails for the other) and the JSON file is imported exactly once.
+        """
         try:
-            if self._schema(db) is None:
+            self.db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise sqlite3.OperationalError(e.strerror) from None
+        sources = self._json_sources() if self.adopt else None
+        temp = self.db_path.with_name(f".{self.db_path.name}.{os.urandom(6).hex()}.new")
+        try:
+            os.close(os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))  # WAL copies
+        except OSError as e:
+            raise sqlite3.OperationalError(e.strerror) from None
+        try:
+            with contextlib.closing(sqlite3.connect(temp, isolation_level=None)) as db:
+                db.execute("PRAGMA journal_mode = WAL")
+                db.execute("PRAGMA synchronous = FULL")
+                db.execute("BEGIN IMMEDIATE")
                 for statement in _SCHEMA_SQL.split(";"):
                     db.execute(statement)
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA),))
-                sources = self._json_sources() if self.adopt else None
+                db.execute("INSERT INTO meta VALUES ('id', ?)", (os.urandom(8).hex(),))
                 if sources is not None:
                     self._import(db, *sources)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        if self.last_import is not None:
-            self._keep_originals()
+                db.execute("COMMIT")
+            try:
+                os.link(temp, self.db_path)
+            except FileExistsError:
+                self.last_import = None  # another process created it first: its import
+                return
+            except OSError:  # no hard links on this file system: rename, if still free
+                if self.db_path.exists():
+                    self.last_import = None
+                    return
+                os.rename(temp, self.db_path)
+            if sources is not None:
+                self._keep_originals(sources[3])
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{temp}{suffix}")
 
     def _json_sources(self) -> tuple[State, dict[str, HealthEntry], list[str], Path] | None:
         """A JSON state file where the registry used to be, parsed; None if there is none."""
@@ -386,8 +411,10 @@ class Store:
             try:
                 state, health, notes = parse_json(data)
             except RegistryError as e:
-                raise RegistryError(f"{e} (at {source}: move it aside, or start the registry "
-                                    "with `luma-proxy import FILE`)") from None
+                error = RegistryError(f"{e} (at {source}: move it aside, or start the "
+                                      "registry with `luma-proxy import FILE`)")
+                self._failed = (source, _file_id(source), error)
+                raise error from None
             sidecar = source.with_name(source.name + HEALTH_SUFFIX)
             with contextlib.suppress(OSError):
                 health = {**health, **parse_health_json(sidecar.read_bytes())}
@@ -406,14 +433,10 @@ class Store:
         tx.routes_changed = True
         tx.commit_generations()
         self.last_import = notes
-        self._imported_from = source
 
-    def _keep_originals(self) -> None:
+    def _keep_originals(self, source: Path) -> None:
         """The JSON files taken over move aside (``<name>.imported.json``): nobody edits a
         file that is no longer read; the Go proxy's upper-case cert dirs are renamed."""
-        source = self._imported_from
-        if source is None:
-            return
         with contextlib.suppress(OSError):
             original = source.read_bytes()
             with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
@@ -552,11 +575,16 @@ class Store:
             "SELECT value FROM meta WHERE key = 'routes'").fetchone())
         return int(row[0]) if row else 0
 
-    def snapshot(self, routes_since: int = -1, health_since: int = -1) -> Snapshot:
+    def snapshot(self, routes_since: int = -1, health_since: int = -1,
+                 registry_id: str | None = None) -> Snapshot:
         """The generations, and the rows of whichever of routes and health moved since
-        (every row, with data only for those changed after ``*_since``)."""
+        (every row, with data only for those changed after ``*_since``). The ``*_since``
+        are of the database ``registry_id`` names; another one is read whole."""
         def read(db: sqlite3.Connection) -> Snapshot:
+            nonlocal routes_since, health_since
             gens = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            if registry_id is not None and gens.get("id", "") != registry_id:
+                routes_since = health_since = -1
             routes, health = int(gens.get("routes", 0)), int(gens.get("health", 0))
             # Rows older than what the reader has come without their data: it parsed
             # them already (view.py), so a deploy costs the reader one row's parse.
@@ -566,7 +594,8 @@ class Store:
             entries = db.execute(
                 "SELECT host, gen, CASE WHEN gen > ? THEN data END, checked_at FROM health",
                 (health_since,)).fetchall() if health != health_since else []
-            return Snapshot(routes, health, gens.get("settings", "{}"), services, entries)
+            return Snapshot(routes, health, gens.get("settings", "{}"), services, entries,
+                            gens.get("id", ""))
         return self._read_tx(read)
 
     # ------------------------------------------------------------ JSON for people
@@ -596,6 +625,13 @@ class Store:
                 if entry is not None and entry.matches(service):
                     tx.put_health(service.host, entry)
         return notes, len(state.services)
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
 
 
 def _file_id(path: Path) -> tuple[int, int, int] | None:

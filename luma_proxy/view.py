@@ -36,6 +36,8 @@ class View:
     service_rows: dict[str, tuple[int, Service | None]] = field(default_factory=dict)
     health_rows: dict[str, tuple[int, HealthEntry | None]] = field(default_factory=dict)
     observed: dict[str, HealthEntry] = field(default_factory=dict)  # every valid entry
+    registry_id: str = ""
+    settings_data: str = ""  # as stored: the same text is not validated (or reported) again
 
 
 EMPTY = View()
@@ -44,13 +46,16 @@ EMPTY = View()
 def build_view(snapshot: Snapshot, previous: View = EMPTY) -> View:
     """The view of ``snapshot``; pure (``previous`` only saves parsing unchanged rows)."""
     errors: list[str] = []
+    if snapshot.registry_id != previous.registry_id:
+        previous = EMPTY  # another database (restored, re-created): nothing carries over
     if snapshot.routes_gen != previous.routes_gen:
         services, service_rows = _services(snapshot, previous, errors)
-        try:
-            settings = Settings.model_validate_json(snapshot.settings)
-        except ValidationError:
-            settings = previous.settings
-            errors.append("settings are invalid: keeping the last good ones")
+        settings = previous.settings
+        if snapshot.settings != previous.settings_data:
+            try:
+                settings = Settings.model_validate_json(snapshot.settings)
+            except ValidationError:
+                errors.append("settings are invalid: keeping the last good ones")
     else:
         services, service_rows = previous.services, previous.service_rows
         settings = previous.settings
@@ -60,7 +65,8 @@ def build_view(snapshot: Snapshot, previous: View = EMPTY) -> View:
         observed, health_rows = previous.observed, previous.health_rows
     health = _in_force(services, observed, previous)
     return View(snapshot.routes_gen, snapshot.health_gen, services, health, settings,
-                tuple(errors), service_rows, health_rows, observed)
+                tuple(errors), service_rows, health_rows, observed, snapshot.registry_id,
+                snapshot.settings)
 
 
 def _in_force(services: dict[str, Service], observed: dict[str, HealthEntry],

@@ -303,7 +303,8 @@ def supervisor_registry(multiproc_dir: str, state_path: str) -> CollectorRegistr
     def view() -> Any:
         try:
             base = last[0]
-            last[0] = build_view(store.snapshot(base.routes_gen, base.health_gen), base)
+            last[0] = build_view(store.snapshot(
+                base.routes_gen, base.health_gen, base.registry_id), base)
         except Exception:
             return None
         return last[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
 import time
 from datetime import datetime, timedelta
@@ -524,3 +525,25 @@ async def test_a_removed_service_leaves_no_state_on_its_ips(tmp_path: Path) -> N
         assert not addon.balancer.is_ejected("127.0.0.9", 3000)
         assert not addon.balancer.knows("127.0.0.9")
         assert addon.balancer.is_ejected("127.0.0.10", 3000)
+
+
+def test_a_restored_registry_is_taken_whole_whatever_its_generations(tmp_path: Path) -> None:
+    """A backup put back (or the database re-created) starts its generations again:
+    the proxy must serve it, not keep the newer-numbered view it had."""
+    path = tmp_path / "live" / "state.json"
+    for i in range(5):
+        deploy(path, f"h{i}.test", f"127.0.0.{i + 1}:3000")  # generation 5
+    backup = tmp_path / "backup" / "state.json"
+    deploy(backup, "restored.test", "127.0.0.9:3000")  # generation 1
+    store = Store(backup)
+    store.close()
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(path))
+        assert len(addon.table.services) == 5
+        os.replace(db_path(backup), db_path(path))
+        assert addon.reload() is True
+        assert list(addon.table.services) == ["restored.test"]
+        deploy(path, "next.test", "127.0.0.8:3000")  # and it follows it from there
+        assert addon.reload() is True
+        assert sorted(addon.table.services) == ["next.test", "restored.test"]

@@ -1,4 +1,5 @@
-"""Unit tests for luma_proxy.registry: parsing, atomic locked writes, crash safety."""
+"""Unit tests for luma_proxy.registry: the SQLite store, its transactions and generations,
+crash safety and concurrency, and the parsing of JSON states."""
 
 from __future__ import annotations
 
@@ -7,127 +8,270 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from luma_proxy.models import STATE_VERSION, Service, State
+from luma_proxy.models import STATE_VERSION, HealthEntry, Service, Settings, State
 from luma_proxy.registry import (
     RegistryError,
     Store,
+    db_path,
     default_state_path,
-    dump_state,
-    parse_state,
+    parse_json,
 )
+from tests.test_gostate import EXAMPLE
 
 REPO = Path(__file__).resolve().parents[1]
-CTX = multiprocessing.get_context("fork")  # fast children that share the imported modules
+# Fast children that share the imported modules. SQLite connections must not cross a
+# fork: the parent opens its stores after the fork, or closes them before it.
+CTX = multiprocessing.get_context("fork")
+AT = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+LATER = AT + datetime.timedelta(seconds=30)
 
 
-def service(host: str, target: str = "blog:3000", project: str = "p") -> Service:
-    return Service(name=host, host=host, target=target, project=project)
+def service(host: str, target: str = "blog:3000", project: str = "p", **kw: object) -> Service:
+    return Service(name=host, host=host, target=target, project=project, created_at=AT,
+                   updated_at=AT, **kw)
 
 
-def add(host: str):
+def entry(target: str = "blog:3000", healthy: bool | None = True, checked: datetime.datetime = AT,
+          changed: datetime.datetime = AT, **kw: object) -> HealthEntry:
+    return HealthEntry(target=target, healthy=healthy, checked_at=checked, changed_at=changed,
+                       containers={"10.0.0.2": bool(healthy)}, **kw)
+
+
+def add(host: str, target: str = "blog:3000"):
     def change(state: State) -> None:
-        state.services[host] = service(host)
+        state.services[host] = service(host, target)
 
     return change
 
 
-def temp_files(path: Path) -> list[Path]:
-    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+def seed(path: Path, *hosts: str) -> None:
+    """Write ``hosts`` and close the connection (nothing open across a later fork)."""
+    store = Store(path)
+    try:
+        with store.transaction() as tx:
+            for host in hosts:
+                tx.put(service(host))
+    finally:
+        store.close()
 
 
-# ---------------------------------------------------------------------------- read / write
+def hosts_of(path: Path) -> list[str]:
+    store = Store(path)
+    try:
+        return sorted(store.read().services)
+    finally:
+        store.close()
 
 
-def test_read_missing_file_is_empty_state(tmp_path: Path) -> None:
-    store = Store(tmp_path / "nope" / "state.json")
-    state = store.read()
-    assert state == State()
-    assert state.services == {}
-    assert not (tmp_path / "nope").exists()  # reading creates nothing
+def integrity(path: Path) -> str:
+    """``PRAGMA integrity_check`` of the registry of ``path``, on a connection of its own."""
+    db = sqlite3.connect(db_path(path))
+    try:
+        return db.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        db.close()
+
+
+# ---------------------------------------------------------------------------- paths
 
 
 def test_default_state_path_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LUMA_PROXY_STATE", "/tmp/x/state.json")
     assert default_state_path() == "/tmp/x/state.json"
     monkeypatch.delenv("LUMA_PROXY_STATE")
+    monkeypatch.delenv("LUMA_PROXY_IMAGE", raising=False)
     assert default_state_path() == "/var/lib/luma-proxy/state.json"
 
 
-def test_update_writes_and_round_trips(tmp_path: Path) -> None:
-    path = tmp_path / "sub" / "state.json"
+@pytest.mark.parametrize(("state", "db"), [
+    ("/x/state.json", "/x/state.db"), ("/x/state.db", "/x/state.db"),
+    ("/x/registry", "/x/registry.db"), ("/x/state.yaml", "/x/state.yaml.db"),
+])
+def test_db_path(state: str, db: str) -> None:
+    assert db_path(state) == Path(db)
+    assert Store(state).db_path == Path(db)
+
+
+# ---------------------------------------------------------------------------- read / write
+
+
+def test_missing_database_is_an_empty_registry(tmp_path: Path) -> None:
+    path = tmp_path / "nope" / "state.json"
+    # Read-only commands (create=False) create nothing.
+    store = Store(path, create=False)
+    assert store.read() == State()
+    assert store.read_health() == {}
+    assert store.generation() == 0
+    assert not (tmp_path / "nope").exists()
+    # Any other use creates it, empty.
     store = Store(path)
-    assert store.update(lambda s: s.services.setdefault("blog.com", service("blog.com"))).host
-    assert path.exists()
-    state = store.read()
-    assert list(state.services) == ["blog.com"]
-    assert state.services["blog.com"].target == "blog:3000"
-    assert json.loads(path.read_bytes())["version"] == STATE_VERSION
-    assert path.read_bytes() == dump_state(state)
+    assert store.open() is None  # nothing was imported
+    assert store.read() == State()
+    snapshot = store.snapshot()
+    assert (snapshot.routes_gen, snapshot.health_gen) == (0, 0)
+    assert snapshot.services == [] and snapshot.health == []
+    assert Settings.model_validate_json(snapshot.settings) == Settings()
+    assert store.db_path.exists() and store.read_only_reason() is None
 
 
-def test_update_returns_change_result(tmp_path: Path) -> None:
-    store = Store(tmp_path / "state.json")
+def test_update_round_trips_and_returns_the_change_result(tmp_path: Path) -> None:
+    store = Store(tmp_path / "sub" / "state.json")
+    assert store.update(lambda s: s.services.setdefault("blog.com", service("blog.com"))).host \
+        == "blog.com"
     assert store.update(lambda s: 42) == 42
+    assert store.db_path == tmp_path / "sub" / "state.db"
+
+    def staging(state: State) -> None:
+        state.settings.acme_staging = True
+        state.services["b.com"] = service("b.com", "b:1", hsts=False, networks=["n1"])
+
+    store.update(staging)
+    again = Store(store.path).read()  # another connection reads what was committed
+    assert list(again.services) == ["blog.com", "b.com"]
+    assert again.services["blog.com"] == service("blog.com")
+    assert again.services["b.com"] == service("b.com", "b:1", hsts=False, networks=["n1"])
+    assert again.settings.acme_staging is True
+
+    store.update(lambda s: s.services.pop("blog.com"))
+    assert list(Store(store.path).read().services) == ["b.com"]
 
 
-def test_update_mode_0600_and_atomic_rename(tmp_path: Path) -> None:
+def test_transaction_round_trips_rows(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.json")
+    with store.transaction() as tx:
+        assert tx.service("a.test") is None and tx.health("a.test") is None
+        tx.put(service("a.test", "a:1"))
+        tx.put(service("b.test", "b:1"))
+        tx.put_health("a.test", entry("a:1"))
+        tx.set_settings(Settings(acme_email="ops@example.com"))
+        assert tx.service("a.test") == service("a.test", "a:1")  # its own writes, at once
+    other = Store(store.path)
+    with other.transaction() as tx:
+        assert list(tx.services()) == ["a.test", "b.test"]
+        assert tx.service("b.test") == service("b.test", "b:1")
+        assert tx.health("a.test") == entry("a:1")
+        assert tx.all_health() == {"a.test": entry("a:1")}
+        assert tx.health_hosts() == {"a.test"}
+        assert tx.settings().acme_email == "ops@example.com"
+        assert tx.delete("b.test") is True
+        assert tx.delete("b.test") is False
+        assert tx.delete_health("a.test") is True
+        assert tx.delete_health("a.test") is False
+    assert list(store.read().services) == ["a.test"]
+    assert store.read_health() == {}
+
+
+def test_read_health_and_observed(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.json")
+    with store.transaction() as tx:
+        tx.put(service("a.test", "a:1"))
+        tx.put(service("b.test", "b:1"))
+        tx.put_health("a.test", entry("a:1", healthy=False, last_error="HTTP 503"))
+        tx.put_health("b.test", entry("old:1"))  # observed for another target
+        tx.put_health("gone.test", entry("g:1"))  # no such service
+    assert set(store.read_health()) == {"a.test", "b.test", "gone.test"}
+    observed = store.observed(store.read())
+    assert list(observed) == ["a.test"]
+    assert (observed["a.test"].healthy, observed["a.test"].last_error) == (False, "HTTP 503")
+    assert observed["a.test"].checked_at == AT
+
+
+def test_routing_keys_without_validating_every_service(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     store = Store(path)
-    old_umask = os.umask(0)  # a permissive umask must not leak into the file mode
+    services = [service("a.test", "a:1"), service("b.test", "b:2", health_path="/hz", ssl=False)]
+    with store.transaction() as tx:
+        for s in services:
+            tx.put(s)
+        assert tx.routing_keys() == {s.host: s.routing_key() for s in services}
+    # A row that does not validate (a hand edit) still has its key.
+    db = sqlite3.connect(db_path(path))
+    with db:
+        db.execute("UPDATE services SET data = ? WHERE host = 'b.test'", (json.dumps(
+            {"host": "b.test", "target": "nope", "health_path": "/hz", "ssl": False}),))
+    db.close()
+    with store.transaction() as tx:
+        assert tx.routing_keys()["b.test"] == ("nope", "/hz", "b.test", False)
+        with pytest.raises(ValueError, match=r"service 'b\.test' is invalid"):
+            tx.services()
+
+
+def test_dry_run_changes_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.json")
+    seed(store.path, "a.test")
+    before, generation = store.export_json(), store.generation()
+
+    def change(tx) -> int:
+        tx.put(service("b.test"))
+        tx.delete("a.test")
+        return len(tx.services())
+
+    assert store.dry_run(change) == 1
+    assert store.export_json() == before and store.generation() == generation
+
+
+def test_database_mode_0600_with_its_wal_files(tmp_path: Path) -> None:
+    path = tmp_path / "reg" / "state.json"
+    old_umask = os.umask(0)  # a permissive umask must not leak into the modes
     try:
+        store = Store(path)
         store.update(add("a.com"))
+        files = [store.db_path, *(Path(f"{store.db_path}{s}") for s in ("-wal", "-shm"))]
+        assert all(f.exists() for f in files), sorted(p.name for p in path.parent.iterdir())
+        for f in files:
+            assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        Store(path).update(add("b.com"))  # another connection, still 0600
+        for f in files:
+            assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
     finally:
         os.umask(old_umask)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    inode = path.stat().st_ino
-    store.update(add("b.com"))
-    # A new file was renamed over the old one (not rewritten in place) ...
-    assert path.stat().st_ino != inode
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    # ... and no temp file is left behind.
-    assert temp_files(path) == []
-    assert sorted(store.read().services) == ["a.com", "b.com"]
 
 
-def test_noop_update_does_not_rewrite(tmp_path: Path) -> None:
+def test_change_that_raises_changes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     store = Store(path)
-    store.update(add("a.com"))
-    before = store.signature()
-    store.update(lambda s: None)
-    assert store.signature() == before
-
-
-def test_change_that_raises_leaves_file_byte_identical(tmp_path: Path) -> None:
-    path = tmp_path / "state.json"
-    store = Store(path)
-    store.update(add("a.com"))
-    data = path.read_bytes()
-    signature = store.signature()
+    with store.transaction() as tx:
+        tx.put(service("a.com"))
+        tx.put_health("a.com", entry())
+    before, generation = store.export_json(), store.snapshot()
 
     def bad(state: State) -> None:
         state.services.clear()
         state.services["evil.com"] = service("evil.com")
+        state.settings.acme_staging = True
         raise ValueError("nope")
 
     with pytest.raises(ValueError, match="nope"):
         store.update(bad)
-    assert path.read_bytes() == data
-    assert store.signature() == signature
-    assert temp_files(path) == []
+    with pytest.raises(RuntimeError, match="abort"), store.transaction() as tx:
+        tx.delete("a.com")
+        tx.delete_health("a.com")
+        tx.put(service("evil.com"))
+        raise RuntimeError("abort")
+    assert store.export_json() == before
+    assert Store(path).export_json() == before  # as another connection sees it
+    assert store.snapshot() == generation
+    store.update(add("b.com"))  # and the store is still usable
+    assert sorted(store.read().services) == ["a.com", "b.com"]
 
 
-def test_change_that_raises_on_missing_file_creates_nothing(tmp_path: Path) -> None:
+def test_change_that_raises_on_a_new_registry_leaves_no_rows(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
 
     def bad(state: State) -> None:
@@ -136,25 +280,156 @@ def test_change_that_raises_on_missing_file_creates_nothing(tmp_path: Path) -> N
 
     with pytest.raises(RuntimeError):
         Store(path).update(bad)
-    assert not path.exists()
+    snapshot = Store(path).snapshot()
+    assert (snapshot.routes_gen, snapshot.health_gen) == (0, 0)
+    assert snapshot.services == [] and snapshot.health == []
 
 
-def test_update_refuses_corrupt_file_without_touching_it(tmp_path: Path) -> None:
+# ---------------------------------------------------------------------------- generations
+
+
+def gens(snapshot) -> dict[str, int]:
+    return {host: gen for host, gen, *_ in snapshot.services}
+
+
+def test_routes_generation_moves_on_service_changes_only(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.json")
+    with store.transaction() as tx:
+        tx.put(service("a.test"))
+        tx.put(service("b.test"))
+    one = store.snapshot()
+    assert (one.routes_gen, one.health_gen) == (1, 0)
+    assert gens(one) == {"a.test": 1, "b.test": 1}
+    assert store.generation() == 1
+
+    with store.transaction() as tx:  # the same service again: nothing moves
+        tx.put(tx.service("a.test"))
+    store.update(lambda s: None)
+    assert store.snapshot(one.routes_gen, one.health_gen).services == []
+    assert store.generation() == 1
+
+    with store.transaction() as tx:  # one row changes: its generation, not the other's
+        tx.put(service("b.test", "new:1"))
+    two = store.snapshot(one.routes_gen, one.health_gen)
+    assert two.routes_gen == 2 and gens(two) == {"a.test": 1, "b.test": 2}
+
+    with store.transaction() as tx:  # health only: the routes do not move
+        tx.put_health("a.test", entry())
+    three = store.snapshot(two.routes_gen, two.health_gen)
+    assert (three.routes_gen, three.health_gen) == (2, 1)
+    assert three.services == [] and [h for h, *_ in three.health] == ["a.test"]
+
+    store.update(lambda s: setattr(s.settings, "acme_staging", True))  # settings are routes
+    four = store.snapshot(three.routes_gen, three.health_gen)
+    assert (four.routes_gen, four.health_gen) == (3, 1) and four.health == []
+    assert Settings.model_validate_json(four.settings).acme_staging is True
+    assert gens(four) == {"a.test": 1, "b.test": 2}
+
+    with store.transaction() as tx:
+        assert not tx.delete("nothing.test")  # deleting nothing moves nothing
+    assert store.generation() == 3
+    with store.transaction() as tx:
+        tx.delete("b.test")
+    assert store.generation() == 4 and gens(store.snapshot()) == {"a.test": 1}
+
+
+def test_health_generation_moves_on_observations_not_on_checked_at(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.json")
+    with store.transaction() as tx:
+        tx.put(service("a.test"))
+        tx.put(service("b.test"))
+        tx.put_health("a.test", entry())
+        tx.put_health("b.test", entry())
+    one = store.snapshot()
+    assert (one.routes_gen, one.health_gen) == (1, 1)
+
+    # A round that only moves checked_at: stored, but no generation moves and a reader
+    # that asks what moved since gets no rows.
+    with store.transaction() as tx:
+        tx.put_health("a.test", entry(checked=LATER))
+        tx.put_health("b.test", entry(checked=LATER))
+    same = store.snapshot(one.routes_gen, one.health_gen)
+    assert (same.routes_gen, same.health_gen) == (1, 1)
+    assert same.services == [] and same.health == []
+    assert {h: e.checked_at for h, e in store.read_health().items()} == {
+        "a.test": LATER, "b.test": LATER}
+
+    # An observation changes: health moves, for that row only; routes do not.
+    with store.transaction() as tx:
+        tx.put_health("a.test", entry(healthy=False, checked=LATER, changed=LATER,
+                                      last_error="HTTP 503"))
+        tx.put_health("b.test", entry(checked=LATER))
+    two = store.snapshot(same.routes_gen, same.health_gen)
+    assert (two.routes_gen, two.health_gen) == (1, 2) and two.services == []
+    rows = {host: (gen, checked) for host, gen, _data, checked in two.health}
+    assert rows == {"a.test": (2, LATER.isoformat()), "b.test": (1, LATER.isoformat())}
+
+    with store.transaction() as tx:  # removing an entry is a change too
+        tx.delete_health("b.test")
+    assert store.snapshot(two.routes_gen, two.health_gen).health_gen == 3
+
+
+def test_snapshot_returns_only_what_moved(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.json")
+    with store.transaction() as tx:
+        tx.put(service("a.test"))
+        tx.put_health("a.test", entry())
+    full = store.snapshot()
+    assert len(full.services) == 1 and len(full.health) == 1
+    assert store.snapshot(full.routes_gen, -1).services == []
+    assert len(store.snapshot(full.routes_gen, -1).health) == 1
+    assert len(store.snapshot(-1, full.health_gen).services) == 1
+    assert store.snapshot(-1, full.health_gen).health == []
+
+
+# ---------------------------------------------------------------------------- broken databases
+
+
+@pytest.mark.parametrize("create", [True, False])
+def test_corrupt_database_is_a_one_line_error(tmp_path: Path, create: bool) -> None:
     path = tmp_path / "state.json"
-    path.write_bytes(b'{"version": 1, "services": {')
-    with pytest.raises(RegistryError):
-        Store(path).update(add("a.com"))
-    assert path.read_bytes() == b'{"version": 1, "services": {'
+    seed(path, "a.test")
+    garbage = random.Random(7).randbytes(8192)
+    db_path(path).write_bytes(garbage)
+    for use in (lambda s: s.read(), lambda s: s.open(), lambda s: s.snapshot(),
+                lambda s: s.export_json(), lambda s: s.update(lambda state: None)):
+        with pytest.raises(RegistryError) as info:
+            use(Store(path, create=create))
+        message = str(info.value)
+        assert "\n" not in message and "state.db" in message, message
+    assert db_path(path).read_bytes() == garbage  # left for a person to look at
 
 
-def test_read_directory_is_registry_error(tmp_path: Path) -> None:
+def test_corrupt_database_is_an_error_even_with_a_json_state_beside_it(tmp_path: Path) -> None:
+    """A damaged registry must not be replaced, silently, by whatever JSON file is beside it
+    (one a later Go proxy wrote, a backup put back): the proxy would serve those routes
+    and ``list`` would show them as if nothing were wrong.
+    """
+    path = tmp_path / "state.json"
+    seed(path, "a.test")
+    db_path(path).write_bytes(random.Random(7).randbytes(8192))
+    path.write_bytes(EXAMPLE.read_bytes())
+    with pytest.raises(RegistryError, match=r"state\.db"):
+        Store(path).read()
+
+
+def test_database_path_that_is_a_directory_is_a_one_line_error(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    db_path(path).mkdir()
+    with pytest.raises(RegistryError) as info:
+        Store(path).read()
+    assert "cannot open the registry" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_state_json_that_is_a_directory_is_a_one_line_error(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     path.mkdir()
     with pytest.raises(RegistryError, match="cannot read state file"):
         Store(path).read()
+    assert not db_path(path).exists()
 
 
-# ---------------------------------------------------------------------------- parse_state
+# ---------------------------------------------------------------------------- parse_json
 
 
 def _valid_service(host: str = "a.com") -> dict:
@@ -174,6 +449,7 @@ def _valid_service(host: str = "a.com") -> dict:
         (b"null", "not a JSON object"),
         (b'{"version": 99}', "version 99"),
         (b'{"version": "1"}', "version '1'"),
+        (b'{"version": 2, "services": {}}', "version 2"),
         (
             json.dumps({"services": {"a.com": {**_valid_service(), "target": "blog"}}}).encode(),
             "invalid at services.a.com.target",
@@ -183,6 +459,7 @@ def _valid_service(host: str = "a.com") -> dict:
             "invalid at services.a.com",
         ),
         (b'{"services": []}', "invalid at services"),
+        (b'{"services": {}, "settings": {"acme_staging": "maybe"}}', "invalid at settings"),
         (
             json.dumps({"services": {"b.com": _valid_service("a.com")}}).encode(),
             "key 'b.com' != host 'a.com'",
@@ -192,23 +469,78 @@ def _valid_service(host: str = "a.com") -> dict:
             json.dumps({"services": {"A.com": _valid_service("A.com")}}).encode(),
             "key 'A.com' != host 'a.com'",
         ),
+        # Neither ours nor the Go proxy's: an error, never an empty registry.
+        (b'{"routes": {"a.com": "a:80"}}', "unknown layout"),
+        (b'{"hosts": []}', "unknown layout"),
+        (b'{"version": 1, "hosts": {}}', "unknown layout"),
+        (b'{"projects": "nope"}', "'projects' is not an object"),
+        (b'{"projects": {"p": {"hosts": 3}}}', "project 'p' has no 'hosts' object"),
     ],
 )
-def test_parse_state_errors(data: bytes, fragment: str) -> None:
+def test_parse_json_errors_are_one_line(data: bytes, fragment: str) -> None:
     with pytest.raises(RegistryError) as info:
-        parse_state(data)
+        parse_json(data)
     message = str(info.value)
     assert fragment in message
     assert "\n" not in message
-    assert message.startswith("state file")
+    assert message.startswith(("state file", "Go state file"))
 
 
-def test_parse_state_ok_and_version_default() -> None:
-    state = parse_state(json.dumps({"services": {"a.com": _valid_service()}}).encode())
-    assert state.version == STATE_VERSION
+@pytest.mark.parametrize("health", [[1], "x", 3, True])
+def test_parse_json_health_that_is_not_an_object(health: object) -> None:
+    """What ``export`` writes has a ``health`` object; anything else there is ignored or
+    explained in one line, never an ``AttributeError`` (a traceback from every command
+    while such a file waits to be imported).
+    """
+    data = json.dumps({"services": {"a.com": _valid_service()}, "health": health}).encode()
+    try:
+        state, entries, _notes = parse_json(data)
+    except RegistryError as e:
+        assert "\n" not in str(e)
+    else:
+        assert list(state.services) == ["a.com"] and entries == {}
+
+
+def test_parse_json_ok() -> None:
+    state, health, notes = parse_json(json.dumps({"services": {"a.com": _valid_service()}})
+                                      .encode())
+    assert state.version == STATE_VERSION and notes == [] and health == {}
     assert state.services["a.com"].target == "blog:80"
-    assert parse_state(b"{}") == State()
-    assert parse_state(dump_state(state)) == state
+    assert parse_json(b"{}") == (State(), {}, [])
+    assert parse_json(b'{"version": 1}') == (State(), {}, [])
+    go_state, go_health, go_notes = parse_json(EXAMPLE.read_bytes())
+    assert sorted(go_state.services) == ["api.example.com", "blog.example.com",
+                                         "other.example.org"]
+    assert go_health == {} and go_notes == []
+
+
+def test_parse_json_reads_what_export_writes(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.json")
+    with store.transaction() as tx:
+        tx.put(service("a.test", "a:1"))
+        tx.put(service("b.test", "b:1"))
+        tx.put_health("a.test", entry("a:1", healthy=False))
+        tx.put_health("b.test", entry("stale:1"))  # not in force: not exported
+        tx.set_settings(Settings(acme_staging=True))
+    state, health, notes = parse_json(store.export_json())
+    assert state == store.read() and notes == []
+    assert health == {"a.test": entry("a:1", healthy=False)}
+
+
+def test_parse_json_takes_health_kept_inside_entries_by_early_versions() -> None:
+    raw = {"version": 1, "services": {
+        "a.test": {**_valid_service("a.test"), "target": "a:1",
+                   "health": {"healthy": False, "checked_at": AT.isoformat(),
+                              "last_error": "HTTP 503", "containers": {"10.0.0.2": False}}},
+        "b.test": {**_valid_service("b.test"), "health": {"healthy": "maybe"}},  # ignored
+        "c.test": {**_valid_service("c.test"), "health": None},
+    }}
+    state, health, _ = parse_json(json.dumps(raw, indent=2).encode())
+    assert set(state.services) == {"a.test", "b.test", "c.test"}
+    assert list(health) == ["a.test"]
+    legacy = health["a.test"]
+    assert (legacy.healthy, legacy.last_error, legacy.checked_at) == (False, "HTTP 503", AT)
+    assert legacy.matches(state.services["a.test"])
 
 
 # ---------------------------------------------------------------------------- concurrency
@@ -222,7 +554,7 @@ def _add_host(path: str, host: str, barrier) -> None:
 @pytest.mark.spawns
 def test_forty_processes_each_add_a_host(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
-    Store(path).update(add("seed.com"))
+    seed(path, "seed.com")
     hosts = [f"h{i}.example" for i in range(40)]
     barrier = CTX.Barrier(len(hosts))
     procs = [CTX.Process(target=_add_host, args=(str(path), h, barrier)) for h in hosts]
@@ -231,8 +563,62 @@ def test_forty_processes_each_add_a_host(tmp_path: Path) -> None:
     for p in procs:
         p.join(timeout=60)
     assert [p.exitcode for p in procs] == [0] * len(procs)
-    assert sorted(Store(path).read().services) == sorted([*hosts, "seed.com"])
-    assert temp_files(path) == []
+    assert hosts_of(path) == sorted([*hosts, "seed.com"])
+    assert integrity(path) == "ok"
+
+
+@pytest.fixture
+def quick_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory on tmpfs if there is one (fsync costs nothing: many more rounds a
+    second), else tmp_path."""
+    if not os.access("/dev/shm", os.W_OK):
+        yield tmp_path
+        return
+    directory = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="luma-test-"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize("existing", ["nothing", "go-state"])
+def test_first_use_by_two_writers_at_once(quick_dir: Path, existing: str) -> None:
+    """Two writers (the CLI, proxy workers starting) meeting a registry that does not exist
+    yet both succeed, and the JSON state is imported exactly once.
+
+    Threads with a connection each take the same SQLite file locks as processes, and
+    meet in the window far more often. Before the database was built under a temporary
+    name and linked into place, two connections switching a new file to WAL at once
+    failed about one round in 15 here (``database is locked``, ``disk I/O error``).
+    """
+    go_hosts = ["api.example.com", "blog.example.com", "other.example.org"]
+    for round_ in range(300):
+        path = quick_dir / str(round_) / "state.json"
+        path.parent.mkdir()
+        if existing == "go-state":
+            path.write_bytes(EXAMPLE.read_bytes())
+        barrier = threading.Barrier(2)
+        errors: list[str] = []
+
+        def write(host: str, path: Path = path, barrier: threading.Barrier = barrier,
+                  errors: list[str] = errors) -> None:
+            barrier.wait(timeout=10)
+            store = Store(path)
+            try:
+                store.update(add(host))
+            except RegistryError as e:
+                errors.append(str(e))
+            finally:
+                store.close()
+
+        threads = [threading.Thread(target=write, args=(h,)) for h in ("a.test", "b.test")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert errors == [], f"round {round_}: {errors}"
+        expected = ["a.test", "b.test", *(go_hosts if existing == "go-state" else [])]
+        assert hosts_of(path) == sorted(expected), f"round {round_}"
 
 
 @pytest.mark.spawns
@@ -241,8 +627,7 @@ def test_concurrent_cli_deploy_and_remove(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     exe = Path(sys.executable).parent / "luma-proxy"
     old = [f"old{i}.example" for i in range(2)]
-    for h in old:
-        Store(path).update(add(h))
+    seed(path, *old)
     new = [f"new{i}.example" for i in range(4)]
     env = {**os.environ, "LUMA_PROXY_STATE": str(path)}
     procs = [
@@ -257,359 +642,132 @@ def test_concurrent_cli_deploy_and_remove(tmp_path: Path) -> None:
     for p in procs:
         _out, err = p.communicate(timeout=60)
         assert p.returncode == 0, err
-    assert sorted(Store(path).read().services) == sorted(new)
+    assert hosts_of(path) == sorted(new)
 
 
-# Holds the lock and stops for good right after the temp file is written, inside update().
+# Opens a transaction, writes 1000 rows and stops for good before the commit.
 _STUCK_WRITER = textwrap.dedent(
     """
-    import os, sys, time
-    import luma_proxy.registry as registry
+    import sys, time
     from luma_proxy.models import Service
+    from luma_proxy.registry import Store
 
-    real_replace = os.replace
-
-    def stuck_replace(src, dst):
-        sys.stdout.write("in-write\\n")
+    with Store(sys.argv[1]).transaction() as tx:
+        for i in range(1000):
+            tx.put(Service(name="k", host=f"k{i}.test", target="k:1", project="p"))
+        tx.delete("a.com")
+        sys.stdout.write("in-transaction\\n")
         sys.stdout.flush()
         time.sleep(60)
-        real_replace(src, dst)
-
-    registry.os.replace = stuck_replace
-
-    def change(state):
-        state.services["killed.com"] = Service(
-            name="k", host="killed.com", target="k:1", project="p")
-
-    registry.Store(sys.argv[1]).update(change)
     """
 )
 
 
 @pytest.mark.spawns
-def test_sigkilled_writer_leaves_old_file_and_temp_is_cleaned(tmp_path: Path) -> None:
+def test_sigkilled_writer_leaves_the_last_commit(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
-    store = Store(path)
-    store.update(add("a.com"))
-    before = path.read_bytes()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _STUCK_WRITER, str(path)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
+    seed(path, "a.com")
+    before = Store(path).export_json()
+    proc = subprocess.Popen([sys.executable, "-c", _STUCK_WRITER, str(path)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
-        assert line == b"in-write\n", proc.stderr.read() if proc.stderr else b""
-        # The writer holds the lock and has a fully written temp file; kill it now.
-        leftovers = temp_files(path)
-        assert len(leftovers) == 1
-        assert b"killed.com" in leftovers[0].read_bytes()
+        assert line == b"in-transaction\n", proc.stderr.read() if proc.stderr else b""
+        # Readers go on while the writer holds the write lock, and see the last commit.
+        assert hosts_of(path) == ["a.com"]
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
         proc.kill()
         proc.wait()
-    assert path.read_bytes() == before  # the rename never happened
-    assert "killed.com" not in store.read().services
+    assert integrity(path) == "ok"
+    assert Store(path).export_json() == before  # none of the change
+    # The lock died with the process: the next writer does not wait for it.
+    started = time.monotonic()
+    seed(path, "b.com")
+    assert time.monotonic() - started < 5
+    assert hosts_of(path) == ["a.com", "b.com"]
+    assert integrity(path) == "ok"
 
-    # The lock died with the process: the next write neither blocks nor keeps the litter.
-    child = CTX.Process(target=_add_host, args=(str(path), "b.com", CTX.Barrier(1)))
-    child.start()
-    child.join(timeout=10)
-    assert child.exitcode == 0, "next writer blocked on a dead writer's lock"
-    assert sorted(store.read().services) == ["a.com", "b.com"]
-    assert temp_files(path) == []
+
+BATCH = 20  # rows every transaction of _write_loop rewrites
 
 
 def _write_loop(path: str, start: int) -> None:
+    """Rewrite the same BATCH rows to a new target, one transaction each, for ever."""
     store = Store(path)
-    i = start
+    n = start
     while True:
-        store.update(add(f"h{i}.example"))
-        i += 1
-        if i % 20 == 0:  # keep the file small so each write stays quick
-            store.update(lambda s: s.services.clear())
+        with store.transaction() as tx:
+            for i in range(BATCH):
+                tx.put(service(f"h{i}.example", f"r{n}:1"))
+            if n % 7 == 0:  # and now and then a delete and an add in the same change
+                tx.delete("extra.example")
+            else:
+                tx.put(service("extra.example", f"r{n}:1"))
+        n += 1
+
+
+def _batch_targets(path: Path) -> set[str]:
+    """The targets of the batch rows; more than one means a half-applied change."""
+    store = Store(path)
+    try:
+        state = store.read()
+    finally:
+        store.close()
+    batch = [s for h, s in state.services.items() if h != "extra.example"]
+    assert len(batch) == BATCH
+    return {s.target for s in batch}
 
 
 @pytest.mark.spawns
-def test_writers_killed_at_random_moments_never_corrupt(tmp_path: Path) -> None:
+def test_writers_killed_at_random_moments_leave_all_or_nothing(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
-    store = Store(path)
-    store.update(add("seed.example"))
+    seed(path, *(f"h{i}.example" for i in range(BATCH)))
     rng = random.Random(1234)
+    seen: set[str] = set()
     for round_ in range(25):
-        proc = CTX.Process(target=_write_loop, args=(str(path), round_ * 1000))
+        proc = CTX.Process(target=_write_loop, args=(str(path), (round_ + 1) * 1000))
         proc.start()
-        time.sleep(rng.uniform(0.005, 0.04))
+        time.sleep(rng.uniform(0.005, 0.06))
         os.kill(proc.pid, signal.SIGKILL)
         proc.join(timeout=10)
         assert proc.exitcode == -signal.SIGKILL
-        parse_state(path.read_bytes())  # raises RegistryError on a broken file
-    # Whatever was left by the killed writers is removed by the next write.
-    store.update(add("final.example"))
-    assert temp_files(path) == []
-    assert "final.example" in store.read().services
+        assert integrity(path) == "ok"
+        targets = _batch_targets(path)
+        assert len(targets) == 1, f"round {round_}: half a change is visible: {targets}"
+        seen |= targets
+    assert len(seen) > 5, "the writers were killed before they wrote anything"
+    seed(path, "final.example")  # the next writer is not stuck on a dead one's lock
+    assert "final.example" in hosts_of(path)
 
 
 @pytest.mark.spawns
-def test_reader_never_sees_a_broken_file(tmp_path: Path) -> None:
+def test_reader_never_sees_a_half_applied_change(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
-    store = Store(path)
-    store.update(add("seed.example"))
+    seed(path, *(f"h{i}.example" for i in range(BATCH)))
     writer = CTX.Process(target=_write_loop, args=(str(path), 0))
-    writer.start()
-    versions: set[frozenset[str]] = set()
+    writer.start()  # before this process opens its own connection
+    store = Store(path)
+    versions: set[int] = set()
     reads = 0
     try:
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
             state = store.read()  # RegistryError here fails the test
-            versions.add(frozenset(state.services))
+            batch = {s.target for h, s in state.services.items() if h != "extra.example"}
+            assert len(batch) == 1 and len(state.services) in (BATCH, BATCH + 1), batch
+            snapshot = store.snapshot()
+            rows = [(gen, json.loads(data)["target"]) for host, gen, data in snapshot.services
+                    if host != "extra.example"]
+            assert len({target for _gen, target in rows}) == 1, rows
+            assert len({gen for gen, _target in rows}) == 1, rows  # one commit wrote them
+            versions.add(snapshot.routes_gen)
             reads += 1
     finally:
         writer.kill()
         writer.join(timeout=10)
+        store.close()
     assert reads > 50
     assert len(versions) > 5, "the writer did not actually write while we read"
-
-
-# ---------------------------------------------------------------------------- incremental reads
-AT = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
-
-
-def state_with(targets: dict[str, str], **settings: object) -> State:
-    state = State()
-    state.settings = state.settings.model_copy(update=settings)
-    for host, target in targets.items():
-        state.services[host] = Service(name="x", host=host, target=target, project="p",
-                                       created_at=AT, updated_at=AT)
-    return state
-
-
-def indented(state: State) -> bytes:
-    """The layout of earlier versions (and of ``jq .``): one field per line."""
-    return json.dumps(json.loads(dump_state(state)), indent=2).encode()
-
-
-def test_dump_state_is_one_service_per_line() -> None:
-    from luma_proxy.registry import split_layout
-
-    state = state_with({"a.test": "a:1", "b.test": "b:1"}, acme_staging=True)
-    data = dump_state(state)
-    lines = data.decode().splitlines()
-    assert lines[0] == "{" and lines[-2:] == ["  }", "}"]
-    assert [line.split('"')[1] for line in lines if line.startswith("    ")] == ["a.test", "b.test"]
-    assert "\"health\":" not in data.decode()
-    head, members = split_layout(data)
-    assert head == {"version": STATE_VERSION, "settings": state.settings.model_dump(mode="json")}
-    assert len(members) == 2
-    assert parse_state(data) == state
-    empty = dump_state(State())
-    assert split_layout(empty)[1] == [] and parse_state(empty) == State()
-
-
-@pytest.mark.parametrize("layout", [dump_state, indented], ids=["lines", "indented"])
-def test_state_reader_matches_parse_state_and_reuses_unchanged_services(layout) -> None:
-    from luma_proxy.registry import StateReader
-
-    reader = StateReader()
-    first = layout(state_with({"a.test": "a:1", "b.test": "b:1"}))
-    one = reader.parse(first)
-    assert one == parse_state(first)
-
-    second = layout(state_with({"a.test": "a:1", "b.test": "b:2", "c.test": "c:1"}))
-    two = reader.parse(second)
-    assert two == parse_state(second)
-    assert two.services["a.test"] is one.services["a.test"]  # unchanged: not validated again
-    assert two.services["b.test"] is not one.services["b.test"]
-    assert list(two.services) == ["a.test", "b.test", "c.test"]
-
-    third = layout(state_with({"c.test": "c:1", "a.test": "a:1"}, acme_staging=True))
-    three = reader.parse(third)
-    assert three == parse_state(third)
-    assert three.settings.acme_staging is True
-    assert three.services["c.test"] is two.services["c.test"]
-
-    for broken in (b"{", b'{"version": 2}', b'{"services": {"x.test": {"host": "y.test"}}}',
-                   first.replace(b'"a:1"', b'"a:0"'),
-                   first.replace(b'"version": 1', b'"version": 3'),
-                   first.replace(b'"a.test": {', b'"z.test": {')):
-        with pytest.raises(RegistryError) as caught:
-            reader.parse(broken)
-        with pytest.raises(RegistryError) as direct:
-            parse_state(broken)
-        assert str(caught.value) == str(direct.value)
-    assert reader.parse(third) == parse_state(third)  # and it recovers
-
-
-def test_state_reader_validates_only_changed_lines(monkeypatch: pytest.MonkeyPatch) -> None:
-    from luma_proxy.registry import StateReader
-
-    targets = {f"h{i}.test": f"app{i}:3000" for i in range(500)}
-    reader = StateReader()
-    reader.parse(dump_state(state_with(targets)))
-    validated: list[object] = []
-    original = Service.model_validate.__func__  # type: ignore[attr-defined]
-    monkeypatch.setattr(Service, "model_validate", classmethod(
-        lambda cls, obj, *a, **kw: validated.append(obj) or original(cls, obj, *a, **kw)))
-    state = reader.parse(dump_state(state_with({**targets, "h7.test": "moved:1"})))
-    assert [v["host"] for v in validated] == ["h7.test"]  # type: ignore[index]
-    assert state.services["h7.test"].target == "moved:1"
-
-
-def test_hand_edited_layouts_parse_as_json_does() -> None:
-    """Whatever the file looks like, the reader's view is the one of a full parse."""
-    from luma_proxy.registry import StateReader
-
-    base = dump_state(state_with({"a.test": "a:1", "b.test": "b:1"}))
-    variants = [
-        base.replace(b"\n", b"\r\n"),  # CRLF
-        base.replace(b'"target":"a:1",', b'"target":"a:1",\n'),  # a member over two lines
-        base.replace(b"},\n    \"b.test\"", b'}, "b.test"'),  # two members on one line
-        base.rstrip(b"\n"),  # no final newline
-        base.replace(b'  "services": {\n', b'  "services": {\n    "a.test": {},\n'),  # dup key
-        base.replace(b'"host":"b.test"', b'"host":"b.test","health":{"healthy":false}'),
-    ]
-    reader = StateReader()
-    for data in variants:
-        assert reader.parse(data) == parse_state(data), data
-        assert StateReader().parse(data) == parse_state(data), data
-
-
-def test_old_state_file_with_health_inside_loads_as_legacy_health() -> None:
-    from luma_proxy.registry import StateReader, observed_health
-
-    raw = json.loads(dump_state(state_with({"a.test": "a:1", "b.test": "b:1", "c.test": "c:1"})))
-    raw["services"]["a.test"]["health"] = {"healthy": False, "checked_at": AT.isoformat(),
-                                           "last_error": "HTTP 503", "containers": {"10.0.0.2":
-                                                                                   False}}
-    raw["services"]["b.test"]["health"] = {"healthy": None, "checked_at": None}  # never checked
-    raw["services"]["c.test"]["health"] = {"healthy": "maybe"}  # broken: ignored, not fatal
-    data = json.dumps(raw, indent=2).encode()
-    for state in (parse_state(data), StateReader().parse(data)):
-        assert set(state.services) == {"a.test", "b.test", "c.test"}
-        assert list(state.legacy_health) == ["a.test"]
-        legacy = state.legacy_health["a.test"]
-        assert (legacy.healthy, legacy.last_error, legacy.checked_at) == (False, "HTTP 503", AT)
-        assert legacy.matches(state.services["a.test"])
-        # Without a health file, it is the health in force; with one, it is not.
-        assert observed_health(state, None) == {"a.test": legacy}
-        assert observed_health(state, {}) == {}
-    assert b"\"health\":" not in dump_state(parse_state(data))
-
-
-def test_cli_write_moves_old_health_to_the_health_file(tmp_path: Path) -> None:
-    path = tmp_path / "state.json"
-    raw = json.loads(dump_state(state_with({"a.test": "a:1"})))
-    raw["services"]["a.test"]["health"] = {"healthy": False, "checked_at": AT.isoformat()}
-    path.write_text(json.dumps(raw, indent=2))
-    store = Store(path)
-    assert store.read_health() is None
-    store.update(add("b.test"))
-    assert b"\"health\":" not in path.read_bytes()
-    entries = store.read_health()
-    assert entries is not None and list(entries) == ["a.test"]
-    assert entries["a.test"].healthy is False and entries["a.test"].target == "a:1"
-    assert store.observed(store.read())["a.test"].healthy is False
-    assert stat.S_IMODE(store.health_path.stat().st_mode) == 0o600
-
-
-# ---------------------------------------------------------------------------- the health file
-def entry(target: str, healthy: bool | None = True, at: datetime.datetime = AT):
-    from luma_proxy.models import HealthEntry
-
-    return HealthEntry(target=target, healthy=healthy, checked_at=at, changed_at=at,
-                       containers={"10.0.0.2": bool(healthy)})
-
-
-def test_update_health_writes_only_the_health_file(tmp_path: Path) -> None:
-    path = tmp_path / "state.json"
-    store = Store(path)
-    store.update(add("a.test"))
-    state_bytes, state_inode = path.read_bytes(), path.stat().st_ino
-    assert store.update_health(lambda e: e.setdefault("a.test", entry("blog:3000"))) is not None
-    assert store.health_path == tmp_path / "state.json.health.json"
-    assert path.read_bytes() == state_bytes and path.stat().st_ino == state_inode
-    assert stat.S_IMODE(store.health_path.stat().st_mode) == 0o600
-    assert store.read_health() == {"a.test": entry("blog:3000")}
-    assert store.observed(store.read())["a.test"].healthy is True
-    # Atomic: a new file renamed over the old one, no temp file left, 0600 again.
-    inode = store.health_path.stat().st_ino
-    store.update_health(lambda e: e.update({"b.test": entry("b:1", False)}))
-    assert store.health_path.stat().st_ino != inode
-    assert stat.S_IMODE(store.health_path.stat().st_mode) == 0o600
-    assert sorted(tmp_path.glob(".*.tmp")) == []
-    assert list(store.read_health() or {}) == ["a.test", "b.test"]
-    # Not even the state file's lock is taken: a writer holding it does not block us.
-    import fcntl
-
-    with store.lock_path.open("w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        store.update_health(lambda e: e.pop("b.test"))
-    assert list(store.read_health() or {}) == ["a.test"]
-
-
-def test_update_health_starts_from_seed_and_creates_nothing_empty(tmp_path: Path) -> None:
-    store = Store(tmp_path / "state.json")
-    store.update_health(lambda e: None)
-    assert not store.health_path.exists()
-    store.update_health(lambda e: None, seed={"a.test": entry("a:1")})
-    assert store.read_health() == {"a.test": entry("a:1")}
-    store.update_health(lambda e: None, seed={"b.test": entry("b:1")})  # a file exists: no seed
-    assert list(store.read_health() or {}) == ["a.test"]
-
-
-def test_health_reader_reuses_unchanged_entries_and_skips_bad_ones(tmp_path: Path) -> None:
-    from luma_proxy.registry import HealthReader
-
-    store = Store(tmp_path / "state.json")
-    store.update_health(lambda e: e.update({f"h{i}.test": entry(f"h{i}:1") for i in range(5)}))
-    reader = HealthReader()
-    one = store.read_health(reader)
-    assert one is not None and len(one) == 5
-    later = AT + datetime.timedelta(seconds=30)
-    store.update_health(lambda e: e.update({"h2.test": entry("h2:1", False, later)}))
-    two = store.read_health(reader)
-    assert two is not None
-    assert two["h1.test"] is one["h1.test"]
-    assert two["h2.test"] is not one["h2.test"] and two["h2.test"].healthy is False
-    # A line that does not validate costs that host its entry, not the others theirs.
-    data = store.health_path.read_bytes().replace(b'"target":"h3:1"', b'"target":7')
-    store.health_path.write_bytes(data)
-    three = store.read_health(reader)
-    assert three is not None and sorted(three) == ["h0.test", "h1.test", "h2.test", "h4.test"]
-    # Any other layout is read too (an indented file, e.g. after jq).
-    store.health_path.write_text(json.dumps(json.loads(data), indent=2))
-    assert sorted(HealthReader().parse(store.health_path.read_bytes())) == sorted(three)
-
-
-@pytest.mark.parametrize(("data", "fragment"), [
-    (b"", "empty"), (b"{", "not valid JSON"), (b"[]", "not a JSON object"),
-    (b'{"version": 2, "services": {}}', "version 2"),
-    (b'{\n  "version": 2,\n  "services": {\n  }\n}\n', "version 2"),
-    (b'{"services": []}', "invalid at services"),
-])
-def test_health_file_errors(tmp_path: Path, data: bytes, fragment: str) -> None:
-    from luma_proxy.registry import HealthReader
-
-    with pytest.raises(RegistryError) as info:
-        HealthReader().parse(data)
-    assert fragment in str(info.value) and str(info.value).startswith("health file")
-    # A writer replaces what it cannot read instead of failing forever.
-    store = Store(tmp_path / "state.json")
-    store.health_path.write_bytes(data)
-    store.update_health(lambda e: e.update({"a.test": entry("a:1")}))
-    assert list(store.read_health() or {}) == ["a.test"]
-
-
-def test_state_write_keeps_a_health_writers_temp_file(tmp_path: Path) -> None:
-    """Each file cleans up its own killed writers' temp files, never the other file's."""
-    store = Store(tmp_path / "state.json")
-    mine = tmp_path / ".state.json.abc123xy.tmp"
-    theirs = tmp_path / ".state.json.health.json.abc123xy.tmp"
-    mine.write_bytes(b"x")
-    theirs.write_bytes(b"y")
-    store.update(add("a.test"))
-    assert not mine.exists() and theirs.exists()
-    store.update_health(lambda e: e.update({"a.test": entry("blog:3000")}))
-    assert not theirs.exists()
