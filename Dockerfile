@@ -66,11 +66,11 @@ RUN ln -s /opt/luma-proxy/bin/luma-proxy /usr/local/bin/luma-proxy \
 # Everything the process writes lives under /var/lib/luma-proxy, so the
 # container runs with --read-only (plus a volume there):
 #   LUMA_PROXY_IMAGE  tells luma-proxy it is this image: it picks the registry
-#                     by what is mounted (luma_proxy/paths.py: with only certs/
+#                     by what is mounted (luma_proxy/store/paths.py: with only certs/
 #                     mounted, the Luma CLI's run, the registry lives in
 #                     certs/.luma-proxy/ so that `luma proxy update` keeps it), and
 #                     any command started as root (docker exec) becomes
-#                     LUMA_PROXY_USER first (luma_proxy/startup.py: drop_root)
+#                     LUMA_PROXY_USER first (luma_proxy/runtime/startup.py: drop_root)
 #   HOME              mitmproxy's default confdir is ~/.mitmproxy (its CA)
 #   XDG_*             any library that follows the XDG base directories
 # PYTHONDONTWRITEBYTECODE: the venv is precompiled (unchecked-hash .pyc) and
@@ -87,7 +87,7 @@ ENV LUMA_PROXY_IMAGE=1 \
 
 WORKDIR /var/lib/luma-proxy
 # No VOLUME: an anonymous volume there would look like a mount to luma-proxy
-# (luma_proxy/paths.py) and hide that, under the Luma CLI's run, only certs/
+# (luma_proxy/store/paths.py) and hide that, under the Luma CLI's run, only certs/
 # survives `luma proxy update`. Mount a named volume there yourself
 # (docs/docker.md) to keep everything.
 

@@ -21,15 +21,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from luma_proxy import startup
+from luma_proxy.proxy import engine_patches
+from luma_proxy.runtime import startup
 
-startup.skip_builtin_addon_registry()  # as `luma-proxy run` does, before mitmproxy is imported
+engine_patches.skip_addon_registry()  # as `luma-proxy run` does, before the lean master
 
 from mitmproxy import hooks, http, master, options  # noqa: E402
 
-from luma_proxy import engine  # noqa: E402
-from luma_proxy.runconfig import RunConfig  # noqa: E402
-from luma_proxy.server import lean_addons, modes  # noqa: E402
+from luma_proxy.proxy import engine  # noqa: E402
+from luma_proxy.proxy.server import lean_addons, modes  # noqa: E402
+from luma_proxy.runtime.runconfig import RunConfig  # noqa: E402
 
 
 class NoopRoute:
@@ -75,7 +76,7 @@ def main() -> None:
     parser.add_argument("--https-port", type=int, default=0)
     parser.add_argument("--upstream", required=True, help="IP:PORT every request goes to")
     parser.add_argument("--mitmproxy-dispatch", action="store_true",
-                        help="keep mitmproxy's AddonManager instead of luma_proxy.engine's")
+                        help="keep mitmproxy's AddonManager instead of luma_proxy.proxy.engine's")
     parser.add_argument("--cert", default="", help="PEM (certificate + key) for HTTPS")
     # The same event loop as `luma-proxy run` (uvloop unless LUMA_PROXY_EVENT_LOOP=asyncio).
     asyncio.run(serve(parser.parse_args()), loop_factory=startup.loop_factory(os.environ))

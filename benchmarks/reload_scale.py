@@ -42,11 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mitmproxy.version
 from mitmproxy.test import taddons
 
-from luma_proxy.addon import LumaProxy
+from luma_proxy.health.schedule import write_results
 from luma_proxy.models import Health, HealthEntry, Service
-from luma_proxy.registry import Store
-from luma_proxy.schedule import write_results
-from luma_proxy.view import build_view
+from luma_proxy.proxy.addon import LumaProxy
+from luma_proxy.store.registry import Store
+from luma_proxy.store.view import build_view
 
 EXE = Path(sys.executable).parent / "luma-proxy"
 

@@ -135,9 +135,9 @@ def write_state(state: Path, n: int, certs: int, port: int, ssl_half: bool,
                 ) -> tuple[int, int, str]:
     """n services, half --ssl (or none), ``certs`` of those with their own pair;
     returns (ssl services, pairs stored, an ssl host with its own pair)."""
-    from luma_proxy.certificates import certs_dir, store_pair
     from luma_proxy.models import Service
-    from luma_proxy.registry import Store
+    from luma_proxy.proxy.certificates import certs_dir, store_pair
+    from luma_proxy.store.registry import Store
     from tests.certs import make_pair
 
     hosts = [PROBE] + [f"s{i:05d}.bench.test" for i in range(1, n)]

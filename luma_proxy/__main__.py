@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .startup import (
+from luma_proxy.runtime.startup import (
     DEFAULT_IMAGE_USER,
     IMAGE_USER_ENV,
     drop_root,
@@ -36,7 +36,9 @@ def main() -> None:
         import warnings
 
         warnings.simplefilter("ignore")
-    from .cli import main as cli_main  # heavy: only after the decision above
+    from luma_proxy.cli.commands import (
+        main as cli_main,  # heavy: only after the decision above
+    )
 
     cli_main()
 

@@ -37,3 +37,12 @@ def env_int(name: str, default: int) -> int:
     except ValueError:
         logger.warning("ignoring %s=%r: not a whole number", name, raw)
         return default
+
+
+# Seconds a stopping proxy lets in-flight requests finish: drain.py's option default,
+# and what the supervisor adds its grace to (one definition for both).
+DRAIN_TIMEOUT = 30.0
+
+
+def drain_timeout() -> float:
+    return env_float("LUMA_PROXY_DRAIN_TIMEOUT", DRAIN_TIMEOUT)

@@ -11,7 +11,7 @@ from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
 from luma_proxy.models import Health, HealthEntry, Service
-from luma_proxy.registry import Store
+from luma_proxy.store.registry import Store
 
 
 def write_state(path: Path) -> Path:

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Self
 
-from luma_proxy.registry import db_path
+from luma_proxy.store.registry import db_path
 from tests.e2e.conftest import Proxy
 from tests.e2e.docker_double import (
     FakeDockerDNS,

@@ -20,8 +20,8 @@ import pytest
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from luma_proxy.acme_client import AcmeError, AcmeIssuer, IssuedCertificate
-from luma_proxy.certinfo import certificate_covers, key_matches_certificate, renewal_due
+from luma_proxy.acme.certinfo import certificate_covers, key_matches_certificate, renewal_due
+from luma_proxy.acme.client import AcmeError, AcmeIssuer, IssuedCertificate
 from tests.e2e.docker_double import FakeDockerDNS
 from tests.e2e.pebble import Pebble, find_pebble, free_port
 

@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from luma_proxy.registry import Store
+from luma_proxy.store.registry import Store
 from tests.e2e.conftest import wait_until
 from tests.e2e.docker_double import free_port
 

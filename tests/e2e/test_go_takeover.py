@@ -11,11 +11,11 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from luma_proxy.registry import IMPORT_SUFFIX, db_path
+from luma_proxy.store.registry import IMPORT_SUFFIX, db_path
 from tests.e2e.conftest import wait_until
 from tests.e2e.docker_double import free_port
 from tests.e2e.test_https import make_cert
-from tests.test_gostate import EXAMPLE
+from tests.store.test_gostate import EXAMPLE
 
 
 def go_key_pem(pkcs8: bytes) -> bytes:

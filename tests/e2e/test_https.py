@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from luma_proxy.registry import Store
+from luma_proxy.store.registry import Store
 from tests.certs import make_pair
 from tests.e2e.conftest import Proxy, wait_until
 from tests.e2e.docker_double import Container, FakeDockerDNS, free_port

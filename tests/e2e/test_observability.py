@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from luma_proxy.models import Service, State
-from luma_proxy.registry import Store
+from luma_proxy.store.registry import Store
 from tests.e2e.conftest import Proxy, wait_until
 from tests.e2e.docker_double import free_port, wait_for_port
 

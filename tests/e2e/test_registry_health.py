@@ -18,7 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from luma_proxy.models import Health, HealthEntry, now
-from luma_proxy.registry import IMPORT_SUFFIX, Store, db_path
+from luma_proxy.store.registry import IMPORT_SUFFIX, Store, db_path
 from tests.e2e.conftest import wait_until
 from tests.e2e.docker_double import free_port
 

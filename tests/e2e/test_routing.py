@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from luma_proxy.registry import Store, db_path
+from luma_proxy.store.registry import Store, db_path
 from tests.e2e.conftest import LUMA, request, wait_until
 from tests.e2e.docker_double import free_port
 
@@ -176,7 +176,7 @@ def test_deploy_force_replaces_an_invalid_row(dns, containers, cli, start_proxy,
 KILLED_WRITER = """
 import os, sys
 from luma_proxy.models import Service
-from luma_proxy.registry import Store
+from luma_proxy.store.registry import Store
 
 with Store(sys.argv[1]).transaction() as tx:
     for i in range(2000):

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import time
 
-from luma_proxy.registry import Store
+from luma_proxy.store.registry import Store
 from tests.e2e.conftest import LUMA
 from tests.e2e.docker_double import Container, free_port
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from luma_proxy.addon import RELOAD_POLL
 from luma_proxy.models import now
-from luma_proxy.registry import Store
+from luma_proxy.proxy.addon import RELOAD_POLL
+from luma_proxy.store.registry import Store
 from tests.e2e.conftest import LUMA, Proxy, next_ip, request, wait_until
 from tests.e2e.docker_double import Container, FakeDockerDNS, free_port
 

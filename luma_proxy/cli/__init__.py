@@ -1,0 +1,2 @@
+"""The `luma-proxy` command (click): edits the registry the running proxy follows.
+"""

@@ -1,0 +1,189 @@
+"""When each service is checked, on the leader only, and where the results go.
+
+Every service each interval; new or changed ones at once; unhealthy ones
+every ``UNHEALTHY_RECHECK`` seconds (a container restarting, an alias not yet
+attached when the proxy starts costs seconds of 503, not a whole interval).
+Results are written to the registry in a transaction that checks the service
+is still deployed as it was checked, then swapped into the view: one source
+of truth, ordered by the registry's generations, never by a clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, Protocol
+
+from luma_proxy.health.checker import HealthChecker
+from luma_proxy.models import Health, HealthEntry, Service
+from luma_proxy.routing.resolver import Resolver
+from luma_proxy.store.registry import RegistryError, Store
+
+logger = logging.getLogger("luma_proxy")
+
+UNHEALTHY_RECHECK = 2.0  # seconds between checks of a service that is unhealthy
+Results = dict[str, tuple[tuple, Health]]  # host -> (routing key checked, health)
+
+
+class Routed(Protocol):
+    """What the schedule reads of the routing addon: its view, and whether it leads."""
+
+    store: Store | None
+    resolver: Resolver
+    health: dict[str, HealthEntry]
+
+    @property
+    def services(self) -> dict[str, Service]: ...
+
+    def is_leader(self) -> bool: ...
+
+    def reload_in_background(self) -> Coroutine[Any, Any, bool]: ...
+
+
+class HealthSchedule:
+    """The leader's health loop, and the write of its results."""
+
+    def __init__(self, routed: Routed, interval: Callable[[], float],
+                 timeout: Callable[[], float]) -> None:
+        self.routed = routed
+        self.interval, self.timeout = interval, timeout
+        self.checker: HealthChecker | None = None
+        self._dirty: set[str] = set()  # hosts new or changed since the loop looked
+        self._kick = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._persist_error: str | None = None
+
+    # ------------------------------------------------------------- what changed
+    def changed(self, hosts: Iterable[str]) -> None:
+        """New or re-deployed services: checked at once (on the leader)."""
+        self._dirty.update(hosts)
+        self._kick.set()
+
+    def removed(self, hosts: list[str]) -> None:
+        if self.checker:
+            self.checker.discard(hosts)
+        self._kick.set()
+
+    def wake(self) -> None:
+        """Leadership changed hands: a new leader checks everything at once."""
+        self._kick.set()
+
+    def use_resolver(self, resolver: Resolver) -> None:
+        if self.checker:
+            self.checker.resolver = resolver
+
+    # ------------------------------------------------------------- the loop
+    async def run(self) -> None:
+        self._kick = asyncio.Event()
+        self.checker = HealthChecker(self.routed.resolver, self.record, self.timeout())
+        next_round = next_recheck = 0.0
+        leading = False
+        try:
+            while True:
+                interval = self.interval()
+                recheck = min(UNHEALTHY_RECHECK, interval)
+                try:
+                    if self.routed.is_leader():
+                        if not leading:  # just became the leader: check everything at once
+                            leading, next_round = True, 0.0
+                        now = time.monotonic()
+                        if now >= next_round:
+                            next_round, next_recheck = now + interval, now + recheck
+                            self._dirty.clear()
+                            await self._check(self.routed.services.values())
+                        elif self._dirty:
+                            await self._check_dirty()
+                        elif now >= next_recheck:
+                            next_recheck = now + recheck
+                            await self._check(s for s in self.routed.services.values()
+                                              if self._failing(s.host))
+                    else:
+                        leading = False
+                        self._dirty.clear()
+                        next_round = next_recheck = time.monotonic() + interval
+                except Exception:
+                    logger.exception("health check round failed")
+                self._kick.clear()
+                wake = next_round
+                if any(h.healthy is False for h in self.routed.health.values()):
+                    wake = min(wake, next_recheck)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._kick.wait(),
+                                           max(0.05, wake - time.monotonic()))
+        finally:
+            for task in self._tasks:
+                task.cancel()
+
+    def _failing(self, host: str) -> bool:
+        health = self.routed.health.get(host)
+        return health is not None and health.healthy is False
+
+    async def _check(self, services: Iterable[Service]) -> None:
+        assert self.checker is not None
+        await self.checker.check_all(list(services), self.routed.health)
+
+    async def _check_dirty(self) -> None:
+        assert self.checker is not None
+        hosts, self._dirty = self._dirty, set()
+        services = self.routed.services
+        try:
+            await self._check(self.checker.unchecked(
+                [services[h] for h in hosts if h in services]))
+        except BaseException:
+            self._dirty |= hosts
+            raise
+
+    # ------------------------------------------------------------- results
+    def record(self, results: Results) -> None:
+        """Log what changed, then write the results and take them in (a task).
+
+        A result for a service deployed elsewhere (or removed) while it was being
+        checked says nothing about what is routed now: it is dropped.
+        """
+        services = self.routed.services
+        results = {host: (key, health) for host, (key, health) in results.items()
+                   if (service := services.get(host)) is not None
+                   and service.routing_key() == key}
+        if not results:
+            return
+        for host, (_key, health) in results.items():
+            before = self.routed.health.get(host)
+            if before is None or before.healthy is not health.healthy:
+                level = logging.INFO if health.healthy else logging.WARNING
+                logger.log(level, "health: %s is now %s%s", host,
+                           "healthy" if health.healthy else "unhealthy",
+                           f" ({health.last_error})" if health.last_error else "")
+        task = asyncio.create_task(self.save(results))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def save(self, results: Results) -> None:
+        """Write ``results`` to the registry (in a thread), then swap them into the view.
+
+        Each is written only if the service is still deployed as it was checked,
+        in the transaction that checks it; entries of hosts no longer routed go.
+        """
+        store = self.routed.store
+        assert store is not None
+        try:
+            await asyncio.to_thread(write_results, store, results)
+        except RegistryError as e:
+            if str(e) != self._persist_error:
+                logger.error("cannot save health: %s", e)
+            self._persist_error = str(e)
+            return
+        self._persist_error = None
+        await self.routed.reload_in_background()
+
+
+def write_results(store: Store, results: Results) -> None:
+    with store.transaction() as tx:
+        keys = tx.routing_keys()
+        for host, (key, health) in results.items():
+            if keys.get(host) == key:
+                tx.put_health(host, HealthEntry.of(key, health))
+        for host in tx.health_hosts() - keys.keys():
+            tx.delete_health(host)

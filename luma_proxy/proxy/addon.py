@@ -1,0 +1,572 @@
+"""The mitmproxy addon: Host -> service -> alias -> container IP.
+
+The hot path (``requestheaders``) only reads the in-memory view. Background
+tasks keep that view fresh: the reloader follows the registry (routes and
+observed health), the health checker probes every service.
+Works the same under ``mitmdump -s``, ``mitmweb -s`` and ``luma-proxy run``.
+
+A reload reads the registry's rows that moved (``registry.Snapshot``) and
+builds the next ``View`` in a thread (``view.build_view``, a pure function);
+the event loop swaps it in whole and touches only what changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.proxy import server_hooks
+
+from luma_proxy.docker.events import EngineEvents
+from luma_proxy.environ import env_float
+from luma_proxy.health.checker import passed, probe, unreachable
+from luma_proxy.health.schedule import HealthSchedule
+from luma_proxy.models import Health, HealthEntry, Service, Settings
+from luma_proxy.proxy import engine_patches, pages
+from luma_proxy.proxy.flowinfo import (
+    CLIENT_GONE,
+    MULTIPLEXED,
+    header_values,
+    host_header,
+    valid_h2_target,
+)
+from luma_proxy.proxy.forwarding import (
+    Network,
+    asked_websocket,
+    parse_trusted_proxies,
+    set_forwarding_headers,
+)
+from luma_proxy.proxy.streaming import stream_counted, stream_request, stream_response
+from luma_proxy.routing.balancer import Balancer
+from luma_proxy.routing.proving import Prover
+from luma_proxy.routing.resolver import Resolver, parse_dns_server
+from luma_proxy.routing.router import HostTable, Reject, admit
+from luma_proxy.runtime.leadership import Leadership
+from luma_proxy.runtime.served import Beacon
+from luma_proxy.store.registry import IMPORT_SUFFIX, RegistryError, Store, default_state_path
+from luma_proxy.store.view import EMPTY, View, build_view, diff
+
+logger = logging.getLogger("luma_proxy")
+
+RELOAD_POLL = 0.2
+HOLD_POLL = 0.2  # a held request asks DNS again at least this often
+# Options of mitmproxy's own addons that routing by Host needs. Options of
+# built-ins a lean master does not load are simply absent, so each is optional.
+ENGINE_OPTIONS: dict[str, Any] = {
+    "keep_host_header": True,  # else Host is rewritten to the reverse target before any hook
+    "connection_strategy": "lazy",  # eager would connect to the dummy reverse target
+    "block_global": False,  # the proxy is meant for public clients
+    "onboarding": False,  # would answer Host: mitm.it itself
+}
+# Where requests would go if the addon ever failed to route one: nothing listens there.
+DUMMY_REVERSE = "reverse:http://127.0.0.1:1/"
+
+
+@dataclass(slots=True)
+class Route:
+    """Where a request goes, up to the container: what picking one needs."""
+
+    service: Service
+    health: Health | None
+    alias: str
+    port: int
+    raw_host: str
+
+
+class LumaProxy:
+    """Routes every request to a container of its host's Docker network alias."""
+
+    def __init__(self) -> None:
+        self.table = HostTable()
+        self.view = EMPTY  # the registry as last swapped in (view.py)
+        self.health: dict[str, HealthEntry] = {}  # the view's health in force
+        self.balancer = Balancer()
+        self.resolver = Resolver()
+        self.store: Store | None = None
+        self.beacon: Beacon | None = None  # tells the CLI which routes are in force
+        self.settings = Settings()
+        self.trusted: tuple[Network, ...] = ()
+        self._read_error: str | None = None  # of the last reload
+        self._tasks: list[asyncio.Task[None]] = []
+        self.leadership: Leadership | None = None
+        self._leader_listeners: list[Callable[[bool], None]] = []
+        self.schedule = HealthSchedule(self, lambda: ctx.options.luma_health_interval,
+                                       lambda: ctx.options.luma_health_timeout)
+        self._alias_of: dict[str, tuple[str, str]] = {}  # ip -> (alias, host) last sent there
+        self.prover = Prover(self._probe, self._departed)
+        self.engine_events = EngineEvents(self.engine_changed)
+
+    # ----------------------------------------------------------------- options
+    def load(self, loader: Any) -> None:
+        loader.add_option("luma_state", str, default_state_path(), "Path of the state file.")
+        loader.add_option(
+            "luma_dns", str, os.environ.get("LUMA_PROXY_DNS", ""),
+            "Resolve aliases through this DNS server (IP:PORT) instead of the system resolver.",
+        )
+        loader.add_option(
+            "luma_dns_ttl", float, env_float("LUMA_PROXY_DNS_TTL", 1.0),
+            "Seconds an alias's DNS answer is reused; 0 resolves on every request.",
+        )
+        loader.add_option(
+            "luma_health_interval", float, env_float("LUMA_PROXY_HEALTH_INTERVAL", 30.0),
+            "Seconds between health checks of every service.",
+        )
+        loader.add_option(
+            "luma_health_timeout", float, 5.0, "Timeout of one health check request."
+        )
+        loader.add_option(
+            "luma_hold_timeout", float, env_float("LUMA_PROXY_HOLD_TIMEOUT", 10.0),
+            "Seconds a request waits for a container when its service has none that can "
+            "take it (a single-replica redeploy, every replica restarting); then 503.",
+        )
+        loader.add_option(
+            "luma_trusted_proxies", str, os.environ.get("LUMA_PROXY_TRUSTED_PROXIES", ""),
+            "Comma-separated CIDRs whose X-Forwarded-* headers are kept.",
+        )
+        self._set_engine_options()
+
+    def _set_engine_options(self) -> None:
+        opts = ctx.options
+        updates = {k: v for k, v in ENGINE_OPTIONS.items() if k in opts}
+        if "mode" in opts and list(opts.mode) == ["regular"]:
+            updates["mode"] = [DUMMY_REVERSE]
+        opts.update(**{k: v for k, v in updates.items() if getattr(opts, k) != v})
+
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        if "luma_dns" in updated or "luma_dns_ttl" in updated:
+            try:
+                dns = parse_dns_server(opts.luma_dns) if opts.luma_dns else None
+            except ValueError as e:
+                raise exceptions.OptionsError(str(e)) from None
+            if opts.luma_dns_ttl < 0:
+                raise exceptions.OptionsError("luma_dns_ttl must be >= 0")
+            self.resolver = Resolver(dns, opts.luma_dns_ttl)
+            self.schedule.use_resolver(self.resolver)
+        if "luma_trusted_proxies" in updated:
+            try:
+                self.trusted = parse_trusted_proxies(opts.luma_trusted_proxies)
+            except ValueError as e:
+                raise exceptions.OptionsError(str(e)) from None
+        if "luma_hold_timeout" in updated and opts.luma_hold_timeout < 0:
+            raise exceptions.OptionsError("luma_hold_timeout must be >= 0")
+        if "luma_health_interval" in updated and opts.luma_health_interval <= 0:
+            raise exceptions.OptionsError("luma_health_interval must be > 0")
+        if "luma_state" in updated:
+            self.store = Store(opts.luma_state)
+            if self.beacon is not None:
+                self.beacon.close()
+            self.beacon = Beacon(opts.luma_state)
+            self.beacon.open()  # no beacon (read-only disk): the CLI simply does not wait
+            self._swap(EMPTY)
+            if self.leadership is not None:
+                self.leadership.close()
+            self.leadership = Leadership(str(self.store.path) + ".health.lock")
+            self.leadership.on_change(self._leadership_changed)
+            self._take_over()
+            self.reload()  # routes and stored health are in place before the first request
+
+    def _take_over(self) -> None:
+        """Open the registry: the first process creates it and imports a JSON state file
+        (the Go proxy's, or this project's before the database) once.
+
+        If no database can be written (read-only disk), the JSON file is served as read.
+        """
+        assert self.store is not None
+        try:
+            notes = self.store.open()
+        except RegistryError:
+            return  # the reload says why the registry cannot be used
+        if notes is not None:
+            logger.warning("took over the state file %s (original kept as %s%s)",
+                           self.store.path, self.store.path.name, IMPORT_SUFFIX)
+            for note in notes:
+                logger.warning("state import: %s", note)
+
+    # -------------------------------------------------------------- lifecycle
+    def running(self) -> None:
+        self._set_engine_options()  # again: command-line options are applied after load
+        engine_patches.install_engine_error_pages()  # mitmproxy's own answers: our pages
+        self._tasks = [
+            asyncio.create_task(self._reload_loop(), name="luma reload"),
+            asyncio.create_task(self.schedule.run(), name="luma health"),
+        ]
+        if self.leadership is not None:
+            self._tasks.append(asyncio.create_task(self.leadership.run(), name="luma leader"))
+        logger.info("luma-proxy routing %d host(s) from %s", len(self.table.services),
+                    self.store.path if self.store else "-")
+        self.engine_events.start(asyncio.get_running_loop().call_soon_threadsafe)
+        engine_patches.set_reroute(self.reroute)
+
+    def done(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+        self.prover.close()
+        self.engine_events.stop()
+        engine_patches.set_reroute(None)
+        if self.leadership is not None:
+            self.leadership.close()
+        if self.beacon is not None:
+            self.beacon.close()
+            self.beacon = None
+
+    # ------------------------------------------------------------- the state
+    def reload(self) -> bool:
+        """Swap in what moved in the registry since the view was built; False if nothing did."""
+        return self._swap(self._build(self.view))
+
+    async def reload_in_background(self) -> bool:
+        """As ``reload``, reading and parsing in a thread: the loop only swaps the result."""
+        return self._swap(await asyncio.to_thread(self._build, self.view))
+
+    def _build(self, base: View) -> View | None:
+        """The next view, from the rows that moved since ``base`` (runs in a thread)."""
+        assert self.store is not None
+        try:
+            snapshot = self.store.snapshot(base.routes_gen, base.health_gen,
+                                           base.registry_id)
+        except RegistryError as e:
+            if str(e) != self._read_error:
+                logger.error("keeping the last good routes: %s", e)
+                self._read_error = str(e)
+            return None
+        self._read_error = None
+        if (snapshot.routes_gen, snapshot.health_gen, snapshot.registry_id) == (
+                base.routes_gen, base.health_gen, base.registry_id):
+            return None
+        view = build_view(snapshot, base)
+        for error in view.errors:
+            logger.error("registry: %s", error)
+        return view
+
+    def _swap(self, view: View | None) -> bool:
+        """Put ``view`` in force; the work is per service or health entry that changed."""
+        if view is None or (view is not EMPTY and view.registry_id == self.view.registry_id and (
+                view.routes_gen < self.view.routes_gen or view.health_gen < self.view.health_gen)):
+            return False  # built from an older snapshot than the one in force
+        old, self.view = self.view, view
+        changes = diff(old, view)
+        unused = self.table.update(view.services, changes.changed, changes.removed)
+        self.health, self.settings = view.health, view.settings
+        for host in changes.health:
+            self._take_containers(view.services[host], view.health[host])
+        self.schedule.changed(changes.changed)
+        if unused:
+            self.resolver.discard(unused)
+            self.balancer.discard(unused)
+            self.balancer.forget(self.prover.discard(unused))
+        if changes.removed:
+            gone = set(changes.removed)
+            self._alias_of = {ip: found for ip, found in self._alias_of.items()
+                              if found[1] not in gone}
+            self.schedule.removed(changes.removed)
+        if self.beacon is not None and view.routes_gen != old.routes_gen:
+            self.beacon.serve(view.routes_gen)  # a waiting CLI may go on (served.py)
+        return True
+
+    def _take_containers(self, service: Service, health: Health) -> None:
+        """Per-container results of a health check, into routing.
+
+        A failed container must prove itself again (proving.py); a passing one
+        is back in rotation at once, whatever its passive ejection's backoff
+        (a flapped single replica would otherwise be 503 for up to 30 s).
+        """
+        if not health.containers:
+            return
+        _alias, port = self.table.target(service)
+        for ip, ok in health.containers.items():
+            if not ok:
+                self.prover.forget(ip, port)
+        for ip in passed(health):
+            self.balancer.restore(ip, port)
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RELOAD_POLL)
+            try:
+                await self.reload_in_background()
+            except Exception:  # never let the reloader die
+                logger.exception("reload failed")
+
+    # ---------------------------------------------------------------- leading
+    def is_leader(self) -> bool:
+        """One process (of several workers) runs the checks; the others read the file."""
+        return self.leadership is not None and self.leadership.try_take()
+
+    def on_leadership(self, listener: Callable[[bool], None]) -> None:
+        """``listener(leading)`` when this process starts or stops leading (the ACME loop)."""
+        self._leader_listeners.append(listener)
+
+    @property
+    def services(self) -> dict[str, Service]:
+        return self.table.services
+
+    def _leadership_changed(self, leading: bool) -> None:
+        self.schedule.wake()
+        for listener in self._leader_listeners:
+            listener(leading)
+
+    # -------------------------------------------------------------- hot path
+    def requestheaders(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+        """Route the request: synchronous, unless its alias must be resolved first.
+
+        The alias's IPs are cached for the DNS TTL, so nearly every request is
+        routed without a coroutine; only a cache miss returns one to await.
+        A large or unsized body is streamed (streaming.py), decided first so that
+        an answer given here can close such a request instead of reading it all.
+        """
+        request = flow.request
+        if flow.response is not None and not request.stream:
+            return None  # answered before us (ACME, redirect, 421): read, then answered
+        if request.stream or stream_request(request):
+            stream_counted(request)  # also a chunked upload the size limit counts
+        try:
+            route = self._route(flow)
+        except Exception:
+            self._failed(flow)
+            return None
+        if route is not None:
+            return self._route_resolved(flow, route)
+        if flow.response is not None:
+            self._answered(flow)
+        return None
+
+    async def _route_resolved(self, flow: http.HTTPFlow, route: Route) -> None:
+        try:
+            ips = await self.resolver.resolve(route.alias)
+            if not self._send(flow, route, ips):
+                await self._hold(flow, route)
+        except Exception:
+            self._failed(flow)
+            return
+        self._answered(flow)
+
+    def _failed(self, flow: http.HTTPFlow) -> None:
+        """Fail closed: never let an unrouted request reach the dummy target."""
+        logger.exception("routing failed for %s", host_header(flow.request))
+        flow.response = pages.page(500)
+        self._answered(flow)
+
+    @staticmethod
+    def _answered(flow: http.HTTPFlow) -> None:
+        if flow.response is not None and flow.request.data.http_version in MULTIPLEXED:
+            # One stream of a multiplexed connection: answer it; its body, if any,
+            # is read up to the body limit (engine_patches), never the whole connection killed.
+            flow.request.stream = False
+        elif flow.response is not None and flow.request.stream:
+            # Answered here (404, 503, redirect...) while a large body is still coming:
+            # mitmproxy can neither stream it nowhere nor answer before reading it all
+            # into memory. Close instead; small bodies are read and answered normally.
+            flow.kill()
+
+    def _route(self, flow: http.HTTPFlow) -> Route | None:
+        """Answer the request or set its upstream; its ``Route`` when DNS must be asked first."""
+        if flow.response is not None:  # answered by an addon before us (ACME, redirect)
+            return None
+        request = flow.request
+        hosts = header_values(request.headers, "host")
+        if len(hosts) > 1:
+            flow.response = pages.page(400)
+            return None
+        raw_host = hosts[0] if hosts else None
+        authority = request.authority
+        if request.data.http_version in MULTIPLEXED and not valid_h2_target(
+                request.data.method, request.data.path, request.data.authority):
+            flow.response = pages.page(400)  # would be written into the container's request line
+            return None
+        if authority and request.data.http_version in MULTIPLEXED:
+            raw_host = authority  # what request.host_header is, without a second scan
+        if authority and hosts and self.table.canonical(authority) != self.table.canonical(
+                hosts[0]):
+            # Absolute-form URL or HTTP/2 :authority naming another host than Host:
+            # refuse rather than pick one (request smuggling, cache poisoning).
+            flow.response = pages.page(400)
+            return None
+        found = self.table.lookup(raw_host)
+        if isinstance(found, Reject):
+            flow.response = pages.page(found.status)
+            return None
+        service = found
+        health = self.health.get(service.host)
+        if (reject := admit(health)) is not None and not unreachable(health):
+            flow.response = pages.page(reject.status)  # the app itself said it is unhealthy
+            return None
+        alias, port = self.table.target(service)
+        route = Route(service, health, alias, port, raw_host or "")
+        ips = self.resolver.cached(alias)
+        if ips is None or not self._send(flow, route, ips):
+            return route  # ask DNS, or hold until a container can take it
+        return None
+
+    async def _hold(self, flow: http.HTTPFlow, route: Route) -> None:
+        """No container can take the request yet: wait for one, up to the hold timeout.
+
+        A single-replica redeploy, a new alias whose containers are still proving
+        themselves, every replica restarting: the request waits (re-asking DNS)
+        instead of failing, then gets 503 with ``Retry-After``.
+        """
+        started = time.monotonic()
+        deadline = started + ctx.options.luma_hold_timeout
+        try:
+            while (remaining := deadline - time.monotonic()) > 0:
+                await self.prover.wait(route.alias, route.port, min(HOLD_POLL, remaining))
+                ips = await self.resolver.resolve(route.alias)
+                if self._send(flow, route, ips):
+                    return
+            flow.response = pages.page(503)
+        finally:  # also when the client leaves mid-hold: the log says how long it waited
+            flow.metadata["luma_held"] = time.monotonic() - started
+
+    def _send(self, flow: http.HTTPFlow, route: Route, ips: tuple[str, ...]) -> bool:
+        """Point the request at a proven container of the service; False if none can take it."""
+        usable = self.prover.usable(route.alias, route.port, ips, route.service.health_path,
+                                    route.health)
+        ip = self.balancer.pick(route.alias, route.port, usable, flow.client_conn.id)
+        if ip is None:
+            return False
+        request = flow.request
+        scheme = "https" if flow.client_conn.tls_established else "http"
+        set_forwarding_headers(
+            request.headers, flow.client_conn.peername[0], scheme, route.raw_host, self.trusted
+        )
+        # Where mitmproxy connects. Set on the data itself: the public setters
+        # rewrite Host and :authority to ip:port (three header rewrites per
+        # request, undone at once); the container must see them as sent.
+        data = request.data
+        data.scheme = b"http"
+        data.host = ip
+        data.port = route.port
+        flow.metadata["luma_service"] = route.service.host
+        flow.metadata["luma_ip"] = ip
+        self._alias_of[ip] = (route.alias, route.service.host)
+        return True
+
+    def _departed(self, ip: str) -> None:
+        """An IP left an alias's answer: its idle pooled connections go (never reused).
+
+        Its ejection and backoff go too: Docker gives a freed address to the next
+        container, which must start clean.
+        """
+        self.balancer.forget((ip,))
+        try:
+            closed = engine_patches.close_upstreams(ip, idle_only=True)
+        except Exception:  # never let connection bookkeeping fail a request
+            logger.exception("closing idle connections to %s failed", ip)
+            return
+        if closed:
+            logger.info("%s left its alias: %d idle upstream connection(s) closed", ip, closed)
+
+    def reroute(self, flow: http.HTTPFlow) -> None:
+        """A request its container closed under is sent again (engine_patches): elsewhere.
+
+        The IP must prove itself again; the request goes to another proven IP of
+        the alias if there is one, else to the same address on a new connection
+        (the connect retry then moves it on if that refuses).
+        """
+        timeouts = ctx.master.addons.get("timeouts")
+        if timeouts is not None:
+            timeouts.request(flow)  # it goes upstream again: a fresh response deadline
+        failed = flow.metadata.get("luma_ip")
+        service = self.table.services.get(flow.metadata.get("luma_service", ""))
+        if failed is None or service is None:
+            return
+        alias, port = self.table.target(service)
+        self.prover.forget(failed, port)
+        self.resolver.expire_ip(failed)
+        ips = self.resolver.cached(alias) or ()
+        usable = self.prover.usable(alias, port, ips, service.health_path,
+                                    self.health.get(service.host))
+        others = tuple(ip for ip in usable if ip != failed)
+        ip = self.balancer.pick(alias, port, others, flow.client_conn.id)
+        if ip is not None:
+            flow.request.data.host = ip
+            flow.metadata["luma_ip"] = ip
+            self._alias_of[ip] = (alias, service.host)
+
+    async def _probe(self, ip: str, port: int, host: str, path: str) -> bool:
+        """One health probe of a container that must prove itself (proving.py)."""
+        result = await probe(ip, port, host, path, ctx.options.luma_health_timeout)
+        if result.ok:
+            self.balancer.restore(ip, port)  # a passing check outranks a passive ejection
+        return result.ok
+
+    async def alternatives(self, ip: str, port: int, fresh: bool) -> tuple[str, ...]:
+        """The IPs a failed connect to ``ip`` may be retried on (engine_patches.Connector)."""
+        found = self._alias_of.get(ip)
+        if found is None:
+            return ()
+        alias, host = found
+        if fresh:
+            self.resolver.expire_ip(ip)
+        ips = await self.resolver.resolve(alias)
+        service = self.table.services.get(host)
+        path = service.health_path if service is not None else "/up"
+        proven = self.prover.usable(alias, port, ips, path, self.health.get(host))
+        # Proven containers first; an unproven one only when nothing else is left;
+        # never one the engine says is stopping.
+        return (*proven, *(other for other in ips
+                           if other not in proven and not self.prover.is_retired(other)))
+
+    def engine_changed(self, changes: Iterable[tuple[str, str]]) -> None:
+        """Docker's events (dockerevents.py), ahead of DNS: stopping IPs out, new ones asked."""
+        joined = False
+        for change, ip in changes:
+            if change in ("stopping", "gone"):
+                self.prover.retire(ip)
+                self.resolver.expire_ip(ip)
+            if change == "gone":
+                self.balancer.forget((ip,))  # a container reusing the address starts clean
+                # Its connections can only hang now: close them, so a request waiting
+                # there is sent again elsewhere (engine_patches: the resend seam).
+                closed = engine_patches.close_upstreams(ip)
+                logger.info("docker: %s is gone (%d upstream connection(s) closed)", ip, closed)
+            elif change == "stopping":
+                logger.info("docker: %s is stopping: no new requests", ip)
+            else:
+                self.prover.unretire(ip)
+                joined = True
+        if joined:
+            self.resolver.expire_all()  # its alias is asked again: the new IP proves itself
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Stream what is large or has no length (SSE, long polls) instead of buffering it."""
+        response = flow.response
+        assert response is not None
+        if response.status_code == 101 and not asked_websocket(flow.request.headers):
+            # A switch the request did not ask for (h2c, or none): never a raw tunnel.
+            flow.response = response = pages.page(502, {"Connection": "close"})
+        if response.stream or stream_response(response):
+            stream_counted(response)
+
+    # --------------------------------------------------- upstream connections
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if data.server.address:
+            self.balancer.restore(data.server.address[0], data.server.address[1])
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """Passive ejection: an IP that refused or timed out gets no new requests for a while."""
+        if not data.server.address or data.server.error == CLIENT_GONE:
+            return  # the client left while we connected: that says nothing about the container
+        ip, port = data.server.address[0], data.server.address[1]
+        self.resolver.expire_ip(ip)
+        self.prover.forget(ip, port)
+        delay = self.balancer.eject(ip, port)
+        logger.warning("upstream %s:%s failed to connect (%s); out of rotation for %.0fs",
+                       ip, port, data.server.error, delay)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        """The container failed mid-request (reset, died): ask DNS again before the TTL."""
+        gone = flow.error is not None and CLIENT_GONE in flow.error.msg.lower()
+        if flow.response is None and not gone and (ip := flow.metadata.get("luma_ip")):
+            self.resolver.expire_ip(ip)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.balancer.release(client.id)
+
