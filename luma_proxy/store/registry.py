@@ -34,12 +34,10 @@ import orjson
 from pydantic import ValidationError
 
 from luma_proxy.models import STATE_VERSION, HealthEntry, Service, Settings, State, one_line
-from luma_proxy.store import gostate
+from luma_proxy.store import jsonstate
+from luma_proxy.store.jsonstate import IMPORT_SUFFIX as IMPORT_SUFFIX
 from luma_proxy.store.paths import default_state_path as default_state_path
-from luma_proxy.store.paths import legacy_state_path
 
-IMPORT_SUFFIX = ".imported.json"  # the original of a JSON state file taken over
-HEALTH_SUFFIX = ".health.json"  # this project's health file before the database
 SCHEMA = 1
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another's transaction
 
@@ -62,76 +60,6 @@ def db_path(state_path: str | os.PathLike[str]) -> Path:
     if path.suffix in (".json", ".db"):
         return path.with_suffix(".db")
     return path.with_name(path.name + ".db")
-
-
-# ------------------------------------------------------------------ JSON layouts
-def parse_json(data: bytes) -> tuple[State, dict[str, HealthEntry], list[str]]:
-    """A JSON state (this project's, older ones, the Go proxy's): state, health, notes.
-
-    Raises ``RegistryError`` saying what is wrong; never reads a file it does
-    not understand as an empty registry.
-    """
-    if not data.strip():
-        raise RegistryError("state file is empty (truncated?)")
-    try:
-        raw = orjson.loads(data)
-    except orjson.JSONDecodeError as e:
-        raise RegistryError(one_line(f"state file is not valid JSON: {e}")) from None
-    if not isinstance(raw, dict):
-        raise RegistryError("state file is not a JSON object")
-    if gostate.is_go_state(raw):
-        try:
-            state, notes = gostate.from_go(raw)
-        except ValueError as e:
-            raise RegistryError(one_line(str(e))) from None
-        return state, {}, notes
-    unknown = sorted(set(raw) - {"version", "settings", "services", "health"})
-    if "services" not in raw and unknown:
-        raise RegistryError(one_line(
-            f"state file has an unknown layout (top-level keys: {', '.join(unknown)[:200]}); "
-            "not reading it as an empty registry"))
-    version = raw.get("version", STATE_VERSION)
-    if version != STATE_VERSION:
-        raise RegistryError(
-            f"state file has version {version!r}, this luma-proxy understands {STATE_VERSION}")
-    try:
-        state = State.model_validate({k: v for k, v in raw.items() if k != "health"})
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise RegistryError(one_line(f"state file is invalid at {where}: {first['msg']}")) from None
-    health: dict[str, HealthEntry] = {}
-    for key, service in state.services.items():
-        if key != service.host:
-            raise RegistryError(
-                one_line(f"state file is invalid: key {key!r} != host {service.host!r}"))
-        entry = raw["services"][key].get("health")  # kept inside entries by early versions
-        if isinstance(entry, dict):
-            with contextlib.suppress(ValidationError):
-                health[key] = HealthEntry.model_validate(
-                    {**entry, "target": service.target, "health_path": service.health_path,
-                     "ssl": service.ssl})
-    exported = raw.get("health") or {}  # what export_json writes
-    if not isinstance(exported, dict):
-        raise RegistryError("state file is invalid at health: not an object")
-    for key, entry in exported.items():
-        with contextlib.suppress(ValidationError, TypeError):
-            health[key] = HealthEntry.model_validate(entry)
-    return state, health, []
-
-
-def parse_health_json(data: bytes) -> dict[str, HealthEntry]:
-    """This project's former health file; entries that do not validate are left out."""
-    try:
-        raw = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return {}
-    out = {}
-    services = raw.get("services") if isinstance(raw, dict) else None
-    for host, value in (services or {}).items():
-        with contextlib.suppress(ValidationError, TypeError):
-            out[host] = HealthEntry.model_validate(value)
-    return out
 
 
 # ------------------------------------------------------------------ rows
@@ -390,7 +318,7 @@ class Store:
                     return
                 os.rename(temp, self.db_path)
             if sources is not None:
-                self._keep_originals(sources[3])
+                jsonstate.set_aside(sources[3], self.path)
         finally:
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(OSError):
@@ -398,27 +326,15 @@ class Store:
 
     def _json_sources(self) -> tuple[State, dict[str, HealthEntry], list[str], Path] | None:
         """A JSON state file where the registry used to be, parsed; None if there is none."""
-        candidates = [self.path] if self.path.suffix != ".db" else [self.path.with_suffix(".json")]
-        if (legacy := legacy_state_path(self.path)) is not None:
-            candidates.append(legacy)
-        for source in candidates:
+        for source in jsonstate.candidates(self.path):
             try:
-                data = source.read_bytes()
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                raise RegistryError(f"cannot read state file {source}: {e.strerror}") from None
-            try:
-                state, health, notes = parse_json(data)
-            except RegistryError as e:
-                error = RegistryError(f"{e} (at {source}: move it aside, or start the "
-                                      "registry with `luma-proxy import FILE`)")
+                found = jsonstate.read(source)
+            except ValueError as e:
+                error = RegistryError(str(e))
                 self._failed = (source, _file_id(source), error)
                 raise error from None
-            sidecar = source.with_name(source.name + HEALTH_SUFFIX)
-            with contextlib.suppress(OSError):
-                health = {**health, **parse_health_json(sidecar.read_bytes())}
-            return state, health, notes, source
+            if found is not None:
+                return (*found, source)
         return None
 
     def _import(self, db: sqlite3.Connection, state: State, health: dict[str, HealthEntry],
@@ -433,18 +349,6 @@ class Store:
         tx.routes_changed = True
         tx.commit_generations()
         self.last_import = notes
-
-    def _keep_originals(self, source: Path) -> None:
-        """The JSON files taken over move aside (``<name>.imported.json``): nobody edits a
-        file that is no longer read; the Go proxy's upper-case cert dirs are renamed."""
-        with contextlib.suppress(OSError):
-            original = source.read_bytes()
-            with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
-                _rename_cert_dirs(self.path, gostate.certificate_dirs(orjson.loads(original)))
-            source.rename(source.with_name(source.name + IMPORT_SUFFIX))
-        sidecar = source.with_name(source.name + HEALTH_SUFFIX)
-        with contextlib.suppress(OSError):
-            sidecar.rename(sidecar.with_name(sidecar.name + IMPORT_SUFFIX))
 
     def _serve_json_read_only(self, error: sqlite3.Error | None) -> sqlite3.Connection:
         """No database (read-only disk, or ``create=False``): the JSON file as read, or empty."""
@@ -612,7 +516,10 @@ class Store:
 
     def import_json(self, data: bytes, replace: bool = False) -> tuple[list[str], int]:
         """Add (or, ``replace``: set) the routes of a JSON document: (notes, hosts)."""
-        state, health, notes = parse_json(data)
+        try:
+            state, health, notes = jsonstate.parse_json(data)
+        except ValueError as e:
+            raise RegistryError(str(e)) from None
         with self.transaction() as tx:
             if replace:
                 for host in set(tx.routing_keys()) - set(state.services):
@@ -640,17 +547,3 @@ def _file_id(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _rename_cert_dirs(state_path: Path, dirs: dict[str, str]) -> None:
-    """``certs/Blog.Example.com`` -> ``certs/blog.example.com`` (the Go proxy kept case)."""
-    from luma_proxy.store.paths import certs_dir
-
-    root = certs_dir(state_path)
-    for host, original in dirs.items():
-        source, dest = root / original, root / host
-        if "/" in original or original.startswith("."):
-            continue
-        if source.is_dir() and not dest.exists():
-            with contextlib.suppress(OSError):
-                source.rename(dest)

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from luma_proxy.cli.commands import main
 from luma_proxy.models import Service, State
-from luma_proxy.store.registry import IMPORT_SUFFIX, RegistryError, Store, db_path, parse_json
+from luma_proxy.store.jsonstate import parse_json
+from luma_proxy.store.registry import IMPORT_SUFFIX, RegistryError, Store, db_path
 
 LUMA = str(Path(sys.executable).parent / "luma-proxy")
 PROFILE = settings(max_examples=100, deadline=None,

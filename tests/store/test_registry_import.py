@@ -297,13 +297,13 @@ def test_failed_import_is_not_parsed_again_until_the_file_changes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A proxy polls five times a second: the same store does not parse the same broken
     file each time, and takes it over once it is fixed."""
-    import luma_proxy.store.registry as registry
+    from luma_proxy.store import jsonstate
 
     path = tmp_path / "state.json"
     path.write_bytes(b'{"version": 1, "services": {')
     parsed: list[bytes] = []
-    parse_json = registry.parse_json
-    monkeypatch.setattr(registry, "parse_json",
+    parse_json = jsonstate.parse_json
+    monkeypatch.setattr(jsonstate, "parse_json",
                         lambda data: parsed.append(data) or parse_json(data))
     store = Store(path)
     errors = set()
