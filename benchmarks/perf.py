@@ -571,8 +571,6 @@ class Target:
 
 def workers_available() -> str | None:
     """None when ``luma-proxy run --workers`` exists, else why not."""
-    if not (ROOT / "luma_proxy" / "workers.py").exists():
-        return "n/a (not available: luma_proxy/workers.py missing)"
     out = subprocess.run([LUMA, "run", "--help"], capture_output=True, text=True)
     if "--workers" not in out.stdout:
         return "n/a (not available: luma-proxy run has no --workers)"
@@ -907,6 +905,7 @@ async def _route_bench(state: Path, hosts: list[str], dns: str, iterations: int,
             reloads_cpu.append((time.process_time() - c0) * 1e3)
             assert changed and addon.table.services[hosts[0]].app == f"r{i}"
         store.close()
+        addon.done()  # its served-version beacon: a CLI deploy later must not wait for it
     return {"route_us": per_call, "route_us_median": statistics.median(per_call),
             "route_cpu_us": per_call_cpu, "route_cpu_us_min": min(per_call_cpu),
             "route_calls": calls,
@@ -1214,7 +1213,8 @@ def _frame(frame: str) -> tuple[str, str]:
 
 
 # The process's entry (click, the lean master): every sample is under them.
-ENTRY_MODULES = {"cli.py", "server.py", "workers.py", "__main__.py"}
+ENTRY_MODULES = {"cli/commands.py", "proxy/server.py", "runtime/supervisor.py",
+                 "proxy/worker.py", "__main__.py"}
 
 
 def summarize_profile(text: str) -> dict[str, Any]:
@@ -1397,10 +1397,13 @@ def goals(thr: dict[str, Any] | None, mem: dict[str, Any] | None, sc: dict[str, 
             if lr and br:
                 per_cpu = (f"; per CPU-second {bc / lc:.2f}x ({lc:,.0f} vs {bc:,.0f} µs of CPU "
                            "per request)" if lc and bc else "")
-                title = ("`luma-proxy run` >= 1.6x bare `mitmdump -q` (50 keep-alive)"
-                         if load == "ka50" else f"(same, {LOAD_BY_KEY[load].title})")
+                # Issue 14's bar for keep-alive and new connections; 1.6x (the first
+                # issue's) for HTTPS and 1 MiB bodies, where TLS and copying dominate.
+                bar = 2.2 if load in ("ka50", "close50") else 1.6
+                title = ("`luma-proxy run` >= 2.2x bare `mitmdump -q` (50 keep-alive)"
+                         if load == "ka50" else f"(same, {LOAD_BY_KEY[load].title}; >= {bar}x)")
                 rows.append((title, f"{lr:,.0f} / {br:,.0f} req/s = {lr / br:.2f}x{per_cpu}",
-                             verdict(lr / br >= 1.6, bc / lc >= 1.6 if lc and bc else None)))
+                             verdict(lr / br >= bar, bc / lc >= bar if lc and bc else None)))
         workers = thr.get("workers", 2)
         n = min(workers, os.cpu_count() or 1)
         wt = thr["targets"].get("luma-workers")
@@ -1421,11 +1424,11 @@ def goals(thr: dict[str, Any] | None, mem: dict[str, Any] | None, sc: dict[str, 
                          "met" if v >= 0.8 else "**missed**"))
         if (a := p50("luma")) is not None and (d := p50("direct")) is not None:
             lc1 = cpu("luma", "c1")
-            rows.append(("added p50 latency at 1 client <= 1.5 ms over direct",
+            rows.append(("added p50 latency at 1 client <= 1.0 ms over direct",
                          f"{a:.2f} - {d:.2f} = {a - d:.2f} ms"
                          + (f"; the proxy's CPU alone is {lc1 / 1000:.2f} ms per request"
                             if lc1 else ""),
-                         "met" if a - d <= 1.5 else "**missed**"))
+                         "met" if a - d <= 1.0 else "**missed**"))
         if luma and noop:
             cost = 1 - luma / noop
             lc, nc = cpu("luma"), cpu("noop")
@@ -1445,8 +1448,8 @@ def goals(thr: dict[str, Any] | None, mem: dict[str, Any] | None, sc: dict[str, 
                 continue
             idle = max(t["idle_mib"].values())
             loaded = max(t["loaded_mib"].values())
-            rows.append((f"{t['title']}: RSS per process <= 80 MB idle",
-                         f"{idle:.0f} MiB", "met" if idle * 1.048576 <= 80 else "**missed**"))
+            rows.append((f"{t['title']}: RSS per process <= 80 MiB idle",
+                         f"{idle:.0f} MiB", "met" if idle <= 80 else "**missed**"))
             rows.append((f"{t['title']}: RSS per process <= 200 MB with "
                          f"{mem['connections']:,} keep-alive clients",
                          f"{loaded:.0f} MiB ({t['opened']:,} connections open)",

@@ -512,8 +512,14 @@ def _pooled(self: Any, event: Any) -> tuple[Any, int]:
 
 
 def _get_connection(self: Any, event: Any, *, reuse: bool = True) -> Generator[Any, Any, None]:
+    # HTTP/1 clients (and no reuse): mitmproxy's own generator, not one wrapped around it;
+    # the patched methods run for every request (callgrind: docs/performance.md).
     if self.context.client.alpn != b"h2" or not reuse:
-        return (yield from _original_get_connection(self, event, reuse=reuse))
+        return _original_get_connection(self, event, reuse=reuse)
+    return _get_pooled_connection(self, event)
+
+
+def _get_pooled_connection(self: Any, event: Any) -> Generator[Any, Any, None]:
     idle, busy = _pooled(self, event)
     if idle is not None:
         stream = self.command_sources.pop(event)
@@ -527,19 +533,29 @@ def _get_connection(self: Any, event: Any, *, reuse: bool = True) -> Generator[A
 
 
 def _layer_event(self: Any, event: Any) -> Generator[Any, Any, None]:
-    """mitmproxy's, then any stream parked for a pooled connection retries (FIFO)."""
+    """mitmproxy's, then any stream parked for a pooled connection retries (FIFO).
+
+    Only an HTTP/2 client's streams are ever parked: an HTTP/1 client gets mitmproxy's
+    own generator, unwrapped."""
+    if self.context.client.alpn != b"h2":
+        return _original_layer_event(self, event)
+    return _layer_event_retrying(self, event)
+
+
+def _layer_event_retrying(self: Any, event: Any) -> Generator[Any, Any, None]:
     yield from _original_layer_event(self, event)
     parked = self.__dict__.get("_luma_parked")
     while parked:
         idle, busy = _pooled(self, parked[0])
         if idle is None and not pool_has_room(busy, _state["pool"]):
             return
-        yield from _get_connection(self, parked.pop(0))
+        yield from _get_pooled_connection(self, parked.pop(0))
 
 
 def _h1_client_send(self: Any, event: Any) -> Generator[Any, Any, None]:
     """Convert an HTTP/2 request as mitmproxy does, but before it is kept: then the
-    connection's keep-alive follows the HTTP/1 rules and it can serve the next stream."""
+    connection's keep-alive follows the HTTP/1 rules and it can serve the next stream.
+    Anything else: mitmproxy's own generator, unwrapped."""
     if isinstance(event, _events.RequestHeaders) and (
             event.request.is_http2 or event.request.is_http3):
         request = event.request.copy()
@@ -552,7 +568,7 @@ def _h1_client_send(self: Any, event: Any) -> Generator[Any, Any, None]:
             request.headers["Cookie"] = "; ".join(cookies)
         event = _events.RequestHeaders(event.stream_id, request, event.end_stream,
                                        event.replay_flow)
-    return (yield from _original_h1_client_send(self, event))
+    return _original_h1_client_send(self, event)
 
 
 def _send_upstream(self: Any, event: Any) -> Any:

@@ -108,11 +108,13 @@ def test_remove_and_updatehealth_input(tmp_path: Path, host: str, healthy: str) 
             before = export(path)
 
 
+def json_containers(children: st.SearchStrategy) -> st.SearchStrategy:
+    return st.lists(children, max_size=4) | st.dictionaries(text, children, max_size=4)
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | text,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(text, children,
-                                                                       max_size=4),
-    max_leaves=20)
+    json_containers, max_leaves=20)
 go_hosts = st.dictionaries(hostish, st.one_of(
     json_values,
     st.fixed_dictionaries({"target": targetish}, optional={
