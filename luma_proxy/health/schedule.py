@@ -25,6 +25,7 @@ from luma_proxy.store.registry import RegistryError, Store
 logger = logging.getLogger("luma_proxy")
 
 UNHEALTHY_RECHECK = 2.0  # seconds between checks of a service that is unhealthy
+LOG_EACH = 20  # health changes of one round logged one per line; the rest summed up
 Results = dict[str, tuple[tuple, Health]]  # host -> (routing key checked, health)
 
 
@@ -149,13 +150,23 @@ class HealthSchedule:
                    and service.routing_key() == key}
         if not results:
             return
-        for host, (_key, health) in results.items():
-            before = self.routed.health.get(host)
-            if before is None or before.healthy is not health.healthy:
-                level = logging.INFO if health.healthy else logging.WARNING
-                logger.log(level, "health: %s is now %s%s", host,
-                           "healthy" if health.healthy else "unhealthy",
-                           f" ({health.last_error})" if health.last_error else "")
+        changed = [(host, health) for host, (_key, health) in results.items()
+                   if (before := self.routed.health.get(host)) is None
+                   or before.healthy is not health.healthy]
+        # The unhealthy first, each on its line up to LOG_EACH; the rest in one line (a
+        # first round of 10,000 services wrote 10,000 lines in one tick of the loop).
+        changed.sort(key=lambda item: bool(item[1].healthy))
+        for host, health in changed[:LOG_EACH]:
+            level = logging.INFO if health.healthy else logging.WARNING
+            logger.log(level, "health: %s is now %s%s", host,
+                       "healthy" if health.healthy else "unhealthy",
+                       f" ({health.last_error})" if health.last_error else "")
+        if len(changed) > LOG_EACH:
+            rest = changed[LOG_EACH:]
+            down = sum(1 for _host, health in rest if not health.healthy)
+            logger.log(logging.WARNING if down else logging.INFO,
+                       "health: %d more host(s) changed: %d now healthy, %d unhealthy "
+                       "(`luma-proxy list` shows each)", len(rest), len(rest) - down, down)
         task = asyncio.create_task(self.save(results))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -184,6 +195,6 @@ def write_results(store: Store, results: Results) -> None:
         keys = tx.routing_keys()
         for host, (key, health) in results.items():
             if keys.get(host) == key:
-                tx.put_health(host, HealthEntry.of(key, health))
+                tx.put_observation(host, key, health)
         for host in tx.health_hosts() - keys.keys():
             tx.delete_health(host)

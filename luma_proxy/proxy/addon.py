@@ -278,12 +278,15 @@ class LumaProxy:
         is back in rotation at once, whatever its passive ejection's backoff
         (a flapped single replica would otherwise be 503 for up to 30 s).
         """
-        if not health.containers:
+        containers = health.containers
+        if not containers:
             return
+        failed = [ip for ip, ok in containers.items() if not ok]
+        if not failed and not self.balancer.has_ejections:
+            return  # the common case (a round of 10,000 healthy services): nothing to undo
         _alias, port = self.table.target(service)
-        for ip, ok in health.containers.items():
-            if not ok:
-                self.prover.forget(ip, port)
+        for ip in failed:
+            self.prover.forget(ip, port)
         for ip in passed(health):
             self.balancer.restore(ip, port)
 

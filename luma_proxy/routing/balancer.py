@@ -102,6 +102,11 @@ class Balancer:
         for key in [k for k in self._next if k[0] in unused]:
             del self._next[key]
 
+    @property
+    def has_ejections(self) -> bool:
+        """Whether any IP has an ejection (or its backoff) on record: else restoring is moot."""
+        return bool(self._ejected)
+
     def knows(self, ip: str) -> bool:
         """Whether any state (ejection, backoff, a client stuck to it) is kept for ``ip``."""
         return any(k[0] == ip for k in self._ejected) or any(
