@@ -8,6 +8,7 @@ built-ins a reverse proxy needs plus ours, so the same addon runs faster.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -118,6 +119,11 @@ async def serve(config: RunConfig) -> int:
         return 1
     addrs = ", ".join(f"{h}:{p}" for s in ps.servers for h, p, *_ in s.listen_addrs)
     logger.info("listening on %s", addrs)
+    # Everything loaded so far (mitmproxy, the registry's view, certificates) lives as
+    # long as the process: out of the collector's full passes, which otherwise scan it
+    # all again and again (at 10,000 services, a 100+ ms stall every few seconds of a
+    # health round: benchmarks/tls_scale.py, docs/performance.md).
+    gc.freeze()
     if config.worker_index is not None:
         from luma_proxy.proxy.worker import worker_listening
         if not worker_listening(ps.servers):  # checks SO_REUSEPORT, tells the supervisor
