@@ -11,6 +11,7 @@ import contextlib
 import gc
 import io
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -27,8 +28,10 @@ from luma_proxy.store.jsonstate import parse_json
 from luma_proxy.store.registry import IMPORT_SUFFIX, RegistryError, Store, db_path
 
 LUMA = str(Path(sys.executable).parent / "luma-proxy")
-PROFILE = settings(max_examples=100, deadline=None,
-                   suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Each example creates a registry and commits with fsync: the fast tier (LUMA_TEST_FAST=1,
+# under a minute in all) tries 30 of each, the whole suite 100.
+PROFILE = settings(max_examples=30 if os.environ.get("LUMA_TEST_FAST") == "1" else 100,
+                   deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:
