@@ -331,15 +331,16 @@ def test_install_sh_builds_a_working_venv_without_build_tools(tmp_path: Path) ->
 
     # The venv: non-editable, precompiled, no installer left, its own interpreter.
     site = next(venv.glob("lib/python3.*/site-packages"))
-    assert (site / "luma_proxy" / "cli.py").is_file()
+    assert (site / "luma_proxy" / "cli" / "commands.py").is_file()
     assert not list(site.glob("__editable__*"))
     direct_url = json.loads(next(site.glob("luma_proxy-*.dist-info")).joinpath(
         "direct_url.json").read_text())
     assert not direct_url.get("dir_info", {}).get("editable"), direct_url
-    assert list((site / "luma_proxy" / "__pycache__").glob("cli.cpython-3*.pyc"))
+    assert list((site / "luma_proxy" / "cli" / "__pycache__").glob("commands.cpython-3*.pyc"))
     assert list((site / "mitmproxy" / "__pycache__").glob("*.pyc"))
     # `run` restarts under PYTHONOPTIMIZE=1: the -O bytecode is there too.
-    assert list((site / "luma_proxy" / "__pycache__").glob("cli.cpython-3*.opt-1.pyc"))
+    assert list((site / "luma_proxy" / "cli" / "__pycache__").glob(
+        "commands.cpython-3*.opt-1.pyc"))
     assert list((site / "mitmproxy" / "__pycache__").glob("http.cpython-3*.opt-1.pyc"))
     assert not (venv / "bin" / "pip").exists()
     assert not list(site.glob("pip")), "pip left in the runtime venv"

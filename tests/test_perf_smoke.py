@@ -57,9 +57,9 @@ def test_update_doc_keeps_prose(tmp_path: Path) -> None:
 
 
 def test_summarize_profile() -> None:
-    raw = ("main (luma_proxy/cli.py:1);trigger (mitmproxy/addonmanager.py:2);"
-           "_route (luma_proxy/addon.py:3) 3\n"
-           "main (luma_proxy/cli.py:1);write (asyncio/selector_events.py:4) 1\n")
+    raw = ("main (luma_proxy/cli/commands.py:1);trigger (mitmproxy/addonmanager.py:2);"
+           "_route (luma_proxy/proxy/addon.py:3) 3\n"
+           "main (luma_proxy/cli/commands.py:1);write (asyncio/selector_events.py:4) 1\n")
     s = perf.summarize_profile(raw)
     assert s["samples"] == 4
     assert s["luma_inclusive_pct"] == 75.0
