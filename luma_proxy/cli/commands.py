@@ -93,16 +93,6 @@ def checked(parse: Any, *args: Any) -> Any:
         raise CliError(str(e)) from None
 
 
-def update(store: Store, change: Any) -> Any:
-    """``change(state)`` on the whole state, in one transaction (settings)."""
-    try:
-        result = store.update(change)
-    except RegistryError as e:
-        raise CliError(str(e)) from None
-    print_import_notes(store)
-    return result
-
-
 def transaction[T](store: Store, change: Callable[[Tx], T], needs_host: bool = False) -> T:
     """``change(tx)`` on the rows it names, in one transaction: a deploy on a
     10,000-service registry reads and writes one row, not every service.
@@ -540,10 +530,10 @@ def set_staging(enabled: str, state_path: str) -> None:
 
     value = parse_bool(enabled, "--enabled")
 
-    def change(state: State) -> None:
-        state.settings.acme_staging = value
+    def change(tx: Tx) -> None:
+        tx.set_settings(tx.settings().model_copy(update={"acme_staging": value}))
 
-    update(store_for(state_path), change)
+    transaction(store_for(state_path), change)
     click.echo(f"✅ ACME {'staging' if value else 'production'}: "
                f"{directory_url('', value)}")
 

@@ -54,6 +54,13 @@ class RegistryError(Exception):
     """The registry cannot be read or written; the message is one line."""
 
 
+def init_schema(db: sqlite3.Connection) -> None:
+    """The tables and the schema version, in a database being created."""
+    for statement in _SCHEMA_SQL.split(";"):
+        db.execute(statement)
+    db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA),))
+
+
 def db_path(state_path: str | os.PathLike[str]) -> Path:
     """``/x/state.json`` -> ``/x/state.db``; any other name gets ``.db`` appended."""
     path = Path(state_path)
@@ -214,6 +221,15 @@ class Tx:
             out[host] = (raw.get("target"), raw.get("health_path"), host, raw.get("ssl"))
         return out
 
+    def put_imported(self, state: State, health: dict[str, HealthEntry]) -> None:
+        """The services of an imported JSON state, each with its health if it was observed
+        for the service as imported."""
+        for service in state.services.values():
+            self.put(service)
+            entry = health.get(service.host)
+            if entry is not None and entry.matches(service):
+                self.put_health(service.host, entry)
+
     def commit_generations(self) -> None:
         for kind, changed in (("routes", self.routes_changed), ("health", self.health_changed)):
             if changed:
@@ -318,9 +334,7 @@ class Store:
                 db.execute("PRAGMA journal_mode = WAL")
                 db.execute("PRAGMA synchronous = FULL")
                 db.execute("BEGIN IMMEDIATE")
-                for statement in _SCHEMA_SQL.split(";"):
-                    db.execute(statement)
-                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA),))
+                init_schema(db)
                 db.execute("INSERT INTO meta VALUES ('id', ?)", (os.urandom(8).hex(),))
                 if sources is not None:
                     self._import(db, *sources)
@@ -358,11 +372,7 @@ class Store:
     def _import(self, db: sqlite3.Connection, state: State, health: dict[str, HealthEntry],
                 notes: list[str], source: Path) -> None:
         tx = Tx(db)
-        for service in state.services.values():
-            tx.put(service)
-            entry = health.get(service.host)
-            if entry is not None and entry.matches(service):
-                tx.put_health(service.host, entry)
+        tx.put_imported(state, health)
         tx.set_settings(state.settings)
         tx.routes_changed = True
         tx.commit_generations()
@@ -374,9 +384,7 @@ class Store:
         if sources is None and error is not None:
             raise RegistryError(one_line(f"cannot open the registry {self.db_path}: {error}"))
         db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-        for statement in _SCHEMA_SQL.split(";"):
-            db.execute(statement)
-        db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA),))
+        init_schema(db)
         if sources is not None:
             self._import(db, *sources)
         self.last_import = None  # nothing was taken over
@@ -544,11 +552,7 @@ class Store:
                     tx.delete(host)
                     tx.delete_health(host)
                 tx.set_settings(state.settings)
-            for service in state.services.values():
-                tx.put(service)
-                entry = health.get(service.host)
-                if entry is not None and entry.matches(service):
-                    tx.put_health(service.host, entry)
+            tx.put_imported(state, health)
         return notes, len(state.services)
 
 
