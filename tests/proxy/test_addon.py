@@ -214,13 +214,14 @@ def deploy(path: Path, host: str, target: str, **fields: object) -> Service:
 
 
 def set_health(path: Path, host: str, healthy: bool, target: str | None = None,
-               at: datetime | None = None) -> None:
-    """Write ``host``'s entry as the health leader would, for ``target`` (default: as deployed)."""
+               at: datetime | None = None, containers: dict[str, bool] | None = None) -> None:
+    """Write ``host``'s entry as the health leader would, for ``target`` (default: as
+    deployed), with what each container's probe gave."""
     with Store(path).transaction() as tx:
         service = tx.service(host)
         assert service is not None
         key = service.routing_key() if target is None else (target, *service.routing_key()[1:])
-        health = Health(healthy=healthy, checked_at=at or now(), containers={})
+        health = Health(healthy=healthy, checked_at=at or now(), containers=containers or {})
         tx.put_health(host, HealthEntry.of(key, health))
 
 
@@ -448,16 +449,6 @@ async def test_leader_results_are_written_after_a_wall_clock_step_back(tmp_path:
 
 
 # ------------------------------------------------------------------ passive ejection
-def set_containers(path: Path, host: str, containers: dict[str, bool]) -> None:
-    """Write ``host``'s entry as the health leader would after probing each container."""
-    with Store(path).transaction() as tx:
-        service = tx.service(host)
-        assert service is not None
-        health = Health(healthy=any(containers.values()), checked_at=now(),
-                        containers=containers)
-        tx.put_health(host, HealthEntry.of(service.routing_key(), health))
-
-
 async def test_a_passing_health_check_lifts_a_passive_ejection_at_once(tmp_path: Path) -> None:
     """A flapped single replica, healthy again, is served at once, not after its backoff."""
     path = tmp_path / "state.json"
@@ -470,7 +461,7 @@ async def test_a_passing_health_check_lifts_a_passive_ejection_at_once(tmp_path:
         f = flow_for("blog.test")
         await call([addon], "requestheaders", f)
         assert f.response is not None and f.response.status_code == 503
-        set_containers(path, "blog.test", {"127.0.0.9": True})  # the leader's check passed
+        set_health(path, "blog.test", True, containers={"127.0.0.9": True})  # the check passed
         assert addon.reload()
         f = flow_for("blog.test")
         await call([addon], "requestheaders", f)
@@ -484,7 +475,7 @@ async def test_a_failing_health_check_does_not_lift_an_ejection(tmp_path: Path) 
     with taddons.context(addon) as tctx:
         tctx.configure(addon, luma_state=str(path), luma_hold_timeout=0)
         addon.balancer.eject("127.0.0.9", 3000)
-        set_containers(path, "blog.test", {"127.0.0.9": False, "127.0.0.10": True})
+        set_health(path, "blog.test", True, containers={"127.0.0.9": False, "127.0.0.10": True})
         addon.reload()
         assert addon.balancer.is_ejected("127.0.0.9", 3000)
 
