@@ -50,7 +50,7 @@ from luma_proxy.routing.router import HostTable, Reject, admit
 from luma_proxy.runtime.leadership import Leadership
 from luma_proxy.runtime.served import Beacon
 from luma_proxy.store.registry import IMPORT_SUFFIX, RegistryError, Store, default_state_path
-from luma_proxy.store.view import EMPTY, View, build_view, diff
+from luma_proxy.store.view import EMPTY, View, diff, read_view
 
 logger = logging.getLogger("luma_proxy")
 
@@ -230,18 +230,15 @@ class LumaProxy:
         """The next view, from the rows that moved since ``base`` (runs in a thread)."""
         assert self.store is not None
         try:
-            snapshot = self.store.snapshot(base.routes_gen, base.health_gen,
-                                           base.registry_id)
+            view = read_view(self.store, base)
         except RegistryError as e:
             if str(e) != self._read_error:
                 logger.error("keeping the last good routes: %s", e)
                 self._read_error = str(e)
             return None
         self._read_error = None
-        if (snapshot.routes_gen, snapshot.health_gen, snapshot.registry_id) == (
-                base.routes_gen, base.health_gen, base.registry_id):
+        if view is base:
             return None
-        view = build_view(snapshot, base)
         for error in view.errors:
             logger.error("registry: %s", error)
         return view

@@ -425,7 +425,7 @@ def supervisor_registry(multiproc_dir: str, state_path: str) -> CollectorRegistr
 
     from luma_proxy.proxy.certificates import ExpiryCache, certs_dir
     from luma_proxy.store.registry import Store
-    from luma_proxy.store.view import EMPTY, build_view
+    from luma_proxy.store.view import EMPTY, read_view
 
     store = Store(state_path)
     certs = certs_dir(state_path)
@@ -433,9 +433,7 @@ def supervisor_registry(multiproc_dir: str, state_path: str) -> CollectorRegistr
 
     def view() -> Any:
         try:
-            base = last[0]
-            last[0] = build_view(store.snapshot(
-                base.routes_gen, base.health_gen, base.registry_id), base)
+            last[0] = read_view(store, last[0])
         except Exception:
             return None
         return last[0]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from luma_proxy.models import HealthEntry, Service, Settings
-from luma_proxy.store.registry import Snapshot, parse_health, parse_service
+from luma_proxy.store.registry import Snapshot, Store, parse_health, parse_service
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +67,16 @@ def build_view(snapshot: Snapshot, previous: View = EMPTY) -> View:
     return View(snapshot.routes_gen, snapshot.health_gen, services, health, settings,
                 tuple(errors), service_rows, health_rows, observed, snapshot.registry_id,
                 snapshot.settings)
+
+
+def read_view(store: Store, base: View = EMPTY) -> View:
+    """The registry's view after ``base`` (``base`` itself if nothing moved): the I/O edge
+    of ``build_view``, reading only the rows newer than ``base``'s generations."""
+    snapshot = store.snapshot(base.routes_gen, base.health_gen, base.registry_id)
+    if (snapshot.routes_gen, snapshot.health_gen, snapshot.registry_id) == (
+            base.routes_gen, base.health_gen, base.registry_id):
+        return base
+    return build_view(snapshot, base)
 
 
 def _in_force(services: dict[str, Service], observed: dict[str, HealthEntry],
