@@ -25,7 +25,8 @@ def main() -> int:
     workdir = ROOT / ".demo"
     workdir.mkdir(exist_ok=True)
     state = workdir / "state.json"
-    state.unlink(missing_ok=True)
+    for stale in (state, *workdir.glob("state.db*")):  # each demo starts from no routes
+        stale.unlink(missing_ok=True)
     luma = str(Path(sys.executable).parent / "luma-proxy")
 
     dns = FakeDockerDNS().start()
