@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sqlite3
 import time
 from datetime import datetime, timedelta
@@ -208,8 +207,10 @@ def test_client_leaving_during_connect_does_not_eject_the_container() -> None:
 # ------------------------------------------------------------------ the registry and health
 def deploy(path: Path, host: str, target: str, **fields: object) -> Service:
     service = Service(name="x", host=host, target=target, project="p", **fields)  # type: ignore[arg-type]
-    with Store(path).transaction() as tx:
+    store = Store(path)
+    with store.transaction() as tx:
         tx.put(service)
+    store.close()  # as the CLI's process ends: no connection of ours outlives the write
     return service
 
 
@@ -518,23 +519,40 @@ async def test_a_removed_service_leaves_no_state_on_its_ips(tmp_path: Path) -> N
         assert addon.balancer.is_ejected("127.0.0.10", 3000)
 
 
-def test_a_restored_registry_is_taken_whole_whatever_its_generations(tmp_path: Path) -> None:
-    """A backup put back (or the database re-created) starts its generations again:
-    the proxy must serve it, not keep the newer-numbered view it had."""
-    path = tmp_path / "live" / "state.json"
+def test_a_recreated_registry_is_taken_whole_whatever_its_generations(tmp_path: Path) -> None:
+    """The database removed with its journal and created again by the next deploy starts
+    its generations again: the proxy must serve it, not keep the newer-numbered view."""
+    path = tmp_path / "state.json"
     for i in range(5):
         deploy(path, f"h{i}.test", f"127.0.0.{i + 1}:3000")  # generation 5
-    backup = tmp_path / "backup" / "state.json"
-    deploy(backup, "restored.test", "127.0.0.9:3000")  # generation 1
-    store = Store(backup)
-    store.close()
     addon = LumaProxy()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, luma_state=str(path))
         assert len(addon.table.services) == 5
-        os.replace(db_path(backup), db_path(path))
+        for name in ("state.db", "state.db-wal", "state.db-shm"):
+            (tmp_path / name).unlink(missing_ok=True)
+        deploy(path, "recreated.test", "127.0.0.9:3000")  # generation 1 of a new database
         assert addon.reload() is True
-        assert list(addon.table.services) == ["restored.test"]
+        assert list(addon.table.services) == ["recreated.test"]
         deploy(path, "next.test", "127.0.0.8:3000")  # and it follows it from there
         assert addon.reload() is True
-        assert sorted(addon.table.services) == ["next.test", "restored.test"]
+        assert sorted(addon.table.services) == ["next.test", "recreated.test"]
+
+
+def test_a_registry_restored_with_import_replace_is_served_live(tmp_path: Path) -> None:
+    """The supported live restore: ``luma-proxy import FILE --replace`` of an export."""
+    path = tmp_path / "state.json"
+    deploy(path, "kept.test", "127.0.0.1:3000")
+    backup = Store(path)
+    exported = backup.export_json()
+    backup.close()
+    deploy(path, "later.test", "127.0.0.2:3000")
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(path))
+        assert sorted(addon.table.services) == ["kept.test", "later.test"]
+        store = Store(path)
+        store.import_json(exported, replace=True)
+        store.close()
+        assert addon.reload() is True
+        assert list(addon.table.services) == ["kept.test"]
