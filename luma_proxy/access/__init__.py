@@ -1,0 +1,1 @@
+"""Per-service access control (Basic auth, IP allow-lists): pure, no mitmproxy import."""
