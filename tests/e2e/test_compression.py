@@ -1,0 +1,122 @@
+"""Response compression through a real proxy process in front of a raw container.
+
+Until the routing addon wires ``Compression`` in, the proxy runs as
+``mitmdump -s addons/luma.py -s <a script adding Compression>``: the script's
+addons come after the routing addon's, the order the wiring will have.
+"""
+
+from __future__ import annotations
+
+import http.client
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import brotli
+import pytest
+import zstandard
+
+from tests.e2e.conftest import Proxy, next_ip, request, wait_until
+from tests.e2e.docker_double import free_port
+from tests.e2e.recorder import OK, Recorder
+
+PAGE = b"".join(b"<li><a href='/item/%d'>item %d of the catalogue</a></li>\n" % (i, i)
+                for i in range(800))
+BIG = b"".join(b"%08d GET /api/items?page=%d 200 0.004s\n" % (i, i % 97) for i in range(60_000))
+EVENTS = b"".join(b"data: event %d, some text to compress\n\n" % i for i in range(100))
+ALL = "gzip, br, zstd"
+
+
+def chunked(body: bytes, size: int = 8192) -> bytes:
+    parts = [b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size])
+             for i in range(0, len(body), size)]
+    return b"".join(parts) + b"0\r\n\r\n"
+
+
+def reply(head: bytes) -> bytes:
+    """The container: a page, a large sized text, an unsized text, events; else ``ok``."""
+    target = head.split(b" ", 2)[1]
+    if target == b"/page":
+        answer = (b'HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nETag: "p1"\r\n'
+                  b"Vary: Origin\r\nContent-Length: %d\r\n\r\n" % len(PAGE))
+        return answer if head.startswith(b"HEAD ") else answer + PAGE
+    if target == b"/big":  # over streaming.STREAM_ABOVE: streamed, though sized
+        return (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(BIG), BIG))
+    if target == b"/unsized":
+        return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n" + chunked(PAGE))
+    if target == b"/events":
+        return (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n" + chunked(EVENTS, 64))
+    return OK
+
+
+def decode(encoding: str, data: bytes) -> bytes:
+    if encoding == "gzip":
+        return zlib.decompress(data, 31)
+    if encoding == "br":
+        return brotli.decompress(data)
+    return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+
+
+@pytest.fixture
+def container(dns, cli) -> Iterator[Recorder]:
+    ip, port = next_ip(), free_port()
+    rec = Recorder(ip, port, reply).start()
+    dns.set_alias("shop", [ip])
+    cli("deploy", "--host", "shop.test", "--target", f"shop:{port}", "--project", "p",
+        "--no-ssl")
+    yield rec
+    rec.stop()
+
+
+@pytest.fixture
+def proxy(container, start_proxy, tmp_path: Path) -> Proxy:
+    script = tmp_path / "compress.py"
+    script.write_text("from luma_proxy.proxy.compression import Compression\n"
+                      "addons = [Compression()]\n")
+    p = start_proxy("mitmdump", args=("-s", str(script)))
+    wait_until(lambda: p.get("shop.test").status == 200, timeout=20, interval=0.2)
+    return p
+
+
+def test_buffered_answers(proxy: Proxy) -> None:
+    for accept, encoding in ((ALL, "zstd"), ("gzip;q=1, br;q=0.5", "gzip"), ("br", "br")):
+        reply = proxy.get("shop.test", "/page", headers={"Accept-Encoding": accept})
+        assert reply.status == 200
+        assert reply.headers["content-encoding"] == encoding
+        assert int(reply.headers["content-length"]) == len(reply.body) < len(PAGE) / 4
+        assert reply.headers["vary"] == "Origin, Accept-Encoding"
+        assert reply.headers["etag"] == 'W/"p1"'
+        assert decode(encoding, reply.body) == PAGE
+
+    plain = proxy.get("shop.test", "/page")  # no Accept-Encoding
+    assert plain.body == PAGE and "content-encoding" not in plain.headers
+    assert plain.headers["vary"] == "Origin, Accept-Encoding"
+    head = proxy.get("shop.test", "/page", method="HEAD", headers={"Accept-Encoding": ALL})
+    assert "content-encoding" not in head.headers
+    assert head.headers["content-length"] == str(len(PAGE))
+    events = proxy.get("shop.test", "/events", headers={"Accept-Encoding": ALL})
+    assert events.body == EVENTS and "content-encoding" not in events.headers
+
+
+def test_streamed_answers_on_one_connection(proxy: Proxy, container: Recorder) -> None:
+    """Sized and unsized bodies, compressed as they stream; the client's connection and the
+    container's are both kept (chunked framing on each side)."""
+    before = len(container.received())
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=20)
+    try:
+        for path, body, encoding in (("/big", BIG, "zstd"), ("/unsized", PAGE, "gzip"),
+                                     ("/big", BIG, "br")):
+            reply = request(proxy.port, "shop.test", path, conn=conn,
+                            headers={"Accept-Encoding": encoding})
+            assert reply.status == 200
+            assert reply.headers["content-encoding"] == encoding
+            assert reply.headers["transfer-encoding"] == "chunked"
+            assert "content-length" not in reply.headers
+            assert len(reply.body) < len(body) / 4
+            assert decode(encoding, reply.body) == body
+    finally:
+        conn.close()
+    assert len(container.received()) == before + 1  # one upstream connection for all three
