@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -69,6 +69,64 @@ def normalize_host(value: str) -> str:
     return host
 
 
+def parse_host_pattern(value: str) -> str:
+    """A deployable host: a hostname (``normalize_host``) or ``*.example.com``.
+
+    A wildcard stands for exactly one more label, and needs at least two labels
+    after it (``*.com`` would claim a whole top-level domain).
+    """
+    text = value.strip()
+    if text.startswith("*."):
+        rest = normalize_host(text[2:])
+        if ip_literal(rest) is not None or "." not in rest:
+            raise ValueError(f"invalid wildcard host {value!r}: expected *.example.com")
+        return "*." + rest
+    if "*" in text:
+        raise ValueError(f"invalid host {value!r}: a wildcard must be the whole first "
+                         "label, as in *.example.com")
+    return normalize_host(text)
+
+
+def is_wildcard(host: str) -> bool:
+    return host.startswith("*.")
+
+
+def parse_path_prefix(value: str) -> str:
+    """``/api`` (no trailing slash); ``/`` or empty means the whole host ("")."""
+    text = value.strip()
+    if not text.startswith("/") or any(c.isspace() or ord(c) < 32 or c in "?#%\\"
+                                       for c in text):
+        raise ValueError(f"invalid path prefix {value!r}: must start with / and have no "
+                         "spaces, ?, #, % or backslash")
+    parts = [p for p in text.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise ValueError(f"invalid path prefix {value!r}: no . or .. segments")
+    return "".join(f"/{p}" for p in parts)
+
+
+def route_key(host: str, path_prefix: str = "") -> str:
+    """The registry key of one route: the host, and its path prefix if any."""
+    return host + path_prefix
+
+
+def parse_duration(value: str) -> float:
+    """``30``, ``30s``, ``500ms``, ``2m`` -> seconds (kamal-proxy's spelling)."""
+    text = value.strip().lower()
+    for suffix, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if text.endswith(suffix):
+            number, factor = text[: -len(suffix)], scale
+            break
+    else:
+        number, factor = text, 1.0
+    try:
+        seconds = float(number) * factor
+    except ValueError:
+        raise ValueError(f"invalid duration {value!r}: e.g. 30s, 500ms, 2m") from None
+    if not 0 <= seconds <= 86400 or seconds != seconds:
+        raise ValueError(f"invalid duration {value!r}: must be 0 to 24h")
+    return seconds
+
+
 def ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The address an IP host names (``10.0.0.1``, ``::1``, ``[::1]``); None for a DNS name.
 
@@ -116,7 +174,8 @@ def _target(value: str) -> str:
     return f"[{alias}]:{port}" if ":" in alias else f"{alias}:{port}"
 
 
-Host = Annotated[str, AfterValidator(normalize_host)]
+Host = Annotated[str, AfterValidator(parse_host_pattern)]
+PathPrefix = Annotated[str, AfterValidator(lambda v: parse_path_prefix(v) if v else "")]
 Target = Annotated[str, AfterValidator(_target)]
 HealthPath = Annotated[str, AfterValidator(parse_health_path)]
 
@@ -163,8 +222,28 @@ class Service(BaseModel):
     # Docker networks the target's alias was found on at deploy time (with the
     # engine's socket mounted), so a re-created proxy container can rejoin them.
     networks: list[str] = Field(default_factory=list)
+    # Issue 16. Several hosts of one service are several rows sharing ``name`` and
+    # ``project``; several path prefixes too. The row's key is ``route_key``.
+    path_prefix: PathPrefix = ""
+    strip_path_prefix: bool = True
+    canonical_host: Annotated[str | None, AfterValidator(
+        lambda v: normalize_host(v) if v else None)] = None
+    # "serving", or "stopped" (503 with ``stop_message``) or "paused" (requests held
+    # up to ``max_pause`` seconds each, until resumed).
+    mode: Literal["serving", "stopped", "paused"] = "serving"
+    stop_message: str | None = None
+    max_pause: float = 30.0
+    error_pages: str | None = None
+    basic_auth: list[str] = Field(default_factory=list)  # USER:HASH (bcrypt, argon2)
+    allow: list[str] = Field(default_factory=list)  # CIDRs; empty: everyone
+    compress: bool = True
     created_at: datetime = Field(default_factory=now)
     updated_at: datetime = Field(default_factory=now)
+
+    @property
+    def key(self) -> str:
+        """This route's key in the registry (and in the view's dictionaries)."""
+        return self.host + self.path_prefix
 
     @property
     def alias(self) -> str:
@@ -176,7 +255,7 @@ class Service(BaseModel):
 
     def routing_key(self) -> tuple[str, str, str, bool]:
         """The fields whose change needs a fresh health check."""
-        return (self.target, self.health_path, self.host, self.ssl)
+        return (self.target, self.health_path, self.key, self.ssl)
 
 
 class HealthEntry(Health):
@@ -231,4 +310,4 @@ class State(BaseModel):
     settings: Settings = Field(default_factory=Settings)
 
     def find(self, host: str) -> Service | None:
-        return self.services.get(normalize_host(host))
+        return self.services.get(parse_host_pattern(host))

@@ -45,6 +45,9 @@ def certificate_covers(pem: bytes, host: str) -> bool:
         san = _leaf(pem).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return False
+    if host.startswith("*."):  # a wildcard route needs the same wildcard in the SAN
+        return any(p.strip().rstrip(".").lower() == host
+                   for p in san.get_values_for_type(x509.DNSName))
     ip = ip_literal(host)  # also a bare IPv6 address, which normalize_host refuses
     if ip is None:
         try:

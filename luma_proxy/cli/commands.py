@@ -19,6 +19,8 @@ from typing import Any
 
 import click
 
+from luma_proxy.access.allowlist import parse_cidr
+from luma_proxy.access.basicauth import hash_password, parse_credential
 from luma_proxy.models import (
     SET_BY_HAND,
     UNCHECKED,
@@ -26,12 +28,17 @@ from luma_proxy.models import (
     HealthEntry,
     Service,
     State,
+    is_wildcard,
     normalize_host,
     now,
     one_line,
+    parse_duration,
     parse_health_path,
+    parse_host_pattern,
     parse_name,
+    parse_path_prefix,
     parse_target,
+    route_key,
 )
 from luma_proxy.runtime import startup
 from luma_proxy.runtime.supervisor import workers_option
@@ -145,8 +152,24 @@ def cli() -> None:
     """Reverse proxy that routes each Host to a Docker network alias (alias:port)."""
 
 
+def split_hosts(values: Sequence[str]) -> list[str]:
+    """``--host a.com --host b.com`` and ``--host a.com,b.com``, checked, in order, once each."""
+    hosts: list[str] = []
+    for value in values:
+        for part in value.split(","):
+            host = checked(parse_host_pattern, part)
+            if host in RESERVED_HOSTS:
+                raise CliError(f"host {host} is reserved: its certificate directory would be "
+                               "the ACME account key's file")
+            if host not in hosts:
+                hosts.append(host)
+    return hosts
+
+
 @cli.command(cls=GoBoolCommand)
-@click.option("--host", required=True, help="Public hostname, e.g. blog.com.")
+@click.option("--host", "hosts", required=True, multiple=True,
+              help="Public hostname, e.g. blog.com; repeat it (or a,b) for several; "
+                   "*.example.com for every name one label under example.com.")
 @click.option("--target", required=True, help="Docker network alias and port, e.g. blog:3000.")
 @click.option("--project", required=True, help="Project that owns the host.")
 @click.option("--health-path", default="/up", show_default=True, help="Health check path.")
@@ -161,76 +184,125 @@ def cli() -> None:
               help="Use this certificate (PEM, full chain) instead of ACME.")
 @click.option("--tls-key", type=click.Path(dir_okay=False), default=None,
               help="Private key (PEM) of --tls-cert.")
+@click.option("--path-prefix", "path_prefixes", multiple=True, metavar="PATH",
+              help="Route only requests under PATH (repeatable); the longest prefix wins.")
+@click.option("--strip-path-prefix/--no-strip-path-prefix", default=True, show_default=True,
+              help="Remove the prefix before the container sees the path.")
+@click.option("--canonical-host", default=None, metavar="HOST",
+              help="One of --host: the others answer 301 to it.")
+@click.option("--error-pages", default=None, metavar="DIR",
+              help="Directory of <status>.html pages for the proxy's own answers.")
+@click.option("--basic-auth", "basic_auth", multiple=True, metavar="USER:HASH",
+              help="Require this user (bcrypt or argon2 hash: luma-proxy hash-password); "
+                   "repeatable.")
+@click.option("--allow", "allow", multiple=True, metavar="CIDR",
+              help="Serve only clients from CIDR (repeatable); others get 403.")
+@click.option("--compress/--no-compress", default=True, show_default=True,
+              help="Compress responses (zstd, br, gzip) the client accepts.")
 @click.option("--wait", is_flag=True,
               help="Also wait until TARGET passes a health check (exit 1 if it does not).")
 @click.option("--wait-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds --wait waits for a passing health check.")
 @state_option
-def deploy(host: str, target: str, project: str, health_path: str, app: str, ssl: bool,
-           hsts: bool, force: bool, tls_cert: str | None, tls_key: str | None, wait: bool,
-           wait_timeout: float, state_path: str) -> None:
+def deploy(hosts: tuple[str, ...], target: str, project: str, health_path: str, app: str,
+           ssl: bool, hsts: bool, force: bool, tls_cert: str | None, tls_key: str | None,
+           path_prefixes: tuple[str, ...], strip_path_prefix: bool, canonical_host: str | None,
+           error_pages: str | None, basic_auth: tuple[str, ...], allow: tuple[str, ...],
+           compress: bool, wait: bool, wait_timeout: float, state_path: str) -> None:
     """Route HOST to TARGET (creates it, or updates it in place).
 
+    Every HOST and path prefix is a route of its own in the registry; routes not
+    named here are left as they are (``remove`` takes one away).
     Returns once every running proxy process serves the change, so the old
     containers may be stopped right after it.
     """
-    host = checked(normalize_host, host)
-    if host in RESERVED_HOSTS:
-        raise CliError(f"host {host} is reserved: its certificate directory would be "
-                       "the ACME account key's file")
+    host_list = split_hosts(hosts)
     alias, port = checked(parse_target, target)
     project = checked(parse_name, project, "project")
     health_path = checked(parse_health_path, health_path)
     if app:
         app = checked(parse_name, app, "app")
-    custom = read_custom_pair(host, tls_cert, tls_key)
+    prefixes = sorted({checked(parse_path_prefix, p) for p in path_prefixes}) or [""]
+    if canonical_host is not None:
+        canonical_host = checked(normalize_host, canonical_host)
+        if canonical_host not in host_list:
+            raise CliError(f"--canonical-host {canonical_host} must be one of the --host values")
+    if error_pages is not None:
+        from luma_proxy.proxy.pages import parse_error_pages_dir
+
+        error_pages = checked(parse_error_pages_dir, error_pages)
+    credentials = [checked(parse_credential, c) for c in basic_auth]
+    if len({user for user, _hash in credentials}) != len(credentials):
+        raise CliError("--basic-auth names a user twice")
+    networks_allowed = [str(checked(parse_cidr, c)) for c in allow]
+    custom = read_custom_pair(host_list, tls_cert, tls_key)
     if custom and not ssl:
         raise CliError("--tls-cert needs --ssl: a certificate is only used for HTTPS")
+    if ssl and not custom and (wild := [h for h in host_list if is_wildcard(h)]):
+        raise CliError(f"{wild[0]} needs --tls-cert and --tls-key (or --no-ssl): "
+                       "ACME's HTTP-01 challenge cannot issue wildcard certificates")
     networks = route_networks(alias)
 
-    def change(tx: Tx) -> tuple[str, Service]:
-        try:
-            existing = tx.service(host)
-        except ValueError as e:  # a row that does not validate (a hand edit)
-            if not force:
-                raise CliError(f"{e}; use --force to replace it") from None
-            existing = None
-        if existing and existing.project != project and not force:
-            raise CliError(f"host {host} belongs to project {existing.project!r}; "
-                           "use --force to move it")
-        fields = {"name": app or alias, "host": host, "target": f"{alias}:{port}",
-                  "project": project, "app": app, "health_path": health_path, "ssl": ssl,
-                  "hsts": hsts}
-        if networks is not None:
-            fields["networks"] = networks
+    def change(tx: Tx) -> list[tuple[str, Service]]:
+        done = []
+        for host in host_list:
+            for prefix in prefixes:
+                done.append(deploy_route(tx, host, prefix, {
+                    "name": app or alias, "host": host, "target": f"{alias}:{port}",
+                    "project": project, "app": app, "health_path": health_path, "ssl": ssl,
+                    "hsts": hsts, "path_prefix": prefix, "strip_path_prefix": strip_path_prefix,
+                    "canonical_host": canonical_host, "error_pages": error_pages,
+                    "basic_auth": [f"{u}:{h}" for u, h in credentials],
+                    "allow": networks_allowed, "compress": compress,
+                    **({"cert_source": "custom"} if custom else {}),
+                }, networks, force))
         if custom:
             from luma_proxy.proxy.certificates import certs_dir, store_pair
 
-            fields["cert_source"] = "custom"
-            # Inside the transaction, so the files and the route change together.
-            store_pair(certs_dir(state_path), host, *custom)
-        if existing is None:
-            service = Service(**fields)
-            verb = "Deployed"
-        else:
-            same = existing.model_copy(update=fields)
-            if same.model_dump(exclude={"updated_at"}) != existing.model_dump(
-                    exclude={"updated_at"}):
-                same.updated_at = now()
-            service = Service.model_validate(same.model_dump())
-            verb = "Updated"
-        tx.put(service)
-        # A new target must prove itself: the entry observed for the old one goes.
-        drop_stale_health(tx, host, service)
-        return verb, service
+            for host in host_list:  # inside the transaction: files and routes change together
+                store_pair(certs_dir(state_path), host, *custom)
+        return done
 
     store = store_for(state_path)
-    verb, service = transaction(store, change)
+    done = transaction(store, change)
     await_proxies(store)
     if wait:
-        wait_healthy(store, service, wait_timeout)
+        wait_healthy(store, done[0][1], wait_timeout)
     scheme = ("https" if hsts else "https, no HSTS") if ssl else "http only"
-    click.echo(f"✅ {verb} {host} -> {alias}:{port} (project {project}, {scheme})")
+    for verb, service in done:
+        click.echo(f"✅ {verb} {service.key} -> {alias}:{port} (project {project}, {scheme})")
+
+
+def deploy_route(tx: Tx, host: str, prefix: str, fields: dict[str, Any],
+                 networks: list[str] | None, force: bool) -> tuple[str, Service]:
+    """Create or update the route ``host`` + ``prefix``: ("Deployed" or "Updated", it)."""
+    key = route_key(host, prefix)
+    try:
+        existing = tx.service(key)
+    except ValueError as e:  # a row that does not validate (a hand edit)
+        if not force:
+            raise CliError(f"{e}; use --force to replace it") from None
+        existing = None
+    project = fields["project"]
+    if existing and existing.project != project and not force:
+        raise CliError(f"host {key} belongs to project {existing.project!r}; "
+                       "use --force to move it")
+    if networks is not None:
+        fields = {**fields, "networks": networks}
+    if existing is None:
+        service = Service(**fields)
+        verb = "Deployed"
+    else:
+        same = existing.model_copy(update=fields)  # maintenance stays until ``resume``
+        if same.model_dump(exclude={"updated_at"}) != existing.model_dump(
+                exclude={"updated_at"}):
+            same.updated_at = now()
+        service = Service.model_validate(same.model_dump())
+        verb = "Updated"
+    tx.put(service)
+    # A new target must prove itself: the entry observed for the old one goes.
+    drop_stale_health(tx, key, service)
+    return verb, service
 
 
 def await_proxies(store: Store) -> None:
@@ -312,7 +384,8 @@ def print_import_notes(store: Store) -> None:
         click.echo(f"  note: {note}")
 
 
-def read_custom_pair(host: str, cert: str | None, key: str | None) -> tuple[bytes, bytes] | None:
+def read_custom_pair(hosts: list[str], cert: str | None, key: str | None,
+                     ) -> tuple[bytes, bytes] | None:
     """Read and check a --tls-cert/--tls-key pair before anything is written."""
     if cert is None and key is None:
         return None
@@ -324,26 +397,124 @@ def read_custom_pair(host: str, cert: str | None, key: str | None) -> tuple[byte
         cert_pem, key_pem = Path(cert).read_bytes(), Path(key).read_bytes()
     except OSError as e:
         raise CliError(f"cannot read {e.filename}: {e.strerror}") from None
-    checked(check_pair, cert_pem, key_pem, host)
+    for host in hosts:
+        checked(check_pair, cert_pem, key_pem, host)
     return cert_pem, key_pem
 
 
 @cli.command()
-@click.option("--host", required=True, help="Hostname to stop routing.")
+@click.option("--host", "hosts", multiple=True, help="Hostname to stop routing (repeatable).")
+@click.option("--path-prefix", default=None, metavar="PATH",
+              help="Only this path prefix of --host.")
+@click.option("--service", default=None, metavar="NAME",
+              help="Every route of this service (its --app, else its alias).")
+@click.option("--project", default=None, help="Every route of this project.")
 @state_option
-def remove(host: str, state_path: str) -> None:
-    """Stop routing HOST."""
-    host = checked(normalize_host, host)
+def remove(hosts: tuple[str, ...], path_prefix: str | None, service: str | None,
+           project: str | None, state_path: str) -> None:
+    """Stop routing HOST (every path prefix of it), or a whole service or project."""
+    if not (hosts or service or project):
+        raise CliError("give --host, --service or --project")
+    host_list = split_hosts(hosts) if hosts else []
+    prefix = checked(parse_path_prefix, path_prefix) if path_prefix is not None else None
+    if prefix is not None and not host_list:
+        raise CliError("--path-prefix goes with --host")
 
-    def change(tx: Tx) -> None:
-        if not tx.delete(host):
-            raise CliError(f"host {host} is not deployed")
-        tx.delete_health(host)
+    def change(tx: Tx) -> list[str]:
+        keys: list[str] = []
+        for host in host_list:
+            found = [route_key(host, prefix)] if prefix is not None else list(tx.routes_of(host))
+            if not found or (prefix is not None and tx.service(found[0]) is None):
+                raise CliError(f"host {route_key(host, prefix or '')} is not deployed")
+            keys += found
+        if service is not None or project is not None:
+            matched = [k for k, s in tx.services().items()
+                       if (service is None or s.name == service)
+                       and (project is None or s.project == project)]
+            if not matched:
+                raise CliError("no route matches " + " and ".join(
+                    f"{flag} {value}" for flag, value in (("--service", service),
+                                                          ("--project", project)) if value))
+            keys += matched
+        for key in dict.fromkeys(keys):
+            tx.delete(key)
+            tx.delete_health(key)
+        return list(dict.fromkeys(keys))
 
     store = store_for(state_path)
-    transaction(store, change, needs_host=True)
+    removed = transaction(store, change, needs_host=True)
     await_proxies(store)
-    click.echo(f"✅ Removed {host}")
+    for key in removed:
+        click.echo(f"✅ Removed {key}")
+
+
+def set_mode(host: str, update: dict[str, Any], state_path: str) -> list[str]:
+    """Put every route of ``host`` in a maintenance mode; their keys."""
+    host = checked(parse_host_pattern, host)
+
+    def change(tx: Tx) -> list[str]:
+        routes = tx.routes_of(host)
+        if not routes:
+            raise CliError(f"host {host} is not deployed")
+        for service in routes.values():
+            tx.put(Service.model_validate(service.model_copy(update=update).model_dump()))
+        return list(routes)
+
+    store = store_for(state_path)
+    keys = transaction(store, change, needs_host=True)
+    await_proxies(store)
+    return keys
+
+
+@cli.command()
+@click.option("--host", required=True, help="Deployed hostname.")
+@click.option("--message", default=None, help="Shown on the 503 page.")
+@state_option
+def stop(host: str, message: str | None, state_path: str) -> None:
+    """Answer HOST's requests with 503 and MESSAGE (maintenance); checks continue."""
+    if message is not None:
+        message = checked(parse_message, message)
+    for key in set_mode(host, {"mode": "stopped", "stop_message": message}, state_path):
+        click.echo(f"✅ Stopped {key}")
+
+
+@cli.command()
+@click.option("--host", required=True, help="Deployed hostname.")
+@click.option("--max-pause", default="30s", show_default=True, metavar="DURATION",
+              help="Longest a request is held (e.g. 30s, 2m); then 503.")
+@state_option
+def pause(host: str, max_pause: str, state_path: str) -> None:
+    """Hold HOST's requests until ``resume`` (each up to --max-pause)."""
+    bound = checked(parse_duration, max_pause)
+    for key in set_mode(host, {"mode": "paused", "max_pause": bound}, state_path):
+        click.echo(f"✅ Paused {key} (requests held up to {bound:g}s)")
+
+
+@cli.command()
+@click.option("--host", required=True, help="Deployed hostname.")
+@state_option
+def resume(host: str, state_path: str) -> None:
+    """Serve HOST again after ``stop`` or ``pause``."""
+    for key in set_mode(host, {"mode": "serving", "stop_message": None}, state_path):
+        click.echo(f"✅ Resumed {key}")
+
+
+@cli.command(name="hash-password")
+@click.option("--scheme", type=click.Choice(["bcrypt", "argon2"]), default="bcrypt",
+              show_default=True)
+def hash_password_(scheme: str) -> None:
+    """Read a password from stdin, print its hash for --basic-auth USER:HASH."""
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise CliError("no password on stdin (e.g. printf %s 'secret' | luma-proxy "
+                       "hash-password)")
+    click.echo(checked(hash_password, password, scheme))
+
+
+def parse_message(value: str) -> str:
+    if len(value) > 1000 or any(ord(c) < 32 and c not in "\t" for c in value):
+        raise ValueError("invalid --message: at most 1000 characters, one line")
+    return value
 
 
 @cli.command()
@@ -421,17 +592,40 @@ def _health_word(health: Health) -> str:
 
 def service_rows(state: State, health: dict[str, HealthEntry]) -> list[list[str]]:
     rows = []
-    for s in sorted(state.services.values(), key=lambda s: (s.project, s.host)):
-        h = health.get(s.host, UNCHECKED)
-        rows.append([s.host, s.target, s.project, _health_word(h), _ago(h.checked_at),
-                     "yes" if s.ssl else "no"])
+    for s in sorted(state.services.values(), key=lambda s: (s.project, s.key)):
+        h = health.get(s.key, UNCHECKED)
+        rows.append([s.key, s.target, s.project, _health_word(h), _ago(h.checked_at),
+                     "yes" if s.ssl else "no", ", ".join(route_options(s)) or "-"])
     return rows
+
+
+def route_options(s: Service) -> list[str]:
+    """What a route does beyond forwarding (``list``'s OPTIONS column)."""
+    shown = [] if s.mode == "serving" else [
+        f"stopped ({s.stop_message})" if s.mode == "stopped" and s.stop_message
+        else s.mode if s.mode == "stopped" else f"paused (up to {s.max_pause:g}s)"]
+    if s.path_prefix and not s.strip_path_prefix:
+        shown.append("prefix kept")
+    if s.canonical_host:
+        shown.append(f"canonical {s.canonical_host}")
+    if s.basic_auth:
+        shown.append("basic auth: " + " ".join(c.split(":", 1)[0] for c in s.basic_auth))
+    if s.allow:
+        shown.append("allow " + " ".join(s.allow))
+    if s.error_pages:
+        shown.append(f"error pages {s.error_pages}")
+    if not s.compress:
+        shown.append("no compression")
+    return shown
 
 
 def service_json(service: Service, health: HealthEntry | None) -> dict[str, Any]:
     """A service as ``list --json`` shows it: its fields and its health in force."""
     shown = health.health() if health is not None else UNCHECKED
-    return {**service.model_dump(mode="json"), "health": shown.model_dump(mode="json")}
+    fields = service.model_dump(mode="json")
+    # The users, not their hashes: ``export`` is the one place the hashes are printed.
+    fields["basic_auth"] = [c.split(":", 1)[0] for c in service.basic_auth]
+    return {**fields, "key": service.key, "health": shown.model_dump(mode="json")}
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -455,7 +649,7 @@ def list_(as_json: bool, state_path: str) -> None:
     elif not state.services:
         click.echo("No hosts deployed.")
     else:
-        click.echo(table(["HOST", "TARGET", "PROJECT", "HEALTH", "LAST CHECK", "SSL"],
+        click.echo(table(["HOST", "TARGET", "PROJECT", "HEALTH", "LAST CHECK", "SSL", "OPTIONS"],
                          service_rows(state, health)))
 
 
@@ -470,7 +664,8 @@ def status(ctx: click.Context, as_json: bool, state_path: str) -> None:
         store = store_for(state_path, create=False)
         state = read(store)
         health = observed(store, state)
-        healthy = sum(1 for h in state.services if health.get(h, UNCHECKED).healthy is not False)
+        healthy = sum(1 for h, s in state.services.items()
+                      if health.get(h, UNCHECKED).healthy is not False and s.mode == "serving")
         click.echo(f"{len(state.services)} host(s), {healthy} serving")
 
 
@@ -674,19 +869,30 @@ def cert_renew(host: str, wait: float, state_path: str) -> None:
 @click.option("--hsts-max-age", type=click.IntRange(min=0), default=None,
               help="max-age of Strict-Transport-Security on HTTPS answers (default one "
                    "year; 0: off; env LUMA_PROXY_HSTS_MAX_AGE).")
+@click.option("--error-pages", default=None, metavar="DIR",
+              help="Default directory of <status>.html pages for the proxy's own answers "
+                   "(a service's --error-pages comes first; env LUMA_PROXY_ERROR_PAGES).")
 @state_option
 def run(http_port: int, https_port: int, acme_directory: str | None, acme_email: str | None,
         acme_ca_bundle: str | None, listen_host: str, dns: str | None,
         health_interval: float | None, state_path: str, log_format: str | None = None,
         log_query: bool | None = None, metrics_port: int | None = None,
         metrics_host: str | None = None, workers: int = 1,
-        worker_index: int | None = None, **limits: Any) -> None:
+        worker_index: int | None = None, error_pages: str | None = None,
+        **limits: Any) -> None:
     """Serve: route requests on the HTTP (and HTTPS) port by Host."""
     try:
         loop_factory = startup.loop_factory(os.environ)
         log_level = startup.log_level(os.environ)
     except ValueError as e:
         raise CliError(str(e)) from None
+    from luma_proxy.proxy import pages
+
+    if error_pages is None and os.environ.get(pages.PAGES_ENV):
+        error_pages = os.environ[pages.PAGES_ENV]
+    if error_pages is not None:
+        error_pages = checked(pages.parse_error_pages_dir, error_pages)
+    pages.set_default_pages_dir(error_pages)
     from luma_proxy.proxy.engine_patches import skip_addon_registry
 
     skip_addon_registry()  # before the lean master imports mitmproxy's addons

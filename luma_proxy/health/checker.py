@@ -141,6 +141,14 @@ class HealthChecker:
 
     async def check(self, service: Service, previous: Health) -> Health:
         """Probe the alias and each container IP behind it, concurrently."""
+        return combine(previous, *await self.probe_target(service))
+
+    async def probe_target(self, service: Service) -> tuple[Probe, dict[str, Probe]]:
+        """The alias's probe and each container's: all a service's health is made of.
+
+        The probes name the alias, never a public host, so every route of one
+        target and health path (several hosts, several path prefixes) shares them.
+        """
         async with self._limit:
             alias, port = service.alias, service.port
             ips = await self.resolver.lookup_now(alias)
@@ -150,7 +158,7 @@ class HealthChecker:
                 self._probe_alias(ips, port, host, path),
                 *(probe(ip, port, host, path, self.timeout) for ip in ips),
             )
-            return combine(previous, probes[0], dict(zip(ips, probes[1:], strict=True)))
+            return probes[0], dict(zip(ips, probes[1:], strict=True))
 
     async def _probe_alias(self, ips: tuple[str, ...], port: int, host: str, path: str) -> Probe:
         """The alias as Docker's DNS would hand it out: one of its IPs, at random."""
@@ -164,15 +172,20 @@ class HealthChecker:
         A fixed set of workers pulls from one iterator: 10,000 services never mean
         10,000 tasks created in one tick of the event loop (a stall of ~0.1 s or more).
         """
-        pending = iter(list(services))
+        groups: dict[tuple[str, str], list[Service]] = {}
+        for service in services:  # one probe per target and health path, not per route
+            groups.setdefault((service.target, service.health_path), []).append(service)
+        pending = iter(list(groups.values()))
         report: dict[str, tuple[tuple, Health]] = {}
 
         async def worker() -> None:
-            for service in pending:
-                key = service.routing_key()
-                result = await self.check(service, health.get(service.host, UNCHECKED))
-                self._checked[service.host] = key
-                report[service.host] = (key, result)
+            for group in pending:
+                probes = await self.probe_target(group[0])
+                for service in group:
+                    key = service.routing_key()
+                    result = combine(health.get(service.key, UNCHECKED), *probes)
+                    self._checked[service.key] = key
+                    report[service.key] = (key, result)
 
         await asyncio.gather(*(worker() for _ in range(self.concurrency)))
         if report:
@@ -180,7 +193,7 @@ class HealthChecker:
 
     def unchecked(self, services: Iterable[Service]) -> list[Service]:
         """Services never checked under their current routing key (new or changed)."""
-        return [s for s in services if self._checked.get(s.host) != s.routing_key()]
+        return [s for s in services if self._checked.get(s.key) != s.routing_key()]
 
     def discard(self, hosts: Iterable[str]) -> None:
         """Forget these hosts (removed services)."""

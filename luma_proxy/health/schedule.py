@@ -100,7 +100,7 @@ class HealthSchedule:
                         elif now >= next_recheck:
                             next_recheck = now + recheck
                             await self._check(s for s in self.routed.services.values()
-                                              if self._failing(s.host))
+                                              if self._failing(s.key))
                     else:
                         leading = False
                         self._dirty.clear()

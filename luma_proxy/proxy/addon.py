@@ -16,7 +16,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ from luma_proxy.proxy import engine_patches, pages
 from luma_proxy.proxy.flowinfo import (
     CLIENT_GONE,
     MULTIPLEXED,
+    client_ip,
     header_values,
     host_header,
     valid_h2_target,
@@ -39,14 +40,16 @@ from luma_proxy.proxy.flowinfo import (
 from luma_proxy.proxy.forwarding import (
     Network,
     asked_websocket,
+    forwarded_client,
     parse_trusted_proxies,
     set_forwarding_headers,
 )
+from luma_proxy.proxy.gate import Broken, Gate, gate_of, hold_paused
 from luma_proxy.proxy.streaming import stream_counted, stream_request, stream_response
 from luma_proxy.routing.balancer import Balancer
 from luma_proxy.routing.proving import Prover
 from luma_proxy.routing.resolver import Resolver, parse_dns_server
-from luma_proxy.routing.router import HostTable, Reject, admit
+from luma_proxy.routing.router import HostTable, Reject, admit, routing_path, strip_prefix
 from luma_proxy.runtime.leadership import Leadership
 from luma_proxy.runtime.served import Beacon
 from luma_proxy.store.registry import IMPORT_SUFFIX, RegistryError, Store, default_state_path
@@ -84,6 +87,7 @@ class LumaProxy:
 
     def __init__(self) -> None:
         self.table = HostTable()
+        self.gates: dict[str, Gate] = {}  # route key -> its checks (gate.py), if it has any
         self.view = EMPTY  # the registry as last swapped in (view.py)
         self.health: dict[str, HealthEntry] = {}  # the view's health in force
         self.balancer = Balancer()
@@ -251,6 +255,7 @@ class LumaProxy:
         old, self.view = self.view, view
         changes = diff(old, view)
         unused = self.table.update(view.services, changes.changed, changes.removed)
+        self._update_gates(changes.changed, changes.removed)
         self.health, self.settings = view.health, view.settings
         for host in changes.health:
             self._take_containers(view.services[host], view.health[host])
@@ -267,6 +272,24 @@ class LumaProxy:
         if self.beacon is not None and view.routes_gen != old.routes_gen:
             self.beacon.serve(view.routes_gen)  # a waiting CLI may go on (served.py)
         return True
+
+    def _update_gates(self, changed: dict[str, Service], removed: Iterable[str]) -> None:
+        """Compile the gate of each changed route (gate.py); most have none."""
+        if not (changed or self.gates):
+            return
+        gates = self.gates
+        for key in removed:
+            gates.pop(key, None)
+        for key, service in changed.items():
+            try:
+                found = gate_of(service)
+            except ValueError as e:  # a hand-edited row: refuse its requests, never open
+                logger.error("route %s: %s; answering 500 until it is deployed again", key, e)
+                found = Broken(service)
+            if found is None:
+                gates.pop(key, None)
+            else:
+                gates[key] = found
 
     def _take_containers(self, service: Service, health: Health) -> None:
         """Per-container results of a health check, into routing.
@@ -332,11 +355,34 @@ class LumaProxy:
         except Exception:
             self._failed(flow)
             return None
-        if route is not None:
+        if isinstance(route, Route):
             return self._route_resolved(flow, route)
+        if route is not None:
+            return self._route_later(flow, route)
         if flow.response is not None:
             self._answered(flow)
         return None
+
+    async def _route_later(self, flow: http.HTTPFlow, pending: Awaitable[Any]) -> None:
+        """Await what the route's gate asked for (a password check, a pause), then route."""
+        try:
+            for _ in range(3):
+                await pending
+                if flow.response is not None:
+                    break
+                route = self._route(flow)
+                if isinstance(route, Route):
+                    await self._route_resolved(flow, route)
+                    return
+                if route is None:
+                    break
+                pending = route
+        except Exception:
+            self._failed(flow)
+            return
+        if flow.response is None:
+            flow.response = pages.page(503)
+        self._answered(flow)
 
     async def _route_resolved(self, flow: http.HTTPFlow, route: Route) -> None:
         try:
@@ -366,8 +412,9 @@ class LumaProxy:
             # into memory. Close instead; small bodies are read and answered normally.
             flow.kill()
 
-    def _route(self, flow: http.HTTPFlow) -> Route | None:
-        """Answer the request or set its upstream; its ``Route`` when DNS must be asked first."""
+    def _route(self, flow: http.HTTPFlow) -> Route | Awaitable[Any] | None:
+        """Answer the request or set its upstream; its ``Route`` when DNS must be asked
+        first; something to await (then route again) when its gate asks for it."""
         if flow.response is not None:  # answered by an addon before us (ACME, redirect)
             return None
         request = flow.request
@@ -389,21 +436,46 @@ class LumaProxy:
             # refuse rather than pick one (request smuggling, cache poisoning).
             flow.response = pages.page(400)
             return None
-        found = self.table.lookup(raw_host)
+        path = request.path
+        found = self.table.lookup(raw_host, routing_path(path))
         if isinstance(found, Reject):
             flow.response = pages.page(found.status)
             return None
         service = found
-        health = self.health.get(service.host)
+        if self.gates and (gate := self.gates.get(service.key)) is not None:
+            verdict = gate.check(flow, forwarded_client(
+                client_ip(flow), request.headers, self.trusted), raw_host or "",
+                flow.client_conn.tls_established)
+            if isinstance(verdict, http.Response):
+                flow.response = verdict
+                return None
+            if verdict is not None:
+                return verdict
+        if service.mode == "paused":
+            return self._hold_paused(flow, service)
+        health = self.health.get(service.key)
         if (reject := admit(health)) is not None and not unreachable(health):
-            flow.response = pages.page(reject.status)  # the app itself said it is unhealthy
+            # the app itself said it is unhealthy
+            flow.response = pages.page(reject.status, pages_dir=service.error_pages)
             return None
+        if service.path_prefix and service.strip_path_prefix and not flow.metadata.get(
+                "luma_stripped"):
+            flow.metadata["luma_stripped"] = True  # once, however often it is routed
+            request.data.path = strip_prefix(routing_path(path), service.path_prefix).encode()
+        if not service.compress:
+            flow.metadata["luma_compress"] = False
         alias, port = self.table.target(service)
         route = Route(service, health, alias, port, raw_host or "")
         ips = self.resolver.cached(alias)
         if ips is None or not self._send(flow, route, ips):
             return route  # ask DNS, or hold until a container can take it
         return None
+
+    async def _hold_paused(self, flow: http.HTTPFlow, service: Service) -> None:
+        """``luma-proxy pause``: hold the request until ``resume``, up to the service's bound."""
+        key = service.key
+        if not await hold_paused(lambda: self.table.services.get(key), service.max_pause):
+            flow.response = pages.page(503, pages_dir=service.error_pages)
 
     async def _hold(self, flow: http.HTTPFlow, route: Route) -> None:
         """No container can take the request yet: wait for one, up to the hold timeout.
@@ -420,7 +492,7 @@ class LumaProxy:
                 ips = await self.resolver.resolve(route.alias)
                 if self._send(flow, route, ips):
                     return
-            flow.response = pages.page(503)
+            flow.response = pages.page(503, pages_dir=route.service.error_pages)
         finally:  # also when the client leaves mid-hold: the log says how long it waited
             flow.metadata["luma_held"] = time.monotonic() - started
 
@@ -436,6 +508,8 @@ class LumaProxy:
         set_forwarding_headers(
             request.headers, flow.client_conn.peername[0], scheme, route.raw_host, self.trusted
         )
+        if prefix := route.service.path_prefix:  # after: a client's own is dropped there
+            request.headers["X-Forwarded-Prefix"] = prefix
         # Where mitmproxy connects. Set on the data itself: the public setters
         # rewrite Host and :authority to ip:port (three header rewrites per
         # request, undone at once); the container must see them as sent.
@@ -443,9 +517,9 @@ class LumaProxy:
         data.scheme = b"http"
         data.host = ip
         data.port = route.port
-        flow.metadata["luma_service"] = route.service.host
+        flow.metadata["luma_service"] = route.service.key
         flow.metadata["luma_ip"] = ip
-        self._alias_of[ip] = (route.alias, route.service.host)
+        self._alias_of[ip] = (route.alias, route.service.key)
         return True
 
     def _departed(self, ip: str) -> None:
@@ -482,13 +556,13 @@ class LumaProxy:
         self.resolver.expire_ip(failed)
         ips = self.resolver.cached(alias) or ()
         usable = self.prover.usable(alias, port, ips, service.health_path,
-                                    self.health.get(service.host))
+                                    self.health.get(service.key))
         others = tuple(ip for ip in usable if ip != failed)
         ip = self.balancer.pick(alias, port, others, flow.client_conn.id)
         if ip is not None:
             flow.request.data.host = ip
             flow.metadata["luma_ip"] = ip
-            self._alias_of[ip] = (alias, service.host)
+            self._alias_of[ip] = (alias, service.key)
 
     async def _probe(self, ip: str, port: int, host: str, path: str) -> bool:
         """One health probe of a container that must prove itself (proving.py)."""

@@ -39,6 +39,21 @@ def is_trusted(peer_ip: str, trusted: Sequence[Network]) -> bool:
     return any(address in network for network in trusted)
 
 
+def forwarded_client(peer_ip: str, headers: http.Headers, trusted: Sequence[Network]) -> str:
+    """The client's address: the peer, or, from a trusted proxy, the last address of
+    ``X-Forwarded-For`` that is not itself a trusted proxy (right to left)."""
+    peer_ip = peer_ip.removeprefix("::ffff:")
+    if not is_trusted(peer_ip, trusted):
+        return peer_ip
+    chain = [a.strip() for v in headers.get_all("X-Forwarded-For") for a in v.split(",")]
+    for address in reversed(chain):
+        if not address:
+            continue
+        if not is_trusted(address, trusted):
+            return address.removeprefix("::ffff:")
+    return chain[0] if chain and chain[0] else peer_ip
+
+
 def set_forwarding_headers(
     headers: http.Headers, peer_ip: str, scheme: str, host: str, trusted: Sequence[Network] = ()
 ) -> None:
@@ -63,7 +78,8 @@ def set_forwarding_headers(
 _SET = tuple(n.encode() for n in FORWARDING_HEADERS)
 _SET_LOWER = tuple(n.lower() for n in _SET)
 _DROPPED = frozenset(
-    (b"forwarded", b"x-forwarded-port", b"x-forwarded-server", b"x-client-ip", *_SET_LOWER)
+    (b"forwarded", b"x-forwarded-port", b"x-forwarded-server", b"x-client-ip",
+     b"x-forwarded-prefix", *_SET_LOWER)  # the prefix: set by a path-prefix route only
 )
 
 

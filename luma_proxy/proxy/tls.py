@@ -31,11 +31,11 @@ from mitmproxy import ctx, exceptions, http, tls
 
 from luma_proxy.acme.certinfo import backoff_delay
 from luma_proxy.environ import env_float, env_int
-from luma_proxy.models import Service, Settings, now
+from luma_proxy.models import Service, Settings, is_wildcard, now
 from luma_proxy.proxy import certificates as c
 from luma_proxy.proxy import engine_patches
 from luma_proxy.proxy.flowinfo import append_header, header_values, host_header
-from luma_proxy.routing.router import HostTable
+from luma_proxy.routing.router import HostTable, canonical_target
 from luma_proxy.store.paths import ACCOUNT_KEY
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ def due_orders(services: Mapping[str, Service], pairs: c.PairCache,
     the event loop only looks at those.
     """
     return [(host, service) for host, service in services.items()
-            if service.ssl and service.cert_source == "acme"
+            if service.ssl and service.cert_source == "acme" and not is_wildcard(host)
             and wants_certificate(service, pairs.loaded(host), at)]
 
 
@@ -123,8 +123,10 @@ def misdirected(router: Router, sni: str | None, host: str | None) -> bool:
         return False
     table = router.table
     named, asked = table.canonical(sni), table.canonical(host or "")
-    return (named is not None and named in table.services and asked is not None
-            and asked in table.services and named != asked)
+    if named is None or asked is None or named == asked:
+        return False
+    by_sni, by_host = table.route_of_host(named), table.route_of_host(asked)
+    return by_sni is not None and by_host is not None and by_sni.host != by_host.host
 
 
 class Https:
@@ -212,10 +214,11 @@ class Https:
             return
         if self.https_port:
             host = host_header(request)
-            found = self.router.table.lookup(host)
+            found = self.router.table.lookup(host, request.path)
             if isinstance(found, Service) and found.ssl and self.active(found.host):
-                location = redirect_location(host or found.host, request.path,
-                                             self.https_port)
+                # One hop to the canonical host's HTTPS address when it has one.
+                location = redirect_location(canonical_target(found, host) or host
+                                             or found.host, request.path, self.https_port)
                 flow.response = http.Response.make(301, b"", {"Location": location,
                                                               "Content-Length": "0"})
 
@@ -232,8 +235,9 @@ class Https:
         if cert is None or cert is self.fallback.cert or not self.hsts:
             return
         host = flow.client_conn.sni  # canonical (tls_clienthello)
-        service = self.router.table.services.get(host) if host else None
-        if service is None or not service.ssl or not service.hsts or not self.active(host):
+        service = self.router.table.route_of_host(host) if host else None
+        if service is None or not service.ssl or not service.hsts or not self.active(
+                service.host):
             return
         response = flow.response
         if (response is None or self.router.table.canonical(host_header(flow.request) or "")
@@ -284,7 +288,8 @@ class Https:
         client = data.context.client
         sni = client.sni
         host = self.router.table.canonical(sni) if sni else None
-        loaded = self.loaded.get(host) if host else None
+        route = self.router.table.route_of_host(host) if host else None
+        loaded = self.loaded.get(route.host) if route is not None and route.ssl else None
         if loaded is None:
             if sni and sni != "*":
                 certs.pop(sni, None)  # a removed host's certificate is not served
@@ -306,7 +311,7 @@ class Https:
         pairs = self.pairs
         if pairs is None:
             return
-        services = self.router.table.services
+        services = self.router.table.hosts
         leading = self.router.is_leader()
         scan, due = await asyncio.to_thread(self._survey, pairs, services, leading)
         if pairs is not self.pairs:  # the state moved meanwhile: the next pass reads it
@@ -349,7 +354,7 @@ class Https:
         """Order for the candidates of the last pass still deployed as they were then."""
         at = now()
         clock = asyncio.get_running_loop().time()
-        services = self.router.table.services
+        services = self.router.table.hosts
         for host, service in self._due:
             if host in self._orders or self._next_attempt.get(host, 0) > clock:
                 continue

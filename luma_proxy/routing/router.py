@@ -6,11 +6,13 @@ tested without mitmproxy's machinery and read in one place.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from luma_proxy.models import Health, Service, normalize_host
 
 _MAX_CACHED_HOSTS = 4096
+_UNRESERVED = re.compile(r"%([0-9A-Fa-f]{2})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,12 @@ class HostTable:
         self._canonical: dict[str, str | None] = {}
         self._targets: dict[str, tuple[Service, tuple[str, int]]] = {}
         self._aliases: dict[str, int] = {}  # alias -> number of services routed to it
+        # host (or ``*.parent``) -> its routes, longest path prefix first
+        self._routes: dict[str, list[Service]] = {}
+        # host (or ``*.parent``) -> the route of its shortest prefix: what HTTPS reads
+        # (one certificate per host, however many path prefixes share it). Replaced,
+        # never modified in place, so a thread may read the one it was given.
+        self.hosts: dict[str, Service] = {}
         if services:
             self.replace(services)
 
@@ -53,8 +61,11 @@ class HostTable:
         """
         before, aliases = self.services, self._aliases
         unused = set()
+        touched = {s.host for s in changed.values()}
         for host in (*changed, *removed):
             old = before.get(host)
+            if old is not None:
+                touched.add(old.host)
             if old is not None:
                 alias = self.target(old)[0]
                 count = aliases.get(alias, 0) - 1
@@ -64,12 +75,43 @@ class HostTable:
                     aliases.pop(alias, None)
                     unused.add(alias)
             self._targets.pop(host, None)
+            if old is not None:
+                self._unindex(old)
         self.services = services
         for service in changed.values():
             alias = self.target(service)[0]
             aliases[alias] = aliases.get(alias, 0) + 1
             unused.discard(alias)
+            routes = self._routes.setdefault(service.host, [])
+            routes.append(service)
+            routes.sort(key=lambda s: len(s.path_prefix), reverse=True)
+        if touched:
+            hosts = dict(self.hosts)
+            for host in touched:
+                routes = self._routes.get(host)
+                if routes:
+                    hosts[host] = routes[-1]
+                else:
+                    hosts.pop(host, None)
+            self.hosts = hosts
         return unused
+
+    def route_of_host(self, host: str) -> Service | None:
+        """The route HTTPS goes by for a canonical host: its own, else its wildcard's."""
+        found = self.hosts.get(host)
+        if found is None:
+            _label, dot, parent = host.partition(".")
+            found = self.hosts.get("*." + parent) if dot else None
+        return found
+
+    def _unindex(self, service: Service) -> None:
+        routes = self._routes.get(service.host, [])
+        for i, route in enumerate(routes):
+            if route.key == service.key:
+                del routes[i]
+                break
+        if not routes:
+            self._routes.pop(service.host, None)
 
     def routed_aliases(self) -> set[str]:
         return set(self._aliases)
@@ -80,14 +122,14 @@ class HostTable:
         ``service.target`` was validated into ``alias:port`` / ``[v6]:port`` form, so a
         split gives what ``parse_target`` would, at a fraction of the cost (10,000 services).
         """
-        cached = self._targets.get(service.host)
+        cached = self._targets.get(service.key)
         if cached is not None and cached[0] is service:  # a reload keeps unchanged services
             return cached[1]
         alias, _, port = service.target.rpartition(":")
         if alias.startswith("["):
             alias = alias[1:-1]
         target = (alias, int(port))
-        self._targets[service.host] = (service, target)
+        self._targets[service.key] = (service, target)
         return target
 
     def canonical(self, raw: str) -> str | None:
@@ -104,16 +146,75 @@ class HostTable:
         self._canonical[raw] = host
         return host
 
-    def lookup(self, raw_host: str | None) -> Service | Reject:
+    def lookup(self, raw_host: str | None, path: str = "/") -> Service | Reject:
+        """The route of a request: its exact host, else the wildcard one label up; of
+        that host's routes, the longest path prefix ``path`` falls under."""
         if not raw_host:
             return Reject(400, "missing Host header")
         host = self.canonical(raw_host)
         if host is None:
             return Reject(400, "invalid Host header")
-        service = self.services.get(host)
-        if service is None:
-            return Reject(404, "unknown host")
-        return service
+        routes = self._routes.get(host)
+        if routes is not None and (found := match_prefix(routes, path)) is not None:
+            return found
+        _label, dot, parent = host.partition(".")
+        if dot and (routes := self._routes.get("*." + parent)) is not None and (
+                found := match_prefix(routes, path)) is not None:
+            return found
+        return Reject(404, "unknown host")
+
+
+def match_prefix(routes: list[Service], path: str) -> Service | None:
+    """The first route (longest prefix first) whose prefix ``path`` is under.
+
+    ``/api`` takes ``/api``, ``/api/...`` and ``/api?...``, never ``/apix``.
+    """
+    for service in routes:
+        prefix = service.path_prefix
+        if not prefix or (path.startswith(prefix) and (
+                len(path) == len(prefix) or path[len(prefix)] in "/?")):
+            return service
+    return None
+
+
+def routing_path(raw: str) -> str:
+    """The path a route is chosen by: unreserved %-escapes decoded and dot segments
+    removed (RFC 3986 6.2.2), so ``/%61pi/`` and ``/x/../api`` choose what ``/api`` does.
+    """
+    path, sep, query = raw.partition("?")
+    if "%" in path:
+        path = _UNRESERVED.sub(lambda m: chr(int(m.group(1), 16))
+                               if chr(int(m.group(1), 16)).isalnum()
+                               or chr(int(m.group(1), 16)) in "-._~" else m.group(0), path)
+    if "/." in path:
+        out: list[str] = []
+        for segment in path.split("/")[1:]:
+            if segment == "..":
+                if out:
+                    out.pop()
+            elif segment != ".":
+                out.append(segment)
+        trailing = path.endswith(("/.", "/.."))
+        path = "/" + "/".join(out) + ("/" if trailing and out else "")
+    return path + sep + query
+
+
+def strip_prefix(path: str, prefix: str) -> str:
+    """``/api/users?x`` less ``/api`` is ``/users?x``; ``/api`` and ``/api?x`` become ``/``."""
+    rest = path[len(prefix):] if path.startswith(prefix) else path
+    return rest if rest.startswith("/") else "/" + rest
+
+
+def canonical_target(service: Service, raw_host: str | None) -> str | None:
+    """The host to redirect to: the service's canonical host, unless asked for already."""
+    canonical = service.canonical_host
+    if not canonical or not raw_host:
+        return None
+    try:
+        asked = normalize_host(raw_host)
+    except ValueError:
+        return None
+    return None if asked == canonical else canonical
 
 
 def admit(health: Health | None) -> Reject | None:

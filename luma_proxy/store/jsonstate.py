@@ -60,9 +60,9 @@ def parse_json(data: bytes) -> tuple[State, dict[str, HealthEntry], list[str]]:
         raise ValueError(one_line(f"state file is invalid at {where}: {first['msg']}")) from None
     health: dict[str, HealthEntry] = {}
     for key, service in state.services.items():
-        if key != service.host:
+        if key != service.key:
             raise ValueError(
-                one_line(f"state file is invalid: key {key!r} != host {service.host!r}"))
+                one_line(f"state file is invalid: key {key!r} != host {service.key!r}"))
         entry = raw["services"][key].get("health")  # kept inside entries by early versions
         if isinstance(entry, dict):
             with contextlib.suppress(ValidationError):

@@ -99,8 +99,8 @@ def parse_service(host: str, data: str) -> Service:
         service = Service.model_validate_json(data)
     except ValidationError as e:
         raise ValueError(one_line(f"service {host!r} is invalid: {e.errors()[0]['msg']}")) from None
-    if service.host != host:
-        raise ValueError(f"service {host!r} is invalid: its host is {service.host!r}")
+    if service.key != host:
+        raise ValueError(f"service {host!r} is invalid: its host is {service.key!r}")
     return service
 
 
@@ -145,6 +145,14 @@ class Tx:
         row = self.db.execute("SELECT data FROM services WHERE host = ?", (host,)).fetchone()
         return parse_service(host, row[0]) if row else None
 
+    def routes_of(self, host: str) -> dict[str, Service]:
+        """Every route of ``host``: its own row and its path-prefix rows (``host/...``),
+        read by a range of the primary key, not a scan of every service."""
+        rows = self.db.execute(
+            "SELECT host, data FROM services WHERE host = ? OR (host >= ? AND host < ?)"
+            " ORDER BY host", (host, host + "/", host + "0")).fetchall()
+        return {key: parse_service(key, data) for key, data in rows}
+
     def services(self) -> dict[str, Service]:
         rows = self.db.execute("SELECT host, data FROM services ORDER BY rowid").fetchall()
         return {host: parse_service(host, data) for host, data in rows}
@@ -152,12 +160,12 @@ class Tx:
     def put(self, service: Service) -> None:
         data = service_row(service)
         row = self.db.execute("SELECT data FROM services WHERE host = ?",
-                              (service.host,)).fetchone()
+                              (service.key,)).fetchone()
         if row is not None and row[0] == data:
             return
         self.db.execute("INSERT INTO services (host, gen, data) VALUES (?, ?, ?) ON CONFLICT(host)"
                         " DO UPDATE SET gen = excluded.gen, data = excluded.data",
-                        (service.host, self._gen("routes"), data))
+                        (service.key, self._gen("routes"), data))
         self.routes_changed = True
 
     def delete(self, host: str) -> bool:
@@ -226,9 +234,9 @@ class Tx:
         for the service as imported."""
         for service in state.services.values():
             self.put(service)
-            entry = health.get(service.host)
+            entry = health.get(service.key)
             if entry is not None and entry.matches(service):
-                self.put_health(service.host, entry)
+                self.put_health(service.key, entry)
 
     def commit_generations(self) -> None:
         for kind, changed in (("routes", self.routes_changed), ("health", self.health_changed)):

@@ -813,7 +813,7 @@ class _Conn(asyncio.Protocol):
             if app.healthy:
                 return self._respond(req, 200, b"ok")
             return self._respond(req, 503, b"unhealthy")
-        if path == "/headers":
+        if path == "/headers" or path.endswith("/headers"):  # also under a kept prefix
             peer = self.transport.get_extra_info("peername") if self.transport else None
             payload = {
                 "container": app.name,

@@ -1,16 +1,11 @@
-"""Response compression through a real proxy process in front of a raw container.
-
-Until the routing addon wires ``Compression`` in, the proxy runs as
-``mitmdump -s addons/luma.py -s <a script adding Compression>``: the script's
-addons come after the routing addon's, the order the wiring will have.
-"""
+"""Response compression through a real proxy process in front of a raw container,
+under both entry points (``luma-proxy run`` and ``mitmdump -s addons/luma.py``)."""
 
 from __future__ import annotations
 
 import http.client
 import zlib
 from collections.abc import Iterator
-from pathlib import Path
 
 import brotli
 import pytest
@@ -72,11 +67,8 @@ def container(dns, cli) -> Iterator[Recorder]:
 
 
 @pytest.fixture
-def proxy(container, start_proxy, tmp_path: Path) -> Proxy:
-    script = tmp_path / "compress.py"
-    script.write_text("from luma_proxy.proxy.compression import Compression\n"
-                      "addons = [Compression()]\n")
-    p = start_proxy("mitmdump", args=("-s", str(script)))
+def proxy(container, start_proxy, proxy_kind) -> Proxy:
+    p = start_proxy(proxy_kind)
     wait_until(lambda: p.get("shop.test").status == 200, timeout=20, interval=0.2)
     return p
 
@@ -120,3 +112,13 @@ def test_streamed_answers_on_one_connection(proxy: Proxy, container: Recorder) -
     finally:
         conn.close()
     assert len(container.received()) == before + 1  # one upstream connection for all three
+
+
+def test_no_compress_per_service(proxy: Proxy, container: Recorder, cli) -> None:
+    cli("deploy", "--host", "shop.test", "--target", f"shop:{container.port}", "--project",
+        "p", "--no-ssl", "--no-compress")
+    assert "no compression" in cli("list").stdout
+    assert cli("list", "--json").stdout.count('"compress": false') == 1
+    reply = wait_until(lambda: (r := proxy.get("shop.test", "/page", headers={
+        "Accept-Encoding": ALL})).headers.get("content-encoding") is None and r)
+    assert reply.body == PAGE
