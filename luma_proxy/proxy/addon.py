@@ -375,13 +375,13 @@ class LumaProxy:
                     await self._route_resolved(flow, route)
                     return
                 if route is None:
-                    break
+                    break  # answered, or sent (to a container already resolved)
                 pending = route
+            else:
+                flow.response = pages.page(503)  # held again and again: give up
         except Exception:
             self._failed(flow)
             return
-        if flow.response is None:
-            flow.response = pages.page(503)
         self._answered(flow)
 
     async def _route_resolved(self, flow: http.HTTPFlow, route: Route) -> None:
