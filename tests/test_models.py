@@ -15,9 +15,13 @@ from luma_proxy.models import (
     State,
     ip_literal,
     normalize_host,
+    parse_duration,
     parse_health_path,
+    parse_host_pattern,
     parse_name,
+    parse_path_prefix,
     parse_target,
+    route_key,
 )
 
 # ---------------------------------------------------------------------------- normalize_host
@@ -284,3 +288,219 @@ def test_ip_literal(host: str, ip: str | None) -> None:
     assert (str(found) if found is not None else None) == ip
     if ip is not None and host.strip().startswith("["):
         assert ip_literal(normalize_host(host)) == found
+
+
+# ---------------------------------------------------------------------------- issue 16: routes
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Blog.COM.:443", "blog.com"),  # a plain host is normalize_host's
+        ("bücher.example", "xn--bcher-kva.example"),
+        ("[::1]", "::1"),
+        ("*.example.com", "*.example.com"),
+        ("*.Example.COM.", "*.example.com"),
+        (" *.example.com ", "*.example.com"),
+        ("*.a.b.example.com", "*.a.b.example.com"),
+        ("*.bücher.de", "*.xn--bcher-kva.de"),
+        ("*.BÜCHER.de", "*.xn--bcher-kva.de"),
+    ],
+)
+def test_parse_host_pattern_ok(raw: str, expected: str) -> None:
+    assert parse_host_pattern(raw) == expected
+
+
+def test_parse_host_pattern_plain_hosts_agree_with_normalize_host() -> None:
+    for raw in ("Blog.COM.:443", "BÜCHER.example.", "[2001:DB8::1]:80", "a-b.c-d.example"):
+        assert parse_host_pattern(raw) == normalize_host(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        ("*", "whole first label"),
+        ("*.com", "expected *.example.com"),  # a whole top-level domain
+        ("*.localhost", "expected *.example.com"),
+        ("a.*.com", "whole first label"),
+        ("*a.example.com", "whole first label"),
+        ("**.a.com", "whole first label"),
+        ("*.*.com", "invalid"),
+        ("*.1.2.3.4", "expected *.example.com"),  # "every name under an IP address"
+        ("*.[::1]", "expected *.example.com"),
+        ("*.", "invalid"),
+        ("*.a..com", "invalid"),
+        ("*.a b.com", "invalid"),
+        ("a b.com", "invalid hostname"),
+        ("", "invalid hostname"),
+    ],
+)
+def test_parse_host_pattern_rejects(raw: str, why: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_host_pattern(raw)
+    assert why in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("/api", "/api"),
+        ("/api/", "/api"),
+        (" /api ", "/api"),
+        ("/", ""),
+        ("//", ""),
+        ("//a//b/", "/a/b"),
+        ("/a/b/c", "/a/b/c"),
+        ("/v1.2", "/v1.2"),
+        ("/..a", "/..a"),  # only whole . and .. segments are dot segments
+        ("/API", "/API"),  # paths are case-sensitive
+    ],
+)
+def test_parse_path_prefix_ok(raw: str, expected: str) -> None:
+    assert parse_path_prefix(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        ("api", "must start with /"),
+        ("", "must start with /"),
+        ("/a b", "no spaces"),
+        ("/a\tb", "no spaces"),
+        ("/a\x01", "no spaces"),
+        ("/a?x", "?"),
+        ("/a#x", "#"),
+        ("/a%2F", "%"),
+        ("/a\\b", "backslash"),
+        ("/a/../b", "no . or .. segments"),
+        ("/./a", "no . or .. segments"),
+        ("/a/..", "no . or .. segments"),
+        ("/a/.", "no . or .. segments"),
+    ],
+)
+def test_parse_path_prefix_rejects(raw: str, why: str) -> None:
+    with pytest.raises(ValueError, match="invalid path prefix") as info:
+        parse_path_prefix(raw)
+    assert why in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [
+        ("30", 30.0),
+        ("30s", 30.0),
+        ("500ms", 0.5),
+        ("2m", 120.0),
+        ("1h", 3600.0),
+        ("1.5s", 1.5),
+        (" 2M ", 120.0),
+        ("0", 0.0),
+        ("24h", 86400.0),
+    ],
+)
+def test_parse_duration_ok(raw: str, seconds: float) -> None:
+    assert parse_duration(raw) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        ("-1s", "must be 0 to 24h"),
+        ("25h", "must be 0 to 24h"),
+        ("86401", "must be 0 to 24h"),
+        ("nan", "must be 0 to 24h"),
+        ("inf", "must be 0 to 24h"),
+        ("soon", "e.g. 30s"),
+        ("", "e.g. 30s"),
+        ("ms", "e.g. 30s"),
+        ("1d", "e.g. 30s"),
+        ("0x10", "e.g. 30s"),
+    ],
+)
+def test_parse_duration_rejects(raw: str, why: str) -> None:
+    with pytest.raises(ValueError, match="invalid duration") as info:
+        parse_duration(raw)
+    assert why in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_route_key() -> None:
+    assert route_key("blog.com") == "blog.com"
+    assert route_key("blog.com", "") == "blog.com"
+    assert route_key("blog.com", "/api") == "blog.com/api"
+    assert route_key("*.blog.com", "/api/v1") == "*.blog.com/api/v1"
+
+
+def test_service_key_is_host_and_path_prefix() -> None:
+    plain = Service(name="x", host="Blog.COM", target="blog:80", project="p")
+    assert plain.key == "blog.com" == route_key(plain.host, plain.path_prefix)
+    api = Service(name="x", host="Blog.COM", target="blog:80", project="p",
+                  path_prefix="//api/v1/")
+    assert api.path_prefix == "/api/v1"
+    assert api.key == "blog.com/api/v1" == route_key(api.host, api.path_prefix)
+    root = Service(name="x", host="blog.com", target="blog:80", project="p", path_prefix="/")
+    assert root.path_prefix == "" and root.key == "blog.com"
+    wild = Service(name="x", host="*.Blog.com", target="blog:80", project="p",
+                   path_prefix="/api")
+    assert wild.key == "*.blog.com/api"
+
+
+def test_service_key_is_part_of_the_routing_key() -> None:
+    """Moving a route to another path prefix needs a fresh health check of its row."""
+    base = Service(name="x", host="a.com", target="blog:80", project="p")
+    assert base.model_copy(update={"path_prefix": "/api"}).routing_key() != base.routing_key()
+
+
+def test_service_route_defaults() -> None:
+    s = Service(name="x", host="a.com", target="blog:80", project="p")
+    assert s.path_prefix == ""
+    assert s.strip_path_prefix is True
+    assert s.canonical_host is None
+    assert s.mode == "serving"
+    assert s.stop_message is None
+    assert s.max_pause == 30.0
+    assert s.error_pages is None
+    assert s.basic_auth == [] and s.allow == []
+    assert s.compress is True
+    other = Service(name="y", host="b.com", target="blog:80", project="p")
+    assert other.basic_auth is not s.basic_auth and other.allow is not s.allow
+
+
+def test_service_canonical_host_is_normalised() -> None:
+    s = Service(name="x", host="a.com", target="blog:80", project="p",
+                canonical_host="WWW.A.com.:443")
+    assert s.canonical_host == "www.a.com"
+    assert Service(name="x", host="a.com", target="blog:80", project="p",
+                   canonical_host="").canonical_host is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("host", "*.com"),
+        ("host", "a.*.com"),
+        ("path_prefix", "api"),
+        ("path_prefix", "/a b"),
+        ("path_prefix", "/a/../b"),
+        ("path_prefix", "/a?x"),
+        ("mode", "maintenance"),
+        ("mode", "Paused"),
+        ("canonical_host", "*.a.com"),
+        ("canonical_host", "a b"),
+    ],
+)
+def test_service_rejects_invalid_route_fields(field: str, value: str) -> None:
+    fields = {"name": "x", "host": "a.com", "target": "blog:80", "project": "p", field: value}
+    with pytest.raises(ValidationError) as info:
+        Service(**fields)
+    assert info.value.errors()[0]["loc"] == (field,)
+
+
+def test_service_route_fields_survive_a_round_trip() -> None:
+    s = Service(name="x", host="*.a.com", target="blog:80", project="p", path_prefix="/api",
+                strip_path_prefix=False, mode="paused", max_pause=2.5, compress=False)
+    again = Service.model_validate_json(s.model_dump_json())
+    assert again == s
+    assert again.key == "*.a.com/api"

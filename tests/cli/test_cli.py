@@ -15,7 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
+import bcrypt
 import pytest
+from argon2 import PasswordHasher
 
 from luma_proxy.models import Health, Service
 from luma_proxy.store.registry import Store
@@ -260,7 +262,8 @@ def test_list_and_status(state: Path) -> None:
     ok(run("updatehealth", "--host", "m.com", "--healthy", "false", state=state))
 
     lines = ok(run("list", state=state)).splitlines()
-    assert lines[0].split() == ["HOST", "TARGET", "PROJECT", "HEALTH", "LAST", "CHECK", "SSL"]
+    assert lines[0].split() == ["HOST", "TARGET", "PROJECT", "HEALTH", "LAST", "CHECK", "SSL",
+                                "OPTIONS"]
     assert [line.split()[0] for line in lines[1:]] == ["m.com", "z.com", "a.com"]  # by project
     rows = {line.split()[0]: line for line in lines[1:]}
     assert "unhealthy" in rows["m.com"] and "m:3" in rows["m.com"]
@@ -395,3 +398,205 @@ def test_state_path_is_a_directory(state: Path, args: list[str]) -> None:
     assert state.is_dir()
     assert [p.name for p in state.iterdir()] == ["keep"]
     assert (state / "keep").read_bytes() == b"x"
+
+
+# ---------------------------------------------------------------------------- issue 16: routes
+
+
+HASH = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()  # low cost: behaviour, not strength
+
+
+def run_stdin(data: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI with ``data`` on its stdin (``hash-password``)."""
+    env = {k: v for k, v in os.environ.items() if k != "LUMA_PROXY_STATE"}
+    return subprocess.run([str(EXE), *args], input=data, env=env, capture_output=True,
+                          text=True, timeout=30)
+
+
+def listed(path: Path) -> dict[str, dict[str, object]]:
+    """``list --json``'s rows by route key."""
+    return {s["key"]: s for s in json.loads(ok(run("list", "--json", state=path)))["services"]}
+
+
+def route(host: str, prefix: str = "", name: str = "web", project: str = "p") -> Service:
+    return Service(name=name, host=host, target="web:80", project=project, path_prefix=prefix)
+
+
+def test_deploy_several_hosts_makes_a_row_each(tmp_path: Path) -> None:
+    plain, prefixed = tmp_path / "plain" / "state.json", tmp_path / "prefixed" / "state.json"
+    results = run_all([
+        lambda: run("deploy", "--host", "a.test,b.test", "--host", "c.test", "--target", "web:80",
+                    "--project", "p", state=plain),
+        lambda: run("deploy", "--host", "A.test,b.test,a.test", "--path-prefix", "/api/",
+                    "--path-prefix", "/", "--target", "web:80", "--project", "p",
+                    state=prefixed),
+    ])
+    lines = ok(results[0]).splitlines()
+    assert len(lines) == 3 and all(line.startswith("✅ Deployed") for line in lines)
+    rows = listed(plain)
+    assert set(rows) == {"a.test", "b.test", "c.test"}
+    assert {r["target"] for r in rows.values()} == {"web:80"}
+    assert {r["name"] for r in rows.values()} == {"web"}  # one service, three rows
+    # Host given twice (in any spelling) is one host; each host gets each prefix.
+    assert len(ok(results[1]).splitlines()) == 4
+    rows = listed(prefixed)
+    assert set(rows) == {"a.test", "a.test/api", "b.test", "b.test/api"}
+    assert rows["a.test/api"]["host"] == "a.test"
+    assert rows["a.test/api"]["path_prefix"] == "/api"
+
+
+def test_deploy_canonical_host_must_be_one_of_the_hosts(state: Path) -> None:
+    data = seed(state, svc("blog.com"))
+    result = run("deploy", "--host", "a.test,www.a.test", "--canonical-host", "b.test",
+                 "--target", "web:80", "--project", "p", state=state)
+    assert_one_line_error(result)
+    assert "--canonical-host" in result.stderr
+    assert registry(state) == data
+    ok(run("deploy", "--host", "a.test,www.a.test", "--canonical-host", "WWW.a.test.",
+           "--target", "web:80", "--project", "p", state=state))
+    rows = listed(state)
+    assert rows["a.test"]["canonical_host"] == rows["www.a.test"]["canonical_host"] == "www.a.test"
+
+
+def test_deploy_wildcard_with_ssl_needs_a_custom_certificate(tmp_path: Path) -> None:
+    fresh, seeded = tmp_path / "fresh" / "state.json", tmp_path / "seeded" / "state.json"
+    data = seed(seeded, svc("blog.com"))
+    wildcard = ["deploy", "--host", "a.test,*.a.test", "--target", "web:80", "--project", "p"]
+    results = run_all([lambda: run(*wildcard, state=fresh), lambda: run(*wildcard, state=seeded),
+                       lambda: run(*wildcard, "--ssl=true", state=seeded)])
+    for result in results:
+        assert_one_line_error(result)
+        assert "*.a.test needs --tls-cert" in result.stderr
+    assert not fresh.parent.exists()
+    assert registry(seeded) == data
+    # Without HTTPS a wildcard needs no certificate.
+    ok(run(*wildcard, "--no-ssl", state=fresh))
+    assert set(listed(fresh)) == {"a.test", "*.a.test"}
+
+
+def test_remove_needs_a_selector(state: Path) -> None:
+    data = seed(state, svc("a.com"))
+    result = run("remove", state=state)
+    assert_one_line_error(result)
+    assert "--host, --service or --project" in result.stderr
+    assert registry(state) == data
+
+
+def test_remove_by_service_and_project(tmp_path: Path) -> None:
+    rows = [route("a.test"), route("a.test", "/api"), route("b.test", name="api"),
+            route("c.test", project="q"), route("d.test", name="api", project="q")]
+    cases = {
+        ("--service", "web"): {"a.test", "a.test/api", "c.test"},
+        ("--project", "q"): {"c.test", "d.test"},
+        ("--service", "api", "--project", "q"): {"d.test"},
+        ("--service", "web", "--host", "b.test"): {"a.test", "a.test/api", "b.test", "c.test"},
+    }
+    paths = {args: tmp_path / str(i) / "state.json" for i, args in enumerate(cases)}
+    for path in paths.values():
+        seed(path, *rows)
+    results = run_all([lambda a=args: run("remove", *a, state=paths[a]) for args in cases])
+    everything = {r.key for r in rows}
+    for (args, gone), result in zip(cases.items(), results, strict=True):
+        lines = ok(result).splitlines()
+        assert sorted(lines) == sorted(f"✅ Removed {key}" for key in gone), args
+        assert set(Store(paths[args]).read().services) == everything - gone, args
+
+
+def test_remove_by_service_matching_nothing_refuses(state: Path) -> None:
+    data = seed(state, route("a.test"))
+    for args in (["--service", "nope"], ["--project", "nope"], ["--service", "web",
+                                                                "--project", "nope"]):
+        result = run("remove", *args, state=state)
+        assert_one_line_error(result)
+        assert "no route matches" in result.stderr
+    assert registry(state) == data
+
+
+def test_stop_pause_resume_every_route_of_the_host(state: Path) -> None:
+    host = {"a.test", "a.test/api", "a.test/api/v2"}
+    others = {"a.testx", "x.a.test", "b.test", "*.a.test"}
+    seed(state, route("a.test"), route("a.test", "/api"), route("a.test", "/api/v2"),
+         route("a.testx"), route("x.a.test"), route("b.test"), route("*.a.test"))
+
+    def modes() -> dict[str, tuple[object, object, object]]:
+        return {k: (r["mode"], r["stop_message"], r["max_pause"]) for k, r in
+                listed(state).items()}
+
+    def assert_lines(out: str, verb: str) -> None:
+        lines = out.splitlines()
+        assert len(lines) == len(host)
+        assert {line.split()[2] for line in lines} == host
+        assert all(line.startswith(f"✅ {verb} ") for line in lines)
+
+    assert_lines(ok(run("stop", "--host", "A.test.", "--message", "Back at 5 <b>", state=state)),
+                 "Stopped")
+    shown = modes()
+    assert {k: shown[k] for k in host} == dict.fromkeys(host, ("stopped", "Back at 5 <b>", 30.0))
+    assert {shown[k] for k in others} == {("serving", None, 30.0)}
+
+    out = ok(run("pause", "--host", "a.test", "--max-pause", "2s", state=state))
+    assert_lines(out, "Paused")
+    assert "2s" in out
+    shown = modes()
+    assert {shown[k][0] for k in host} == {"paused"}
+    assert {shown[k][2] for k in host} == {2.0}
+    assert {shown[k] for k in others} == {("serving", None, 30.0)}
+
+    assert_lines(ok(run("resume", "--host", "a.test", state=state)), "Resumed")
+    shown = modes()
+    assert {shown[k][:2] for k in host} == {("serving", None)}
+    assert {shown[k] for k in others} == {("serving", None, 30.0)}
+
+
+def test_stop_pause_resume_refuse_bad_input(state: Path) -> None:
+    data = seed(state, route("a.test"))
+    results = run_all([
+        lambda: run("stop", "--host", "nope.test", state=state),
+        lambda: run("pause", "--host", "nope.test", state=state),
+        lambda: run("resume", "--host", "nope.test", state=state),
+        lambda: run("pause", "--host", "a.test", "--max-pause", "25h", state=state),
+        lambda: run("pause", "--host", "a.test", "--max-pause", "soon", state=state),
+        lambda: run("stop", "--host", "a.test", "--message", "two\nlines", state=state),
+    ])
+    for result in results:
+        assert_one_line_error(result)
+    assert registry(state) == data
+
+
+def test_hash_password() -> None:
+    results = run_all([lambda: run_stdin("pässwort\n", "hash-password"),
+                       lambda: run_stdin("pässwort", "hash-password", "--scheme", "argon2"),
+                       lambda: run_stdin("", "hash-password"),
+                       lambda: run_stdin("\n", "hash-password", "--scheme", "argon2")])
+    bcrypt_out, argon2_out = ok(results[0]), ok(results[1])
+    assert bcrypt_out.count("\n") == 1 and argon2_out.count("\n") == 1
+    assert bcrypt.checkpw("pässwort".encode(), bcrypt_out.strip().encode())
+    assert not bcrypt.checkpw(b"other", bcrypt_out.strip().encode())
+    assert argon2_out.startswith("$argon2")
+    assert PasswordHasher().verify(argon2_out.strip(), "pässwort")
+    for result in results[2:]:
+        assert_one_line_error(result)
+        assert "no password" in result.stderr
+
+
+def test_list_shows_basic_auth_users_and_export_keeps_hashes(tmp_path: Path) -> None:
+    state, copy = tmp_path / "a" / "state.json", tmp_path / "b" / "state.json"
+    other = bcrypt.hashpw(b"pw2", bcrypt.gensalt(4)).decode()
+    ok(run("deploy", "--host", "a.test", "--path-prefix", "/admin", "--target", "web:80",
+           "--project", "p", "--basic-auth", f"alice:{HASH}", "--basic-auth", f"bob:{other}",
+           "--allow", "10.0.0.0/8", state=state))
+    text = ok(run("list", "--json", state=state))
+    assert HASH not in text and other not in text and "$2b$" not in text
+    assert json.loads(text)["services"][0]["basic_auth"] == ["alice", "bob"]
+    table_text = ok(run("list", state=state))
+    assert "alice" in table_text and "$2b$" not in table_text
+
+    exported = ok(run("export", state=state))
+    data = json.loads(exported)
+    assert data["services"]["a.test/admin"]["basic_auth"] == [f"alice:{HASH}", f"bob:{other}"]
+    # Round trip: the imported registry has the same routes, hashes included.
+    file = tmp_path / "export.json"
+    file.write_text(exported)
+    assert "Imported 1 host(s)" in ok(run("import", str(file), state=copy))
+    assert Store(copy).read().services == Store(state).read().services
+    assert json.loads(ok(run("export", state=copy)))["services"] == data["services"]

@@ -9,7 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy import http
 
-from luma_proxy.proxy.forwarding import is_trusted, parse_trusted_proxies, set_forwarding_headers
+from luma_proxy.access.allowlist import AllowList
+from luma_proxy.proxy.forwarding import (
+    forwarded_client,
+    is_trusted,
+    parse_trusted_proxies,
+    set_forwarding_headers,
+)
 
 SPOOFED = [
     ("X-Forwarded-For", "6.6.6.6"),
@@ -174,3 +180,75 @@ def test_one_pass_equals_reference(pairs: list[tuple[str, str]], scheme: str,
     set_forwarding_headers(ours, "203.0.113.9", scheme, host)
     _reference_untrusted(reference, "203.0.113.9", scheme, host)
     assert ours.fields == reference.fields
+
+
+# ---------------------------------------------------------------------------- forwarded_client
+
+TRUSTED = parse_trusted_proxies("10.0.0.0/8, fd00::/8")
+
+
+def xff(*values: str) -> http.Headers:
+    return headers(*(("X-Forwarded-For", v) for v in values))
+
+
+@pytest.mark.parametrize(
+    ("peer", "sent", "client"),
+    [
+        ("203.0.113.9", xff("1.1.1.1"), "203.0.113.9"),  # the header of a stranger is ignored
+        ("::ffff:203.0.113.9", xff("1.1.1.1"), "203.0.113.9"),
+        ("2001:db8::1", xff("1.1.1.1"), "2001:db8::1"),
+        ("11.0.0.1", xff(), "11.0.0.1"),
+    ],
+)
+def test_forwarded_client_untrusted_peer_is_the_client(peer: str, sent: http.Headers,
+                                                       client: str) -> None:
+    assert forwarded_client(peer, sent, TRUSTED) == client
+
+
+def test_forwarded_client_trusts_nobody_by_default() -> None:
+    assert forwarded_client("10.0.0.1", xff("1.1.1.1"), ()) == "10.0.0.1"
+    assert forwarded_client("::ffff:10.0.0.1", xff("1.1.1.1"), ()) == "10.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("peer", "sent", "client"),
+    [
+        ("10.0.0.1", xff("1.1.1.1"), "1.1.1.1"),
+        # The rightmost address not a trusted proxy: what the client put before it is
+        # not believed.
+        ("10.0.0.1", xff("6.6.6.6, 2.2.2.2, 10.0.0.5"), "2.2.2.2"),
+        ("10.0.0.1", xff("6.6.6.6, 2.2.2.2, 10.0.0.5, fd00::7"), "2.2.2.2"),
+        ("::ffff:10.0.0.1", xff("6.6.6.6, ::ffff:3.3.3.3"), "3.3.3.3"),
+        ("fd00::1", xff("2001:db8::1, fd00::2"), "2001:db8::1"),
+        ("10.0.0.1", xff(" 1.1.1.1 ,  2.2.2.2 "), "2.2.2.2"),
+        ("10.0.0.1", xff("1.1.1.1, , "), "1.1.1.1"),  # empty entries are skipped
+        ("10.0.0.1", xff(), "10.0.0.1"),  # nothing forwarded: the peer
+        ("10.0.0.1", xff(""), "10.0.0.1"),
+    ],
+)
+def test_forwarded_client_trusted_peer(peer: str, sent: http.Headers, client: str) -> None:
+    assert forwarded_client(peer, sent, TRUSTED) == client
+
+
+def test_forwarded_client_several_headers_are_one_list() -> None:
+    assert forwarded_client("10.0.0.1", xff("6.6.6.6", "2.2.2.2, 10.1.1.1"),
+                            TRUSTED) == "2.2.2.2"
+    assert forwarded_client("10.0.0.1", xff("6.6.6.6, 2.2.2.2", "10.1.1.1", "10.2.2.2"),
+                            TRUSTED) == "2.2.2.2"
+    mixed = headers(("X-Forwarded-For", "6.6.6.6"), ("x-forwarded-for", "7.7.7.7"))
+    assert forwarded_client("10.0.0.1", mixed, TRUSTED) == "7.7.7.7"
+
+
+def test_forwarded_client_all_trusted_is_the_leftmost() -> None:
+    assert forwarded_client("10.0.0.1", xff("10.0.0.7, 10.0.0.5"), TRUSTED) == "10.0.0.7"
+    assert forwarded_client("10.0.0.1", xff("10.0.0.7", "fd00::5"), TRUSTED) == "10.0.0.7"
+
+
+@pytest.mark.parametrize("garbage", ["garbage", "1.2.3.4:5678", "[2001:db8::1]", "unknown",
+                                     "1.1.1.1.1"])
+def test_forwarded_client_garbage_is_returned_and_refused(garbage: str) -> None:
+    """An entry that is no address is not skipped (that would believe one further left,
+    which the client wrote): it is the client, and no allow-list lets it in."""
+    found = forwarded_client("10.0.0.1", xff(f"1.1.1.1, {garbage}"), TRUSTED)
+    assert found == garbage
+    assert not AllowList(["0.0.0.0/0", "::/0"]).allows(found)
