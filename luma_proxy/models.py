@@ -94,10 +94,10 @@ def is_wildcard(host: str) -> bool:
 def parse_path_prefix(value: str) -> str:
     """``/api`` (no trailing slash); ``/`` or empty means the whole host ("")."""
     text = value.strip()
-    if not text.startswith("/") or any(c.isspace() or ord(c) < 32 or c in "?#%\\"
-                                       for c in text):
-        raise ValueError(f"invalid path prefix {value!r}: must start with / and have no "
-                         "spaces, ?, #, % or backslash")
+    if not text.startswith("/") or not text.isascii() or any(
+            c.isspace() or ord(c) < 32 or c in "?#%\\" for c in text):
+        raise ValueError(f"invalid path prefix {value!r}: must start with / and be ASCII "
+                         "without spaces, ?, #, % or backslash")
     parts = [p for p in text.split("/") if p]
     if any(p in (".", "..") for p in parts):
         raise ValueError(f"invalid path prefix {value!r}: no . or .. segments")

@@ -366,9 +366,10 @@ def test_parse_path_prefix_ok(raw: str, expected: str) -> None:
     [
         ("api", "must start with /"),
         ("", "must start with /"),
-        ("/a b", "no spaces"),
-        ("/a\tb", "no spaces"),
-        ("/a\x01", "no spaces"),
+        ("/a b", "without spaces"),
+        ("/a\tb", "without spaces"),
+        ("/a\x01", "without spaces"),
+        ("/caf\u00e9", "be ASCII"),
         ("/a?x", "?"),
         ("/a#x", "#"),
         ("/a%2F", "%"),

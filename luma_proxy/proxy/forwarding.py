@@ -51,7 +51,7 @@ def forwarded_client(peer_ip: str, headers: http.Headers, trusted: Sequence[Netw
             continue
         if not is_trusted(address, trusted):
             return address.removeprefix("::ffff:")
-    return chain[0] if chain and chain[0] else peer_ip
+    return chain[0].removeprefix("::ffff:") if chain and chain[0] else peer_ip
 
 
 def set_forwarding_headers(

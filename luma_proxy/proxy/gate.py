@@ -39,7 +39,7 @@ class Gate:
         self.realm = service.host
 
     def check(self, flow: http.HTTPFlow, client: str, raw_host: str, https: bool,
-              ) -> http.Response | Coroutine[Any, Any, None] | None:
+              ) -> http.Response | Coroutine[Any, Any, Any] | None:
         """An answer, a coroutine to await before routing again, or None: forward it."""
         service = self.service
         target = canonical_target(service, raw_host)
@@ -69,7 +69,7 @@ class Broken(Gate):
         self.service = service
 
     def check(self, flow: http.HTTPFlow, client: str, raw_host: str, https: bool,
-              ) -> http.Response | Coroutine[Any, Any, None] | None:
+              ) -> http.Response | Coroutine[Any, Any, Any] | None:
         return pages.page(500)
 
 

@@ -177,15 +177,19 @@ def match_prefix(routes: list[Service], path: str) -> Service | None:
     return None
 
 
+def _unreserved(m: re.Match[str]) -> str:
+    """An escape of an unreserved character (ASCII letters, digits, ``-._~``) decoded."""
+    c = chr(int(m.group(1), 16))
+    return c if c.isascii() and (c.isalnum() or c in "-._~") else m.group(0)
+
+
 def routing_path(raw: str) -> str:
     """The path a route is chosen by: unreserved %-escapes decoded and dot segments
     removed (RFC 3986 6.2.2), so ``/%61pi/`` and ``/x/../api`` choose what ``/api`` does.
     """
     path, sep, query = raw.partition("?")
     if "%" in path:
-        path = _UNRESERVED.sub(lambda m: chr(int(m.group(1), 16))
-                               if chr(int(m.group(1), 16)).isalnum()
-                               or chr(int(m.group(1), 16)) in "-._~" else m.group(0), path)
+        path = _UNRESERVED.sub(_unreserved, path)
     if "/." in path:
         out: list[str] = []
         for segment in path.split("/")[1:]:
