@@ -122,3 +122,30 @@ def test_no_compress_per_service(proxy: Proxy, container: Recorder, cli) -> None
     reply = wait_until(lambda: (r := proxy.get("shop.test", "/page", headers={
         "Accept-Encoding": ALL})).headers.get("content-encoding") is None and r)
     assert reply.body == PAGE
+
+
+def test_compressed_over_http2(container: Recorder, cli, start_proxy, tmp_path) -> None:
+    """HTTP/2 frames a body by DATA frames: a compressed stream needs no chunked framing."""
+    from tests.e2e.test_http2 import h2_connect, h2_exchange, req
+    from tests.e2e.test_https import cert_args
+
+    cli("deploy", "--host", "shop.test", "--target", f"shop:{container.port}", "--project",
+        "p", *cert_args(tmp_path, ["shop.test"]))
+    https_port = free_port()
+    start_proxy("run", args=("--https-port", str(https_port)))
+    s, conn = h2_connect(https_port, "shop.test")
+    try:
+        page = h2_exchange(s, conn, 1, req("/page", "shop.test", extra=[
+            ("accept-encoding", "gzip, zstd")]))
+        big = h2_exchange(s, conn, 3, req("/big", "shop.test", extra=[
+            ("accept-encoding", "br")]))
+        events = h2_exchange(s, conn, 5, req("/events", "shop.test", extra=[
+            ("accept-encoding", ALL)]))
+    finally:
+        s.close()
+    assert page.status == 200 and page.headers[b"content-encoding"] == b"zstd"
+    assert decode("zstd", page.body) == PAGE
+    assert big.headers[b"content-encoding"] == b"br"
+    assert b"transfer-encoding" not in big.headers and b"content-length" not in big.headers
+    assert decode("br", big.body) == BIG
+    assert b"content-encoding" not in events.headers and events.body == EVENTS
