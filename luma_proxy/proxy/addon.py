@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ class LumaProxy:
         self._tasks: list[asyncio.Task[None]] = []
         self.leadership: Leadership | None = None
         self._leader_listeners: list[Callable[[bool], None]] = []
+        self._loop_thread: int | None = None  # the proxy loop's thread, once running
         self.schedule = HealthSchedule(self, lambda: ctx.options.luma_health_interval,
                                        lambda: ctx.options.luma_health_timeout)
         self._alias_of: dict[str, tuple[str, str]] = {}  # ip -> (alias, host) last sent there
@@ -199,10 +201,11 @@ class LumaProxy:
         engine_patches.install_engine_error_pages()  # mitmproxy's own answers: our pages
         self._tasks = [
             asyncio.create_task(self._reload_loop(), name="luma reload"),
-            asyncio.create_task(self.schedule.run(), name="luma health"),
         ]
         if self.leadership is not None:
             self._tasks.append(asyncio.create_task(self.leadership.run(), name="luma leader"))
+        self._loop_thread = threading.get_ident()
+        self.schedule.start(asyncio.get_running_loop())  # in its own thread and loop
         logger.info("luma-proxy routing %d host(s) from %s", len(self.table.services),
                     self.store.path if self.store else "-")
         self.engine_events.start(asyncio.get_running_loop().call_soon_threadsafe)
@@ -212,6 +215,7 @@ class LumaProxy:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
+        self.schedule.stop()
         self.prover.close()
         self.engine_events.stop()
         engine_patches.set_reroute(None)
@@ -320,8 +324,16 @@ class LumaProxy:
 
     # ---------------------------------------------------------------- leading
     def is_leader(self) -> bool:
-        """One process (of several workers) runs the checks; the others read the file."""
-        return self.leadership is not None and self.leadership.try_take()
+        """One process (of several workers) runs the checks; the others read the file.
+
+        From the health thread it only reads: the lock is taken on the proxy's loop
+        (``leadership.run``), whose listeners (the ACME loop) expect that loop.
+        """
+        if self.leadership is None:
+            return False
+        if self._loop_thread is not None and threading.get_ident() != self._loop_thread:
+            return self.leadership.leading
+        return self.leadership.try_take()
 
     def on_leadership(self, listener: Callable[[bool], None]) -> None:
         """``listener(leading)`` when this process starts or stops leading (the ACME loop)."""
@@ -517,6 +529,15 @@ class LumaProxy:
         data.scheme = b"http"
         data.host = ip
         data.port = route.port
+        if flow.server_conn.transport_protocol == "udp":
+            # An HTTP/3 (QUIC) client: mitmproxy opens the upstream connection with the
+            # transport of flow.server_conn, which starts as the client's, and would
+            # write HTTP/1.1 into UDP datagrams. Containers speak TCP: a TCP server
+            # connection, made as mitmproxy's HttpLayer.get_connection makes one. Once
+            # (a hold sends again with it, a resend gets a TCP one from mitmproxy); its
+            # address is informative, mitmproxy connects to the request's host and port.
+            flow.server_conn = connection.Server(address=(ip, route.port),
+                                                 transport_protocol="tcp")
         flow.metadata["luma_service"] = route.service.key
         flow.metadata["luma_ip"] = ip
         self._alias_of[ip] = (route.alias, route.service.key)

@@ -104,7 +104,7 @@ def service_host(flow: http.HTTPFlow, router: Any | None) -> str:
     if table is None:
         return ""
     found = table.lookup(host_header(flow.request))
-    return getattr(found, "host", "") or ""
+    return getattr(found, "key", "") or ""
 
 
 def project_of(host: str, router: Any | None) -> str:

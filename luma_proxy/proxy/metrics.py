@@ -442,7 +442,9 @@ def supervisor_registry(multiproc_dir: str, state_path: str) -> CollectorRegistr
 
     def expiry() -> dict[str, float]:
         state = view()
-        ssl = [host for host, service in state.services.items() if service.ssl] if state else []
+        # one certificate per host, however many path-prefix routes share it
+        ssl = list(dict.fromkeys(s.host for s in state.services.values() if s.ssl)) \
+            if state else []
         return expiries.expiries(certs, ssl)
 
     registry = CollectorRegistry()
