@@ -99,7 +99,9 @@ WORKDIR /var/lib/luma-proxy
 # Ports 80/443 need no capability: Docker (>= 20.10) sets the per-namespace
 # sysctl net.ipv4.ip_unprivileged_port_start=0 for every container with its
 # own network, and docs/docker.md passes it explicitly anyway.
-EXPOSE 80 443
+# 443/udp: HTTP/3 (QUIC), served only with `run --http3` or LUMA_PROXY_HTTP3=1
+# (then publish it too: -p 443:443/udp).
+EXPOSE 80 443 443/udp
 
 # Liveness of the HTTP listener. Without -f, curl exits 0 for *any* HTTP
 # response: the proxy answers 404 for a host it does not route, and that is

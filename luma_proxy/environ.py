@@ -39,6 +39,21 @@ def env_int(name: str, default: int) -> int:
         return default
 
 
+def env_bool(name: str, default: bool) -> bool:
+    """The variable as yes or no (1/0, true/false, yes/no, on/off); a malformed value is
+    ignored (and said so), not fatal."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    logger.warning("ignoring %s=%r: not true or false", name, raw)
+    return default
+
+
 # Seconds a stopping proxy lets in-flight requests finish: drain.py's option default,
 # and what the supervisor adds its grace to (one definition for both).
 DRAIN_TIMEOUT = 30.0

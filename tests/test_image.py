@@ -162,8 +162,8 @@ def problems(text: str) -> list[str]:
                  "PYTHONDONTWRITEBYTECODE=1"):
         if not re.search(rf"(^|\s){re.escape(pair)}(\s|$)", env):
             found.append(f"ENV {pair} missing")
-    if sorted(" ".join(args("EXPOSE")).split()) != ["443", "80"]:
-        found.append("want EXPOSE 80 443")
+    if sorted(" ".join(args("EXPOSE")).split()) != ["443", "443/udp", "80"]:
+        found.append("want EXPOSE 80 443 443/udp")  # 443/udp: HTTP/3 (run --http3)
     checks = args("HEALTHCHECK")
     if not checks or checks[-1].upper().startswith("NONE"):
         found.append("no HEALTHCHECK")
@@ -188,10 +188,11 @@ BREAKAGES = {
     "ARG BASE=python:3.12-slim-bookworm": ("ARG BASE=python:3.12", "official"),
     "FROM ${BASE}\n": ("FROM python:3.11-slim-bookworm\n", "official"),
     "LUMA_PROXY_USER=10001:10001": ("LUMA_PROXY_USER=0:0", "runs as root"),
-    "EXPOSE 80 443\n": ("USER root\nEXPOSE 80 443\n", "runs as root"),
-    "EXPOSE 80 443\n\n": ("VOLUME /var/lib/luma-proxy\nEXPOSE 80 443\n\n", "VOLUME"),
+    "EXPOSE 80 443 443/udp\n": ("USER root\nEXPOSE 80 443 443/udp\n", "runs as root"),
+    "EXPOSE 80 443 443/udp\n\n": ("VOLUME /var/lib/luma-proxy\nEXPOSE 80 443 443/udp\n\n",
+                                  "VOLUME"),
     "ca-certificates curl": ("ca-certificates gcc", "curl is not installed"),
-    "EXPOSE 80 443": ("EXPOSE 80", "EXPOSE 80 443"),
+    "EXPOSE 80 443 443/udp": ("EXPOSE 80 443", "EXPOSE 80 443 443/udp"),
     "HEALTHCHECK --interval": ("# HEALTHCHECK --interval", "no HEALTHCHECK"),
     "ln -s /opt/luma-proxy/bin/luma-proxy": ("ln -s /opt/luma-proxy/bin/mitmdump", "symlink"),
     "PYTHONDONTWRITEBYTECODE=1": ("PYTHONDONTWRITEBYTECODE=", "PYTHONDONTWRITEBYTECODE"),

@@ -830,6 +830,10 @@ def cert_renew(host: str, wait: float, state_path: str) -> None:
 @click.option("--http-port", default=80, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--https-port", default=0, type=click.IntRange(0, 65535),
               help="Serve HTTPS on this port (0: off; the Docker image uses 443).")
+@click.option("--http3/--no-http3", default=None,
+              help="Also serve HTTP/3 (QUIC, UDP) on --https-port, advertised with Alt-Svc; "
+                   "one process serves it under --workers (default off; env "
+                   "LUMA_PROXY_HTTP3=1).")
 @click.option("--acme-directory", default=None,
               help="ACME directory URL (env LUMA_PROXY_ACME_DIRECTORY; default Let's Encrypt).")
 @click.option("--acme-email", default=None, help="Contact e-mail for the ACME account.")
@@ -879,13 +883,22 @@ def run(http_port: int, https_port: int, acme_directory: str | None, acme_email:
         log_query: bool | None = None, metrics_port: int | None = None,
         metrics_host: str | None = None, workers: int = 1,
         worker_index: int | None = None, error_pages: str | None = None,
-        **limits: Any) -> None:
+        http3: bool | None = None, **limits: Any) -> None:
     """Serve: route requests on the HTTP (and HTTPS) port by Host."""
     try:
         loop_factory = startup.loop_factory(os.environ)
         log_level = startup.log_level(os.environ)
     except ValueError as e:
         raise CliError(str(e)) from None
+    if http3 is None:  # not on the command line: the environment's, else off
+        from luma_proxy.environ import env_bool
+
+        http3 = env_bool("LUMA_PROXY_HTTP3", False)
+        if http3 and not https_port:
+            raise CliError("LUMA_PROXY_HTTP3=1 needs --https-port: HTTP/3 is served on the "
+                           "HTTPS port (UDP)")
+    elif http3 and not https_port:
+        raise CliError("--http3 needs --https-port: HTTP/3 is served on the HTTPS port (UDP)")
     from luma_proxy.proxy import pages
 
     if error_pages is None and os.environ.get(pages.PAGES_ENV):
@@ -927,7 +940,7 @@ def run(http_port: int, https_port: int, acme_directory: str | None, acme_email:
         threading.Thread(target=rejoin_networks, args=(state_path,), name="docker networks",
                          daemon=True).start()
     config = RunConfig(listen_host=listen_host, http_port=http_port, https_port=https_port,
-                       options=opts, worker_index=worker_index)
+                       http3=http3, options=opts, worker_index=worker_index)
     if workers > 1 and worker_index is None:
         from luma_proxy.runtime.supervisor import supervise
 

@@ -5,6 +5,12 @@ restarted proxy or a sibling worker takes them), then every keep-alive
 connection is closed as soon as it has nothing in flight, buffered responses
 sent meanwhile carry ``Connection: close``, and the process exits once no
 connection is left or the drain timeout has passed.
+
+The UDP listener of HTTP/3 (``run --http3``) is the exception: every QUIC
+connection sends and receives through its one socket, so closing it would cut
+the HTTP/3 requests in flight. It closes last, once the connections are done
+(or the timeout passed); until then a new QUIC connection is still accepted,
+and closed as soon as it is idle.
 """
 
 from __future__ import annotations
@@ -73,8 +79,11 @@ class Drain:
         self.draining = True
         timeout = ctx.options.luma_drain_timeout
         proxyserver = ctx.master.addons.get("proxyserver")
-        for server in list(proxyserver.servers):
-            await server.stop()
+        servers = list(proxyserver.servers)
+        quic = [server for server in servers if server.mode.transport_protocol == "udp"]
+        for server in servers:
+            if server not in quic:
+                await server.stop()
         handlers = client_handlers()
         logger.info("draining %d connection(s), up to %gs", len(handlers), timeout)
         deadline = time.monotonic() + timeout
@@ -87,4 +96,7 @@ class Drain:
         if left:
             logger.warning("drain timeout: closing %d connection(s) with requests in flight",
                            left)
+        for server in quic:  # its connections are done (or out of time): the socket goes
+            if server.is_running:
+                await server.stop()
         return left == 0

@@ -6,7 +6,8 @@ fails if another module imports an internal mitmproxy module). What it patches o
 touches, one line each:
 
 * ``HttpStream`` request-header, body and protocol-error states: HTTP/2 framing, body limit, resend.
-* ``HttpLayer.get_connection`` and ``HttpLayer._handle_event``: an HTTP/2 client's upstream pool.
+* ``HttpLayer.get_connection`` and ``HttpLayer._handle_event``: an HTTP/2 or HTTP/3 client's
+  upstream pool.
 * ``_http1.Http1Client.send``: an HTTP/2 request made HTTP/1 before the connection is kept.
 * ``_http2.Http2Server.handle_h2_event``: malformed requests (400 on the stream), rapid reset.
 * ``_http2.Http2Server._handle_event``: GOAWAY(NO_ERROR) when the proxy closes an idle connection.
@@ -23,6 +24,8 @@ touches, one line each:
 * ``mode_servers``' module-global ``asyncio``: listeners bound with ``SO_REUSEPORT`` (workers).
 * ``Proxyserver.connections`` and a handler's ``transports``: closing live connections.
 * ``tlsconfig.certstore.certs``: each host's certificate put where the TLS layer looks (tls.py).
+* ``quic._client_hello_parser``: recompiled with its asserts, which read the ClientHello (-O).
+* ``quic.QuicLayer.receive_close``: CONNECTION_CLOSE(H3_NO_ERROR) when the proxy closes a client.
 * a handler's layer stack (``layer``, ``child_layer``, ``connections``, ``ClientTLSLayer.tls``):
   idle upstream connections found, an answer written through the client's TLS session.
 * ``sys.modules["mitmproxy.addons"]``: a stand-in package, so the built-in addons never load.
@@ -51,6 +54,8 @@ Every touch of mitmproxy's HTTP/2 internals lives here (``install`` is idempoten
 * upstream connections: an HTTP/2 client connection reuses its idle HTTP/1
   connections to a container across streams and opens at most
   ``luma_h2_upstream_connections`` to one (mitmproxy opened one per stream).
+  An HTTP/3 client's streams share the pool alike (mitmproxy would hand a busy
+  HTTP/1 connection to a second stream: ``AssertionError`` in ``Http1Client.send``).
 * rapid reset (CVE-2023-44487): a connection whose client resets more than
   ``MAX_RESETS`` streams in ``RESET_WINDOW`` seconds gets GOAWAY(ENHANCE_YOUR_CALM)
   and is closed; a stream opened and reset within one read never reaches the
@@ -126,6 +131,8 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 MAX_RESENDS = 2
 SERVER_CLOSED = "server closed connection"  # mitmproxy's text: no response byte came
 _MULTIPLEXED = (b"HTTP/2.0", b"HTTP/3")
+# Client ALPNs whose streams share the bounded pool of HTTP/1 upstream connections.
+_POOLED = (b"h2", b"h3")
 
 
 def set_body_limit(limit: int) -> None:
@@ -467,6 +474,8 @@ def close_for_client(client_id: str, conn: connection.Connection | None, reason:
 # mitmproxy's own bound, a semaphore of 5 per address and client connection held
 # for a connection's whole life, becomes ``pool`` too: kept-alive connections
 # would otherwise hold it and a sixth connect would wait forever.
+# An HTTP/3 client (``_POOLED``) is served the same way: mitmproxy does not even keep
+# its streams apart (it reuses a busy HTTP/1 connection, and Http1Client.send asserts).
 _original_get_connection = http_layer.HttpLayer.get_connection
 _original_h1_client_send = _http1.Http1Client.send
 _original_layer_event = http_layer.HttpLayer._handle_event
@@ -514,7 +523,7 @@ def _pooled(self: Any, event: Any) -> tuple[Any, int]:
 def _get_connection(self: Any, event: Any, *, reuse: bool = True) -> Generator[Any, Any, None]:
     # HTTP/1 clients (and no reuse): mitmproxy's own generator, not one wrapped around it;
     # the patched methods run for every request (callgrind: docs/performance.md).
-    if self.context.client.alpn != b"h2" or not reuse:
+    if self.context.client.alpn not in _POOLED or not reuse:
         return _original_get_connection(self, event, reuse=reuse)
     return _get_pooled_connection(self, event)
 
@@ -535,9 +544,9 @@ def _get_pooled_connection(self: Any, event: Any) -> Generator[Any, Any, None]:
 def _layer_event(self: Any, event: Any) -> Generator[Any, Any, None]:
     """mitmproxy's, then any stream parked for a pooled connection retries (FIFO).
 
-    Only an HTTP/2 client's streams are ever parked: an HTTP/1 client gets mitmproxy's
-    own generator, unwrapped."""
-    if self.context.client.alpn != b"h2":
+    Only an HTTP/2 or HTTP/3 client's streams are ever parked: an HTTP/1 client gets
+    mitmproxy's own generator, unwrapped."""
+    if self.context.client.alpn not in _POOLED:
         return _original_layer_event(self, event)
     return _layer_event_retrying(self, event)
 
@@ -1015,6 +1024,85 @@ def reuse_port_sockets() -> list[socket.socket]:
 
     shim = mode_servers.asyncio
     return shim.sockets if isinstance(shim, _ReusePortAsyncio) else []
+
+
+# ----------------------------------------- QUIC ClientHello under -O (run --http3, tls.py)
+_QUIC_PARSER = "quic_parse_client_hello_from_datagrams"
+
+
+def install_quic_hello_parser() -> bool:
+    """mitmproxy's QUIC ClientHello parser, compiled with its asserts (idempotent);
+    whether it is in place.
+
+    ``luma-proxy run`` serves under ``-O`` (startup.py), which drops ``assert``
+    statements. mitmproxy's parser reads the ClientHello's first byte inside one
+    (``_client_hello_parser.py``: ``assert input_buf.pull_uint8() == ...``): under
+    ``-O`` the read is gone, the ClientHello is cut one byte off, and every QUIC
+    handshake fails (aioquic: "Could not parse TLS message"). That module's own
+    source, compiled with ``optimize=0``, is mitmproxy's code with the read back;
+    the modules that call the parser (the QUIC layers, next_layer) get that one.
+    Only the parser's module is recompiled: ``-O`` keeps its gains everywhere else.
+    """
+    from mitmproxy.proxy.layers import quic
+    from mitmproxy.proxy.layers.quic import _client_hello_parser, _stream_layers
+
+    current = getattr(_stream_layers, _QUIC_PARSER)
+    if getattr(current, "luma_with_asserts", False):
+        return True
+    path = _client_hello_parser.__file__
+    try:
+        with open(path, encoding="utf-8") as f:
+            code = compile(f.read(), path, "exec", optimize=0)
+    except (OSError, SyntaxError, ValueError):  # no source (a .pyc-only install)
+        return False
+    namespace: dict[str, Any] = {"__name__": _client_hello_parser.__name__, "__file__": path,
+                                 "__package__": _client_hello_parser.__package__}
+    exec(code, namespace)  # mitmproxy's own module, as installed
+    parser = namespace[_QUIC_PARSER]
+    parser.luma_with_asserts = True
+    modules = [_stream_layers, quic, sys.modules.get("mitmproxy.addons.next_layer")]
+    for module in modules:
+        if module is not None and hasattr(module, _QUIC_PARSER):
+            setattr(module, _QUIC_PARSER, parser)
+    return True
+
+
+# --------------------------------------- QUIC: tell the client when the proxy closes it
+_original_quic_receive_close: Callable[..., Any] | None = None
+
+
+def _quic_receive_close(self: Any) -> Generator[Any, Any, None]:
+    """A client QUIC connection the proxy closes gets CONNECTION_CLOSE(H3_NO_ERROR).
+
+    The proxy closes a connection by cancelling the task that reads it (idle
+    timeout, drain); mitmproxy's QUIC layer then sends nothing, and a client
+    whose QUIC idle timeout is longer sends its next request into the void and
+    waits for it. As ``_server_handle`` does for HTTP/2 (GOAWAY): only a close
+    of ours (``state`` CLOSED) on an established connection that is not
+    closing already (aioquic's ``close`` does nothing then).
+    """
+    quic = self.quic
+    if (quic is not None and self.conn is self.context.client
+            and self.conn.state is ConnectionState.CLOSED):
+        quic.close(error_code=H3_NO_ERROR, reason_phrase="closing")
+        yield from self.tls_interact()
+    assert _original_quic_receive_close is not None
+    yield from _original_quic_receive_close(self)
+
+
+H3_NO_ERROR = 0x100  # RFC 9114 §8.1: the connection is closed with no error
+
+
+def install_http3() -> bool:
+    """What serving HTTP/3 needs of mitmproxy (idempotent); False if the ClientHello
+    parser could not be recompiled (``install_quic_hello_parser``)."""
+    global _original_quic_receive_close
+    from mitmproxy.proxy.layers.quic import _stream_layers
+
+    if _original_quic_receive_close is None:
+        _original_quic_receive_close = _stream_layers.QuicLayer.receive_close
+        _stream_layers.QuicLayer.receive_close = _quic_receive_close  # type: ignore[method-assign]
+    return install_quic_hello_parser()
 
 
 # --------------------------------------- mitmproxy.addons left unimported (startup.py)

@@ -52,11 +52,22 @@ def modes(config: RunConfig) -> list[str]:
     """mitmproxy mode specs: one reverse listener per port, its target a dead end.
 
     The addon routes every request itself; the reverse target is only where a
-    request would go if it did not, and nothing listens there.
+    request would go if it did not, and nothing listens there. With ``http3``
+    the HTTPS port also gets a UDP listener for QUIC (``reverse:http3``), in
+    one process only: worker 0, or the single process.
     """
     ports = [config.http_port] + ([config.https_port] if config.https_port else [])
     # A reverse listener detects a TLS ClientHello by itself, so HTTPS is the same spec.
-    return [f"reverse:http://127.0.0.1:1/@{config.listen_host}:{port}" for port in ports]
+    specs = [f"reverse:http://127.0.0.1:1/@{config.listen_host}:{port}" for port in ports]
+    if config.http3 and config.https_port:
+        if config.worker_index:
+            # mitmproxy_rs binds UDP without SO_REUSEPORT: one process only, worker 0.
+            logger.info("HTTP/3 on %s:%d/udp is served by worker 0, not this worker",
+                        config.listen_host, config.https_port)
+        else:
+            # QUIC on the HTTPS port's UDP side, next to its TCP listener (docs/http3.md).
+            specs.append(f"reverse:http3://127.0.0.1:1/@{config.listen_host}:{config.https_port}")
+    return specs
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -84,7 +95,8 @@ async def serve(config: RunConfig) -> int:
     opts = options.Options()
     lean = lean_master(opts, os.environ)
     lean.addons.add(*lean_addons(all_addons(serving=True)))
-    opts.update(mode=modes(config), luma_https_port=config.https_port, **config.options)
+    opts.update(mode=modes(config), luma_https_port=config.https_port,
+                luma_http3_port=config.https_port if config.http3 else 0, **config.options)
     # Master.addons.add() only loads; like mitmdump's script loader, tell every
     # addon about every option once so that defaults (from env) take effect.
     lean.addons.trigger(hooks.ConfigureHook(set(opts.keys())))
@@ -117,7 +129,8 @@ async def serve(config: RunConfig) -> int:
         lean.shutdown()
         await run
         return 1
-    addrs = ", ".join(f"{h}:{p}" for s in ps.servers for h, p, *_ in s.listen_addrs)
+    addrs = ", ".join(f"{h}:{p}{'/udp' if s.mode.transport_protocol == 'udp' else ''}"
+                      for s in ps.servers for h, p, *_ in s.listen_addrs)
     logger.info("listening on %s", addrs)
     # Everything loaded so far (mitmproxy, the registry's view, certificates) lives as
     # long as the process: out of the collector's full passes, which otherwise scan it

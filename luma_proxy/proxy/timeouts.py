@@ -11,9 +11,9 @@ but entries in a dict, checked by one sweep every ``tick`` seconds: arming is
 a dict store, disarming a dict pop. A deadline is therefore enforced up to one
 tick late: a quarter of the shortest timeout, at most half a second.
 
-An HTTP/2 connection is idle once none of its streams is open: its flows are
-tracked per client, and when the last one ends the same idle bound as an
-HTTP/1 keep-alive (``luma_header_timeout``) is armed; a new stream disarms it.
+An HTTP/2 (or HTTP/3) connection is idle once none of its streams is open: its
+flows are tracked per client, and when the last one ends the same idle bound as
+an HTTP/1 keep-alive (``luma_header_timeout``) is armed; a new stream disarms it.
 When it passes the connection is closed as any other, and mitmproxy's HTTP/2
 layer first sends GOAWAY(NO_ERROR) (``engine_patches.install_h2_goaway_on_close``):
 the client knows no request was lost and opens a new connection.
@@ -43,6 +43,8 @@ from luma_proxy.proxy.streaming import stream_response
 logger = logging.getLogger("luma_proxy")
 
 MAX_TICK = 0.5
+# Client ALPNs whose requests are concurrent streams of one connection.
+MULTIPLEXED_ALPN = (b"h2", b"h3")
 
 # key (client, flow or server id) -> (due, client id, what to close: None for the client)
 Pending = dict[str, tuple[float, str, Any]]
@@ -84,7 +86,7 @@ class Timeouts:
                                self.body_idle_timeout)
         self.pending: dict[str, Pending] = {"header": {}, "response": {}, "connect": {}}
         self._header, self._response, self._connect = self.pending.values()
-        # HTTP/2 client id -> ids of its flows still open: idle when empty
+        # HTTP/2 or HTTP/3 client id -> ids of its flows still open: idle when empty
         self._h2_open: dict[str, set[str]] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -194,7 +196,7 @@ class Timeouts:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         client = flow.client_conn
         self._header.pop(client.id, None)
-        if client.alpn == b"h2":  # streams overlap: idle only once none is open
+        if client.alpn in MULTIPLEXED_ALPN:  # streams overlap: idle only once none is open
             self._h2_open.setdefault(client.id, set()).add(flow.id)
 
     def request(self, flow: http.HTTPFlow) -> None:
@@ -219,7 +221,7 @@ class Timeouts:
         client = flow.client_conn
         if flow.websocket is not None or not client.connected:
             return
-        if client.alpn == b"h2":
+        if client.alpn in MULTIPLEXED_ALPN:
             open_flows = self._h2_open.get(client.id)
             if open_flows:
                 open_flows.discard(flow.id)

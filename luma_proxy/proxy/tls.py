@@ -3,7 +3,8 @@
 An addon placed before the routing addon: it answers ACME challenges for any
 host (before routing could 404 them), redirects plain HTTP to HTTPS for ssl
 hosts *once their certificate is active*, hands mitmproxy's TLS layer the
-right certificate for each SNI, and adds ``Strict-Transport-Security`` to the
+right certificate for each SNI (TLS over TCP, and QUIC for HTTP/3), and adds
+``Strict-Transport-Security`` (and, with ``run --http3``, ``Alt-Svc``) to the
 HTTPS answers of a host served with its own certificate. Issuance runs in a
 background task, one ACME order per host at a time, with backoff on failure;
 it never blocks requests.
@@ -60,6 +61,8 @@ INTERMEDIATE_CIPHERS = (
 MAX_PARALLEL_ORDERS = 4
 HSTS = "Strict-Transport-Security"
 HSTS_MAX_AGE = 31536000  # one year: the usual value, and what preload lists ask for
+ALT_SVC = "Alt-Svc"
+ALT_SVC_MAX_AGE = 86400  # a day: how long a client may remember that HTTP/3 is offered
 
 
 def redirect_location(host_header: str, path: str, https_port: int) -> str:
@@ -147,6 +150,7 @@ class Https:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self.hsts = f"max-age={HSTS_MAX_AGE}"  # the header's value; "" when off
+        self.alt_svc = ""  # the Alt-Svc value; "" when HTTP/3 is not served
 
     def load(self, loader: Any) -> None:
         loader.add_option("luma_https_port", int, 0,
@@ -169,6 +173,10 @@ class Https:
                           "max-age (seconds) of the Strict-Transport-Security header on the "
                           "HTTPS answers of ssl hosts served with their own certificate; "
                           "0: never sent.")
+        loader.add_option("luma_http3_port", int, 0,
+                          "UDP port HTTP/3 (QUIC) is served on, advertised with Alt-Svc on "
+                          "the HTTPS answers of hosts served with their own certificate; "
+                          "0: not served (run --http3 sets it to the HTTPS port).")
 
     def configure(self, updated: set[str]) -> None:
         if "luma_state" in updated:
@@ -188,6 +196,16 @@ class Https:
                 raise exceptions.OptionsError(
                     f"luma_hsts_max_age must be 0 (off) or more seconds, not {age}")
             self.hsts = f"max-age={age}" if age else ""
+        if "luma_http3_port" in updated:
+            port = ctx.options.luma_http3_port
+            if not 0 <= port <= 65535:
+                raise exceptions.OptionsError(
+                    f"luma_http3_port must be 0 (off) or a port, not {port}")
+            self.alt_svc = f'h3=":{port}"; ma={ALT_SVC_MAX_AGE}' if port else ""
+            if port and not engine_patches.install_http3() and not __debug__:
+                logger.warning("HTTP/3: mitmproxy's QUIC ClientHello parser has no source "
+                               "to recompile; QUIC handshakes fail under -O: set "
+                               "LUMA_PROXY_OPTIMIZE=0")
 
     def running(self) -> None:
         self._wake = asyncio.Event()
@@ -230,9 +248,14 @@ class Https:
         would lock users out or be ignored. Every answer for that host counts,
         the proxy's own (503, 413...) included; an answer for another Host on
         the connection (404, 421) does not. A header the app sent is kept.
+        With ``run --http3``, Alt-Svc too (``_advertise_http3``).
         """
         cert = flow.client_conn.mitmcert  # set by tls_start_client; None on plain HTTP
-        if cert is None or cert is self.fallback.cert or not self.hsts:
+        if cert is None or cert is self.fallback.cert:
+            return
+        if self.alt_svc:
+            self._advertise_http3(flow)
+        if not self.hsts:
             return
         host = flow.client_conn.sni  # canonical (tls_clienthello)
         service = self.router.table.route_of_host(host) if host else None
@@ -244,6 +267,18 @@ class Https:
                 != host or header_values(response.headers, HSTS)):
             return
         append_header(response.headers, HSTS, self.hsts)
+
+    def _advertise_http3(self, flow: http.HTTPFlow) -> None:
+        """``Alt-Svc: h3=":PORT"`` on an answer over TLS on TCP (HTTP/1.1, HTTP/2).
+
+        Only with the host's own certificate (the caller checks): a client that
+        cannot verify the placeholder gains nothing from QUIC either. Not on an
+        HTTP/3 answer (the client is there already). A header the app sent is kept.
+        """
+        response = flow.response
+        if (response is not None and flow.client_conn.transport_protocol == "tcp"
+                and ALT_SVC not in response.headers):
+            response.headers[ALT_SVC] = self.alt_svc
 
     def _answer_challenge(self, flow: http.HTTPFlow, token: str) -> None:
         answer = self.challenges.get(token)
@@ -265,11 +300,14 @@ class Https:
         """Only the intermediate suites, unless the operator set ``ciphers_client``.
 
         Set on the connection before mitmproxy's tlsconfig builds its context from it.
+        Not on QUIC (HTTP/3): it is TLS 1.3 only, and tlsconfig reads the list as
+        aioquic suite names there, where these OpenSSL names fail every handshake.
         """
         client = data.context.client
         if client.sni and (host := self.router.table.canonical(client.sni)):
             client.sni = host  # one spelling: the certificate store keeps one entry per host
-        if not client.cipher_list and not ctx.options.ciphers_client:
+        if (not client.cipher_list and not ctx.options.ciphers_client
+                and client.transport_protocol == "tcp"):
             client.cipher_list = list(INTERMEDIATE_CIPHERS)
 
     def tls_start_client(self, data: tls.TlsData) -> None:
@@ -298,6 +336,10 @@ class Https:
         if loaded.entry is not certs.get(sni):
             certs[sni] = loaded.entry
         client.mitmcert = loaded.entry.cert
+
+    # A QUIC handshake (HTTP/3): the same certificate from the same store; tlsconfig's
+    # quic_start_client looks it up as its tls_start_client does (QuicTlsData is a TlsData).
+    quic_start_client = tls_start_client
 
     # ------------------------------------------------- background: certificates
     async def refresh(self) -> None:

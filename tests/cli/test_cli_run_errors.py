@@ -117,3 +117,47 @@ def test_a_port_in_use_leaves_its_stack_in_the_debug_log(monkeypatch, tmp_path: 
     assert result.exit_code == 1
     assert "DEBUG luma_proxy: cannot listen" in result.stderr
     assert "Traceback" in result.stderr and "address already in use" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "env", "line"), [
+    (["--http3"], {}, "Error: --http3 needs --https-port: HTTP/3 is served on the HTTPS port "
+                      "(UDP)"),
+    ([], {"LUMA_PROXY_HTTP3": "1"}, "Error: LUMA_PROXY_HTTP3=1 needs --https-port: HTTP/3 is "
+                                    "served on the HTTPS port (UDP)"),
+])
+def test_http3_without_an_https_port_is_one_line(monkeypatch, tmp_path: Path, args: list[str],
+                                                 env: dict[str, str], line: str) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(cli, ["run", "--http-port", "1", *args, "--state",
+                                      str(tmp_path / "state.json")])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [line]
+
+
+@pytest.mark.parametrize(("args", "env", "http3"), [
+    ([], None, False),
+    (["--http3"], None, True),
+    ([], "1", True),
+    ([], "off", False),
+    (["--no-http3"], "1", False),  # the command line over the environment
+])
+def test_http3_is_asked_by_flag_or_environment(monkeypatch, tmp_path: Path, restore_logging,
+                                               args: list[str], env: str | None,
+                                               http3: bool) -> None:
+    seen = []
+
+    async def serve(config) -> int:
+        seen.append(config)
+        return 0
+
+    monkeypatch.setattr(server, "serve", serve)
+    monkeypatch.setenv("LUMA_PROXY_EVENT_LOOP", "asyncio")
+    if env is None:
+        monkeypatch.delenv("LUMA_PROXY_HTTP3", raising=False)
+    else:
+        monkeypatch.setenv("LUMA_PROXY_HTTP3", env)
+    result = CliRunner().invoke(cli, ["run", "--http-port", "1", "--https-port", "2", *args,
+                                      "--state", str(tmp_path / "state.json")])
+    assert result.exit_code == 0, result.stderr
+    assert [(c.https_port, c.http3) for c in seen] == [(2, http3)]

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from mitmproxy import exceptions
+from mitmproxy import connection, exceptions
 from mitmproxy.addons import proxyserver
 from mitmproxy.test import taddons, tflow
 
@@ -40,6 +40,28 @@ async def test_routes_to_container_ip_and_keeps_host(state: Path) -> None:
         assert f.request.headers["X-Forwarded-For"] == "203.0.113.7"
         assert f.request.headers["X-Forwarded-Host"] == "Blog.Test:80"
         assert f.metadata["luma_ip"] == "127.0.0.9"
+
+
+async def test_an_http3_request_goes_to_its_container_over_tcp(state: Path) -> None:
+    """A QUIC client's flow starts with a UDP server connection (the client's transport);
+    the container is reached over TCP. A TCP client's server connection is left as it is."""
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(state))
+        f = flow_for("blog.test")
+        f.request.http_version = "HTTP/3"
+        f.request.authority = "blog.test"
+        f.client_conn.transport_protocol = "udp"
+        f.server_conn = connection.Server(address=("127.0.0.1", 1), transport_protocol="udp")
+        await call([addon], "requestheaders", f)
+        assert f.response is None
+        assert f.server_conn.transport_protocol == "tcp"
+        assert f.server_conn.address == ("127.0.0.9", 3000)
+        assert (f.request.host, f.request.port, f.request.scheme) == ("127.0.0.9", 3000, "http")
+        tcp = flow_for("blog.test")
+        before = tcp.server_conn
+        await call([addon], "requestheaders", tcp)
+        assert tcp.server_conn is before
 
 
 async def test_unknown_unhealthy_and_duplicate_host(state: Path) -> None:

@@ -98,14 +98,16 @@ def test_answered_requests_arm_no_response_deadline() -> None:
         assert not addon.pending["response"]
 
 
-def test_an_h2_connection_is_idle_only_once_no_stream_is_open() -> None:
+@pytest.mark.parametrize("alpn", [b"h2", b"h3"])
+def test_an_h2_connection_is_idle_only_once_no_stream_is_open(alpn: bytes) -> None:
     """Streams overlap: one ending while another waits (a slow answer, an event stream)
-    must not arm the idle bound; the last one ending does, and a new stream disarms it."""
+    must not arm the idle bound; the last one ending does, and a new stream disarms it.
+    HTTP/3 (QUIC) alike: its idle bound cut the streams still open."""
     addon = Timeouts()
     with taddons.context(addon):
         slow = tflow.tflow(resp=True)
         client = slow.client_conn
-        client.alpn = b"h2"
+        client.alpn = alpn
         quick = tflow.tflow(resp=True)
         quick.client_conn = client
         addon.requestheaders(slow)

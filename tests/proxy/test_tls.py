@@ -21,13 +21,14 @@ from cryptography import x509
 from mitmproxy import connection, exceptions, http, tls
 from mitmproxy.addons import tlsconfig
 from mitmproxy.proxy import context
+from mitmproxy.proxy.layers.quic import QuicTlsData
 from mitmproxy.test import taddons, tflow
 
 from luma_proxy.models import Service, State
 from luma_proxy.proxy import certificates
 from luma_proxy.proxy.addon import LumaProxy
 from luma_proxy.proxy.certificates import Loaded, PairCache, certs_dir, store_pair
-from luma_proxy.proxy.tls import HSTS, Https, due_orders
+from luma_proxy.proxy.tls import ALT_SVC, HSTS, INTERMEDIATE_CIPHERS, Https, due_orders
 from luma_proxy.store.registry import Store
 from tests.obs_util import flow_for
 from tests.proxy.test_certificates import make_pair
@@ -263,3 +264,76 @@ async def test_hsts_max_age_from_the_environment(monkeypatch: pytest.MonkeyPatch
     https = Https(LumaProxy())
     with taddons.context(https) as tctx:
         assert tctx.options.luma_hsts_max_age == 31536000
+
+
+# --------------------------------------------------------------- HTTP/3 (run --http3)
+
+
+def quic_handshake(bed: Bed, sni: str | None) -> tuple[x509.Certificate, connection.Client]:
+    """The certificate a QUIC client sending ``sni`` gets (HTTP/3), and its connection."""
+    client = tflow.tclient_conn()
+    client.transport_protocol = "udp"
+    client.sni = sni
+    client.alpn_offers = [b"h3"]
+    ctx = context.Context(client, bed.tctx.options)
+    bed.https.tls_clienthello(tls.ClientHelloData(ctx, None))  # type: ignore[arg-type]
+    data = QuicTlsData(client, ctx)
+    bed.https.quic_start_client(data)
+    bed.tlsconfig.quic_start_client(data)  # raised KeyError on TLS 1.2 suite names
+    assert data.settings is not None and data.settings.certificate is not None
+    return data.settings.certificate, client
+
+
+def test_quic_handshakes_get_the_hosts_certificate_as_tls_does(bed: Bed) -> None:
+    served, client = quic_handshake(bed, "Shop.Test")
+    assert served == bed.certs["shop.test"]
+    assert client.mitmcert is not None and client.mitmcert.to_cryptography() == served
+    entries = bed.entries()
+    tcp_served, _ = bed.handshake("shop.test")
+    assert tcp_served == served and bed.entries() == entries  # one store entry for both
+    for sni in ("unknown.test", "pending.test", None):  # the placeholder, never mitmproxy's CA
+        served, _ = quic_handshake(bed, sni)
+        assert placeholder(served), sni
+
+
+def test_the_tls12_suite_list_is_set_on_tcp_only(bed: Bed) -> None:
+    """QUIC is TLS 1.3 only, and tlsconfig reads the list as aioquic suite names there."""
+    _, tcp = bed.handshake("shop.test")
+    assert tcp.cipher_list == list(INTERMEDIATE_CIPHERS)
+    _, udp = quic_handshake(bed, "shop.test")
+    assert udp.cipher_list == []
+
+
+ALT_SVC_8443 = 'h3=":8443"; ma=86400'
+
+
+def test_alt_svc_on_tcp_https_answers_with_the_hosts_own_certificate(bed: Bed) -> None:
+    _, client = bed.handshake("shop.test")
+    assert ALT_SVC not in bed.answer(client, "shop.test").headers  # HTTP/3 not served: none
+    bed.tctx.configure(bed.https, luma_http3_port=8443)
+    assert bed.answer(client, "shop.test").headers[ALT_SVC] == ALT_SVC_8443
+    assert bed.answer(client, "shop.test", status=503).headers[ALT_SVC] == ALT_SVC_8443
+    _, quiet = bed.handshake("quiet.test")  # --no-hsts says nothing about HTTP/3
+    assert bed.answer(quiet, "quiet.test").headers[ALT_SVC] == ALT_SVC_8443
+    # The app's own header is kept as it is.
+    kept = bed.answer(client, "shop.test", {ALT_SVC: "clear"})
+    assert kept.headers.get_all(ALT_SVC) == ["clear"]
+    bed.tctx.configure(bed.https, luma_http3_port=0)
+    assert ALT_SVC not in bed.answer(client, "shop.test").headers
+
+
+def test_no_alt_svc_with_the_placeholder_on_plain_http_or_over_http3(bed: Bed) -> None:
+    bed.tctx.configure(bed.https, luma_http3_port=8443)
+    for host in ("pending.test", "plain.test", "unknown.test"):  # the placeholder served
+        _, client = bed.handshake(host)
+        assert ALT_SVC not in bed.answer(client, host).headers, host
+    assert ALT_SVC not in bed.answer(None, "shop.test").headers  # plain HTTP
+    _, quic = quic_handshake(bed, "shop.test")
+    answer = bed.answer(quic, "shop.test")
+    assert ALT_SVC not in answer.headers  # already on HTTP/3
+    assert answer.headers[HSTS] == "max-age=31536000"  # HSTS alike over HTTP/3
+
+
+def test_http3_port_option_is_checked(bed: Bed) -> None:
+    with pytest.raises(exceptions.OptionsError, match="luma_http3_port"):
+        bed.tctx.configure(bed.https, luma_http3_port=70000)

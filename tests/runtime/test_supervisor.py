@@ -53,10 +53,11 @@ def test_worker_args_repeat_the_command_line_only(monkeypatch: pytest.MonkeyPatc
 
 
 def test_worker_args_round_trip_to_the_same_values() -> None:
-    given = ["--http-port", "8080", "--https-port", "8443", "--listen-host", "127.0.0.1",
-             "--log-query", "--state", "/tmp/s.json", "--workers", "auto", "--dns",
+    given = ["--http-port", "8080", "--https-port", "8443", "--http3", "--listen-host",
+             "127.0.0.1", "--log-query", "--state", "/tmp/s.json", "--workers", "auto", "--dns",
              "127.0.0.1:5353"]
     original = run_context(given)
+    assert "--http3" in supervisor.worker_args(original)  # each worker serves what was asked
     again = run_context([*supervisor.worker_args(original), "--worker-index", "2"])
     assert again.params.pop("worker_index") == 2
     assert again.params.pop("workers") == 1
