@@ -51,6 +51,7 @@ from luma_proxy.routing.balancer import Balancer
 from luma_proxy.routing.proving import Prover
 from luma_proxy.routing.resolver import Resolver, parse_dns_server
 from luma_proxy.routing.router import HostTable, Reject, admit, routing_path, strip_prefix
+from luma_proxy.runtime.gcpolicy import settle
 from luma_proxy.runtime.leadership import Leadership
 from luma_proxy.runtime.served import Beacon
 from luma_proxy.store.registry import IMPORT_SUFFIX, RegistryError, Store, default_state_path
@@ -275,6 +276,7 @@ class LumaProxy:
             self.schedule.removed(changes.removed)
         if self.beacon is not None and view.routes_gen != old.routes_gen:
             self.beacon.serve(view.routes_gen)  # a waiting CLI may go on (served.py)
+        settle(len(changes.changed) + len(changes.health))  # a bulk: out of full GC passes
         return True
 
     def _update_gates(self, changed: dict[str, Service], removed: Iterable[str]) -> None:

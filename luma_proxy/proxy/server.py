@@ -25,6 +25,7 @@ from luma_proxy.proxy.composition import all_addons
 from luma_proxy.runtime.runconfig import RunConfig
 
 logger = logging.getLogger("luma_proxy")
+SWITCH_INTERVAL = 0.001  # seconds a thread holds the GIL while another waits (default 0.005)
 
 
 def lean_addons(ours: list[Any]) -> list[Any]:
@@ -137,6 +138,11 @@ async def serve(config: RunConfig) -> int:
     # all again and again (at 10,000 services, a 100+ ms stall every few seconds of a
     # health round: benchmarks/tls_scale.py, docs/performance.md).
     gc.freeze()
+    # The health checks and file work run in threads; a thread that wants the GIL
+    # back waits up to this long each time. At Python's 5 ms, a request on the loop
+    # (a few syscalls, each giving the GIL up) waited up to 46 ms behind the first
+    # health round of 10,000 services (benchmarks/tls_scale.py, docs/performance.md).
+    sys.setswitchinterval(SWITCH_INTERVAL)
     if config.worker_index is not None:
         from luma_proxy.proxy.worker import worker_listening
         if not worker_listening(ps.servers):  # checks SO_REUSEPORT, tells the supervisor

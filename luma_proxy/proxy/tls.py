@@ -37,6 +37,7 @@ from luma_proxy.proxy import certificates as c
 from luma_proxy.proxy import engine_patches
 from luma_proxy.proxy.flowinfo import append_header, header_values, host_header
 from luma_proxy.routing.router import HostTable, canonical_target
+from luma_proxy.runtime.gcpolicy import settle
 from luma_proxy.store.paths import ACCOUNT_KEY
 
 if TYPE_CHECKING:
@@ -379,6 +380,7 @@ class Https:
         for host, pair in scan.loaded.items():
             if pairs.version(host) == pair.version:  # not overtaken by a later read
                 loaded[host] = pair
+        settle(len(scan.loaded))  # 2,000 certificates read at once: out of full GC passes
 
     async def _loop(self) -> None:
         while True:

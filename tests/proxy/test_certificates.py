@@ -313,3 +313,30 @@ def test_expiry_cache_parses_again_only_the_certificates_that_changed(
     assert parses == []
     assert cache.expiries(tmp_path, ["h2.test"]) == {"h2.test": expected()["h2.test"]}
     assert parses == ["h2.test"]  # forgotten when it was not asked for
+
+
+def test_pair_cache_stats_a_slice_unless_a_pair_was_written(tmp_path: Path,
+                                                            parses: list[str]) -> None:
+    """Many hosts: a pass after ``store_pair`` looks at every host; otherwise a slice in
+    turn, so a pair copied in by hand is read within ``ROLL`` passes, not at once."""
+    hosts = [f"h{i}.test" for i in range(500)]  # most without files: a stat each
+    store_pair(tmp_path, hosts[0], *make_pair([hosts[0]]))
+    store_pair(tmp_path, hosts[450], *make_pair([hosts[450]]))
+    cache = PairCache(tmp_path)
+    assert sorted(cache.scan(hosts).loaded) == [hosts[0], hosts[450]]  # the first: whole
+    parses.clear()
+    cert, key = make_pair([hosts[450]])
+    later = time.time_ns() + 2_000_000_000
+    for name, data in (("cert.pem", cert), ("key.pem", key)):  # by hand: no store_pair
+        (tmp_path / hosts[450] / name).write_bytes(data)
+        os.utime(tmp_path / hosts[450] / name, ns=(later, later))
+    passes = 0
+    while hosts[450] not in parses:
+        cache.scan(hosts)
+        passes += 1
+        assert passes <= certificates.ROLL
+    assert passes == 3  # slices of SLICE (200) hosts: 0-199, 200-399, then 400-599
+    parses.clear()
+    store_pair(tmp_path, hosts[0], *make_pair([hosts[0]]))
+    assert list(cache.scan(hosts).loaded) == [hosts[0]]  # written: the next pass sees it
+    assert cache.scan(hosts[:10]).gone == [hosts[450]]  # asked no more: gone, slice or not
