@@ -262,7 +262,11 @@ class LumaProxy:
         unused = self.table.update(view.services, changes.changed, changes.removed)
         self._update_gates(changes.changed, changes.removed)
         self.health, self.settings = view.health, view.settings
-        for host in changes.health:
+        hosts = changes.health
+        if hosts and not self.balancer.has_ejections:  # only failed containers to undo
+            health = view.health
+            hosts = [h for h in hosts if False in health[h].containers.values()]
+        for host in hosts:
             self._take_containers(view.services[host], view.health[host])
         self.schedule.changed(changes.changed)
         if unused:
