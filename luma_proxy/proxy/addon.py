@@ -454,8 +454,7 @@ class LumaProxy:
             # refuse rather than pick one (request smuggling, cache poisoning).
             flow.response = pages.page(400)
             return None
-        path = request.path
-        found = self.table.lookup(raw_host, routing_path(path))
+        found = self.table.lookup(raw_host, request.data.path)
         if isinstance(found, Reject):
             flow.response = pages.page(found.status)
             return None
@@ -479,7 +478,8 @@ class LumaProxy:
         if service.path_prefix and service.strip_path_prefix and not flow.metadata.get(
                 "luma_stripped"):
             flow.metadata["luma_stripped"] = True  # once, however often it is routed
-            request.data.path = strip_prefix(routing_path(path), service.path_prefix).encode()
+            request.data.path = strip_prefix(routing_path(request.path),
+                                             service.path_prefix).encode()
         if not service.compress:
             flow.metadata["luma_compress"] = False
         alias, port = self.table.target(service)

@@ -146,22 +146,37 @@ class HostTable:
         self._canonical[raw] = host
         return host
 
-    def lookup(self, raw_host: str | None, path: str = "/") -> Service | Reject:
+    def lookup(self, raw_host: str | None, path: str | bytes = "/") -> Service | Reject:
         """The route of a request: its exact host, else the wildcard one label up; of
-        that host's routes, the longest path prefix ``path`` falls under."""
+        that host's routes, the longest path prefix ``path`` falls under.
+
+        ``path`` as sent (``routing_path`` spells it once, and only for a host that has
+        path-prefix routes: most have one route, and their requests skip it).
+        """
         if not raw_host:
             return Reject(400, "missing Host header")
         host = self.canonical(raw_host)
         if host is None:
             return Reject(400, "invalid Host header")
+        found = None
         routes = self._routes.get(host)
-        if routes is not None and (found := match_prefix(routes, path)) is not None:
-            return found
-        _label, dot, parent = host.partition(".")
-        if dot and (routes := self._routes.get("*." + parent)) is not None and (
-                found := match_prefix(routes, path)) is not None:
-            return found
-        return Reject(404, "unknown host")
+        if routes is not None:
+            if not routes[0].path_prefix:  # longest first: no prefix at all, one route
+                return routes[0]
+            found = match_prefix(routes, _spelled(path))
+        if found is None:
+            _label, dot, parent = host.partition(".")
+            wild = self._routes.get("*." + parent) if dot else None
+            if wild is not None:
+                found = wild[0] if not wild[0].path_prefix else match_prefix(
+                    wild, _spelled(path))
+        return found if found is not None else Reject(404, "unknown host")
+
+
+def _spelled(path: str | bytes) -> str:
+    if isinstance(path, bytes):
+        path = path.decode("utf-8", "surrogateescape")  # as mitmproxy's ``Request.path``
+    return routing_path(path)
 
 
 def match_prefix(routes: list[Service], path: str) -> Service | None:
