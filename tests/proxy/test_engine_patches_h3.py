@@ -65,6 +65,7 @@ PARSE_UNDER_O = textwrap.dedent("""
 """)
 
 
+@pytest.mark.spawns  # python -O in a child: the bug only shows there
 def test_the_quic_client_hello_is_read_under_python_O() -> None:
     """``luma-proxy run`` serves under -O; mitmproxy reads the ClientHello in an assert."""
     result = subprocess.run([sys.executable, "-O", "-c", PARSE_UNDER_O], capture_output=True,
