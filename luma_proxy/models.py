@@ -243,7 +243,7 @@ class Service(BaseModel):
     @property
     def key(self) -> str:
         """This route's key in the registry (and in the view's dictionaries)."""
-        return self.host + self.path_prefix
+        return route_key(self.host, self.path_prefix)
 
     @property
     def alias(self) -> str:

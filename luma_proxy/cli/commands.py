@@ -423,8 +423,12 @@ def remove(hosts: tuple[str, ...], path_prefix: str | None, service: str | None,
     def change(tx: Tx) -> list[str]:
         keys: list[str] = []
         for host in host_list:
-            found = [route_key(host, prefix)] if prefix is not None else list(tx.routes_of(host))
-            if not found or (prefix is not None and tx.service(found[0]) is None):
+            if prefix is None:
+                found = list(tx.routes_of(host))
+            else:
+                key = route_key(host, prefix)
+                found = [key] if tx.service(key) is not None else []
+            if not found:
                 raise CliError(f"host {route_key(host, prefix or '')} is not deployed")
             keys += found
         if service is not None or project is not None:
@@ -436,10 +440,11 @@ def remove(hosts: tuple[str, ...], path_prefix: str | None, service: str | None,
                     f"{flag} {value}" for flag, value in (("--service", service),
                                                           ("--project", project)) if value))
             keys += matched
-        for key in dict.fromkeys(keys):
+        keys = list(dict.fromkeys(keys))  # a route named twice is removed once
+        for key in keys:
             tx.delete(key)
             tx.delete_health(key)
-        return list(dict.fromkeys(keys))
+        return keys
 
     store = store_for(state_path)
     removed = transaction(store, change, needs_host=True)
@@ -599,17 +604,24 @@ def service_rows(state: State, health: dict[str, HealthEntry]) -> list[list[str]
     return rows
 
 
+def auth_users(service: Service) -> list[str]:
+    """The user names of ``--basic-auth USER:HASH`` (what ``list`` shows; never the hash)."""
+    return [credential.split(":", 1)[0] for credential in service.basic_auth]
+
+
 def route_options(s: Service) -> list[str]:
     """What a route does beyond forwarding (``list``'s OPTIONS column)."""
-    shown = [] if s.mode == "serving" else [
-        f"stopped ({s.stop_message})" if s.mode == "stopped" and s.stop_message
-        else s.mode if s.mode == "stopped" else f"paused (up to {s.max_pause:g}s)"]
+    shown = []
+    if s.mode == "stopped":
+        shown.append(f"stopped ({s.stop_message})" if s.stop_message else "stopped")
+    elif s.mode == "paused":
+        shown.append(f"paused (up to {s.max_pause:g}s)")
     if s.path_prefix and not s.strip_path_prefix:
         shown.append("prefix kept")
     if s.canonical_host:
         shown.append(f"canonical {s.canonical_host}")
     if s.basic_auth:
-        shown.append("basic auth: " + " ".join(c.split(":", 1)[0] for c in s.basic_auth))
+        shown.append("basic auth: " + " ".join(auth_users(s)))
     if s.allow:
         shown.append("allow " + " ".join(s.allow))
     if s.error_pages:
@@ -624,7 +636,7 @@ def service_json(service: Service, health: HealthEntry | None) -> dict[str, Any]
     shown = health.health() if health is not None else UNCHECKED
     fields = service.model_dump(mode="json")
     # The users, not their hashes: ``export`` is the one place the hashes are printed.
-    fields["basic_auth"] = [c.split(":", 1)[0] for c in service.basic_auth]
+    fields["basic_auth"] = auth_users(service)
     return {**fields, "key": service.key, "health": shown.model_dump(mode="json")}
 
 

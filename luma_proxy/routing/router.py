@@ -66,7 +66,7 @@ class HostTable:
             old = before.get(host)
             if old is not None:
                 touched.add(old.host)
-            if old is not None:
+                self._unindex(old)
                 alias = self.target(old)[0]
                 count = aliases.get(alias, 0) - 1
                 if count > 0:
@@ -75,8 +75,6 @@ class HostTable:
                     aliases.pop(alias, None)
                     unused.add(alias)
             self._targets.pop(host, None)
-            if old is not None:
-                self._unindex(old)
         self.services = services
         for service in changed.values():
             alias = self.target(service)[0]
@@ -158,25 +156,22 @@ class HostTable:
         host = self.canonical(raw_host)
         if host is None:
             return Reject(400, "invalid Host header")
-        found = None
         routes = self._routes.get(host)
-        if routes is not None:
-            if not routes[0].path_prefix:  # longest first: no prefix at all, one route
-                return routes[0]
-            found = match_prefix(routes, _spelled(path))
+        found = choose(routes, path) if routes is not None else None
         if found is None:
             _label, dot, parent = host.partition(".")
             wild = self._routes.get("*." + parent) if dot else None
-            if wild is not None:
-                found = wild[0] if not wild[0].path_prefix else match_prefix(
-                    wild, _spelled(path))
+            found = choose(wild, path) if wild is not None else None
         return found if found is not None else Reject(404, "unknown host")
 
 
-def _spelled(path: str | bytes) -> str:
+def choose(routes: list[Service], path: str | bytes) -> Service | None:
+    """Of one host's routes (longest prefix first), the one ``path`` falls under."""
+    if not routes[0].path_prefix:  # no prefix at all: the host's one route
+        return routes[0]
     if isinstance(path, bytes):
         path = path.decode("utf-8", "surrogateescape")  # as mitmproxy's ``Request.path``
-    return routing_path(path)
+    return match_prefix(routes, routing_path(path))
 
 
 def match_prefix(routes: list[Service], path: str) -> Service | None:
