@@ -20,18 +20,13 @@ from pathlib import Path
 
 from tests.docker.engine import Engine
 from tests.docker.load import Load
+from tests.e2e.docker_double import free_port
 
 APP_PORT = 3000
 HOST = "blog.example.test"
 PROJECT = "proj"
 APP = "web"
 HOST_UID = 1000  # the Luma CLI's SSH user owns ./.luma/*
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

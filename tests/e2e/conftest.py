@@ -202,7 +202,8 @@ def start_proxy(
         proxy = Proxy(proc, port, state_path, log)
         running.append(proxy)
         try:
-            wait_for_port("127.0.0.1", port, timeout=20)
+            for listener in (port, *listening_ports(args)):
+                wait_for_port("127.0.0.1", listener, timeout=20)
         except Exception:
             proxy.stop()
             raise AssertionError(f"proxy did not start:\n{proxy.logs()}") from None
@@ -211,6 +212,23 @@ def start_proxy(
     yield start
     for proxy in running:
         proxy.stop(signal.SIGKILL)
+
+
+def listening_ports(args: tuple[str, ...]) -> list[int]:
+    """The TCP ports ``args`` ask for besides the first (``--https-port N``, a
+    ``--mode reverse:...@host:N``): the listeners open one after the other, so
+    the first answering says nothing of the others (a CI run was refused on the
+    HTTPS port in between)."""
+    ports = []
+    for flag, value in itertools.pairwise(args):
+        if flag == "--https-port" and value.isdigit() and value != "0":
+            ports.append(int(value))
+        elif flag == "--mode" and value.startswith(("reverse:http:", "reverse:https:")) \
+                and "@" in value:
+            tail = value.rsplit("@", 1)[1].rsplit(":", 1)[-1]
+            if tail.isdigit():
+                ports.append(int(tail))
+    return ports
 
 
 @pytest.fixture(params=["run", "mitmdump"])

@@ -57,9 +57,37 @@ DEFAULT_GRACE = 10.0
 # --------------------------------------------------------------------------------------
 
 
-def free_port(ip: str = "127.0.0.1") -> int:
-    """Return a TCP port that is free on ``ip`` right now (racy, but good enough for tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+def _port_pool() -> range:
+    """Ports below the kernel's ephemeral range: the local port of any outgoing
+    connection is drawn from that range, so a port the kernel handed out for
+    ``bind(0)`` and released can be taken by a connection before the proxy binds
+    it (a CI run saw ``run`` fail to listen on its HTTPS port that way)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(max(1024, low - 12000), low) if low > 2024 else range(0)
+
+
+_POOL = _port_pool()
+_cursor = random.Random(os.getpid()).randrange(len(_POOL)) if _POOL else 0
+
+
+def free_port(ip: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    """Return a port that is free on ``ip`` right now, from outside the ephemeral
+    range and never the one this process handed out last (still racy against
+    another bind, but not against every outgoing connection)."""
+    global _cursor
+    for _ in range(len(_POOL)):
+        port = _POOL[_cursor % len(_POOL)]
+        _cursor += 1
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((ip, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, kind) as s:
         s.bind((ip, 0))
         return int(s.getsockname()[1])
 

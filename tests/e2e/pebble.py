@@ -19,7 +19,6 @@ import ipaddress
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -33,6 +32,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from tests.e2e.docker_double import free_port
 
 __all__ = ["Pebble", "PebbleError", "find_pebble", "free_port"]
 
@@ -48,13 +49,6 @@ def find_pebble() -> str:
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     raise PebbleError("pebble binary not found (install Debian's 'pebble' or set PEBBLE_BIN)")
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """Ask the kernel for a currently free loopback port (racy, good enough for tests)."""
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _write_https_identity(directory: Path) -> tuple[Path, Path, Path]:
