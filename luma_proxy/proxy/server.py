@@ -22,6 +22,7 @@ from mitmproxy.exceptions import OptionsError as OptionsError  # cli words these
 
 from luma_proxy.proxy import engine
 from luma_proxy.proxy.composition import all_addons
+from luma_proxy.runtime import gcpolicy
 from luma_proxy.runtime.runconfig import RunConfig
 
 logger = logging.getLogger("luma_proxy")
@@ -138,6 +139,7 @@ async def serve(config: RunConfig) -> int:
     # all again and again (at 10,000 services, a 100+ ms stall every few seconds of a
     # health round: benchmarks/tls_scale.py, docs/performance.md).
     gc.freeze()
+    gcpolicy.hold_full_passes(loop)  # start-up's bulks still to come, built while serving
     # The health checks and file work run in threads; a thread that wants the GIL
     # back waits up to this long each time. At Python's 5 ms, a request on the loop
     # (a few syscalls, each giving the GIL up) waited up to 46 ms behind the first
