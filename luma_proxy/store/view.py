@@ -157,9 +157,11 @@ class Changes:
     changed: dict[str, Service]  # new or different services
     removed: list[str]
     health: list[str]  # hosts whose health in force is another object
+    failing: list[str]  # of those, the hosts with a container that failed its check
 
 
 def diff(old: View, new: View) -> Changes:
+    """Pure, so the thread that built ``new`` computes it: the loop only applies it."""
     if new.services is old.services:
         changed: dict[str, Service] = {}
         removed: list[str] = []
@@ -170,4 +172,5 @@ def diff(old: View, new: View) -> Changes:
         health: list[str] = []
     else:
         health = [h for h, e in new.health.items() if old.health.get(h) is not e]
-    return Changes(changed, removed, health)
+    failing = [h for h in health if False in new.health[h].containers.values()]
+    return Changes(changed, removed, health, failing)

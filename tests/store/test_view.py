@@ -171,7 +171,7 @@ def test_only_changed_rows_are_parsed_the_others_keep_their_objects(
     four = next_view(store, three)
     assert count.services == [] and count.health == []
     assert four.services is three.services and four.health is three.health
-    assert diff(three, four) == Changes({}, [], [])
+    assert diff(three, four) == Changes({}, [], [], [])
 
 
 # ---------------------------------------------------------------------------- invalid rows
@@ -287,8 +287,8 @@ def test_diff_gives_changed_removed_and_health_hosts(store: Store) -> None:
     deploy(store, service("a.test", "a:1"), service("b.test", "b:1"), service("c.test", "c:1"))
     observe(store, "a.test", entry("a:1"))
     one = next_view(store)
-    assert diff(EMPTY, one) == Changes(dict(one.services), [], ["a.test"])
-    assert diff(one, one) == Changes({}, [], [])
+    assert diff(EMPTY, one) == Changes(dict(one.services), [], ["a.test"], [])
+    assert diff(one, one) == Changes({}, [], [], [])
 
     deploy(store, service("b.test", "b:2"), service("d.test", "d:1"))
     with store.transaction() as tx:
@@ -300,10 +300,11 @@ def test_diff_gives_changed_removed_and_health_hosts(store: Store) -> None:
     assert changes.changed["b.test"] is two.services["b.test"]
     assert changes.removed == ["c.test"]
     assert changes.health == ["a.test"]
+    assert changes.failing == ["a.test"]  # its container failed: routing must drop it
 
     observe(store, "d.test", entry("d:1"))  # health only
     three = next_view(store, two)
-    assert diff(two, three) == Changes({}, [], ["d.test"])
+    assert diff(two, three) == Changes({}, [], ["d.test"], [])
 
     deploy(store, service("a.test", "a:9"))  # a's entry stops being in force
     four = next_view(store, three)
