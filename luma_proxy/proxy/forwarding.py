@@ -7,6 +7,8 @@ from collections.abc import Iterable, Sequence
 
 from mitmproxy import http
 
+from luma_proxy.access.allowlist import client_address
+
 FORWARDING_HEADERS = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Real-IP")
 
 type Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -28,15 +30,11 @@ def parse_trusted_proxies(value: str | Iterable[str]) -> tuple[Network, ...]:
 
 
 def is_trusted(peer_ip: str, trusted: Sequence[Network]) -> bool:
+    """Whether ``peer_ip`` is in ``trusted``, matched as the allow-lists match clients."""
     if not trusted:
         return False
-    try:
-        address = ipaddress.ip_address(peer_ip)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return any(address in network for network in trusted)
+    address = client_address(peer_ip)
+    return address is not None and any(address in network for network in trusted)
 
 
 def forwarded_client(peer_ip: str, headers: http.Headers, trusted: Sequence[Network]) -> str:
