@@ -115,7 +115,12 @@ from mitmproxy.utils import human
 from OpenSSL import SSL
 
 from luma_proxy.environ import env_float
-from luma_proxy.proxy.flowinfo import BODY_TIMEOUT, BODY_TOO_LARGE
+from luma_proxy.proxy.flowinfo import (
+    BODY_TIMEOUT,
+    BODY_TOO_LARGE,
+    MULTIPLEXED,
+    MULTIPLEXED_ALPN,
+)
 from luma_proxy.proxy.headrules import HeadScanner, head_status
 from luma_proxy.proxy.pages import page, page_body
 
@@ -130,9 +135,6 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # then a new one disconnected and reconnected by the Luma CLI): twice, no more.
 MAX_RESENDS = 2
 SERVER_CLOSED = "server closed connection"  # mitmproxy's text: no response byte came
-_MULTIPLEXED = (b"HTTP/2.0", b"HTTP/3")
-# Client ALPNs whose streams share the bounded pool of HTTP/1 upstream connections.
-_POOLED = (b"h2", b"h3")
 
 
 def set_body_limit(limit: int) -> None:
@@ -168,7 +170,7 @@ _original_consume_body = http_layer.HttpStream.state_consume_request_body
 
 def _wait_for_request_headers(self: Any, event: Any) -> Generator[Any, Any, None]:
     request = event.request
-    chunked = request.data.http_version in _MULTIPLEXED and needs_chunked(
+    chunked = request.data.http_version in MULTIPLEXED and needs_chunked(
         request.headers, event.end_stream)
     steps = _original_wait(self, event)
     sent: Any = None
@@ -189,7 +191,7 @@ def _over_limit(self: Any, event: Any) -> bool:
     if not isinstance(event, _events.RequestData):
         return False
     request = self.flow.request
-    if request.data.http_version not in _MULTIPLEXED:
+    if request.data.http_version not in MULTIPLEXED:
         return False  # HTTP/1 bodies are bounded in limits.py
     seen = self.flow.metadata.get("luma_h2_body", 0) + len(event.data)
     self.flow.metadata["luma_h2_body"] = seen
@@ -474,7 +476,7 @@ def close_for_client(client_id: str, conn: connection.Connection | None, reason:
 # mitmproxy's own bound, a semaphore of 5 per address and client connection held
 # for a connection's whole life, becomes ``pool`` too: kept-alive connections
 # would otherwise hold it and a sixth connect would wait forever.
-# An HTTP/3 client (``_POOLED``) is served the same way: mitmproxy does not even keep
+# An HTTP/3 client (``MULTIPLEXED_ALPN``) is served the same way: mitmproxy does not even keep
 # its streams apart (it reuses a busy HTTP/1 connection, and Http1Client.send asserts).
 _original_get_connection = http_layer.HttpLayer.get_connection
 _original_h1_client_send = _http1.Http1Client.send
@@ -523,7 +525,7 @@ def _pooled(self: Any, event: Any) -> tuple[Any, int]:
 def _get_connection(self: Any, event: Any, *, reuse: bool = True) -> Generator[Any, Any, None]:
     # HTTP/1 clients (and no reuse): mitmproxy's own generator, not one wrapped around it;
     # the patched methods run for every request (callgrind: docs/performance.md).
-    if self.context.client.alpn not in _POOLED or not reuse:
+    if self.context.client.alpn not in MULTIPLEXED_ALPN or not reuse:
         return _original_get_connection(self, event, reuse=reuse)
     return _get_pooled_connection(self, event)
 
@@ -546,7 +548,7 @@ def _layer_event(self: Any, event: Any) -> Generator[Any, Any, None]:
 
     Only an HTTP/2 or HTTP/3 client's streams are ever parked: an HTTP/1 client gets
     mitmproxy's own generator, unwrapped."""
-    if self.context.client.alpn not in _POOLED:
+    if self.context.client.alpn not in MULTIPLEXED_ALPN:
         return _original_layer_event(self, event)
     return _layer_event_retrying(self, event)
 

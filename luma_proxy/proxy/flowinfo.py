@@ -27,6 +27,8 @@ BAD_REQUEST = 400
 
 # request.is_http2 or request.is_http3, as bytes: bodies end with a flag, not a length.
 MULTIPLEXED = (b"HTTP/2.0", b"HTTP/3")
+# The client ALPNs of those: one connection carries concurrent streams (timeouts, the pool).
+MULTIPLEXED_ALPN = (b"h2", b"h3")
 # mitmproxy cancels a pending upstream connect with this message when the client leaves.
 CLIENT_GONE = "client disconnected"
 # The flow.error.msg of a body cut by its deadline (error_status: 408).

@@ -38,13 +38,12 @@ from luma_proxy.proxy.engine_patches import (
     refuse,
     response_begun,
 )
+from luma_proxy.proxy.flowinfo import MULTIPLEXED_ALPN
 from luma_proxy.proxy.streaming import stream_response
 
 logger = logging.getLogger("luma_proxy")
 
 MAX_TICK = 0.5
-# Client ALPNs whose requests are concurrent streams of one connection.
-MULTIPLEXED_ALPN = (b"h2", b"h3")
 
 # key (client, flow or server id) -> (due, client id, what to close: None for the client)
 Pending = dict[str, tuple[float, str, Any]]
