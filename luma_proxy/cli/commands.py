@@ -902,15 +902,13 @@ def run(http_port: int, https_port: int, acme_directory: str | None, acme_email:
         log_level = startup.log_level(os.environ)
     except ValueError as e:
         raise CliError(str(e)) from None
+    asked = "--http3"
     if http3 is None:  # not on the command line: the environment's, else off
         from luma_proxy.environ import env_bool
 
-        http3 = env_bool("LUMA_PROXY_HTTP3", False)
-        if http3 and not https_port:
-            raise CliError("LUMA_PROXY_HTTP3=1 needs --https-port: HTTP/3 is served on the "
-                           "HTTPS port (UDP)")
-    elif http3 and not https_port:
-        raise CliError("--http3 needs --https-port: HTTP/3 is served on the HTTPS port (UDP)")
+        http3, asked = env_bool("LUMA_PROXY_HTTP3", False), "LUMA_PROXY_HTTP3=1"
+    if http3 and not https_port:
+        raise CliError(f"{asked} needs --https-port: HTTP/3 is served on the HTTPS port (UDP)")
     from luma_proxy.proxy import pages
 
     if error_pages is None and os.environ.get(pages.PAGES_ENV):
