@@ -265,7 +265,9 @@ class PairCache:
                 step = max(SLICE, -(-len(hosts) // ROLL))
                 start = self._cursor if self._cursor < len(hosts) else 0
                 self._cursor = start + step
-                todo = [h for h in hosts if h not in self._looked] + hosts[start:start + step]
+                # Hosts never statted, then the slice: a new host in the slice once.
+                todo = list(dict.fromkeys(
+                    [h for h in hosts if h not in self._looked] + hosts[start:start + step]))
             self._looked.intersection_update(asked)
             self._looked.update(todo)
             for host in todo:
