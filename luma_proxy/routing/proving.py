@@ -48,8 +48,10 @@ class Prover:
         self.probe = probe
         self.departed = departed  # called with each IP that leaves an alias's answer
         self._aliases: dict[tuple[str, int], _Alias] = {}
-        self._probing: dict[tuple[str, int], asyncio.Task[None]] = {}
-        self._last_probe: dict[tuple[str, int], float] = {}
+        # By (alias, ip, port): a probe asks for the alias's Host, so two aliases of one
+        # container (a per-colour alias beside the service's) are each proven at once.
+        self._probing: dict[tuple[str, str, int], asyncio.Task[None]] = {}
+        self._last_probe: dict[tuple[str, str, int], float] = {}
         # IPs whose container the engine says is stopping or gone (dockerevents.py):
         # no requests, no probes, until they leave the answer or a container joins on them.
         self._retired: set[str] = set()
@@ -81,7 +83,7 @@ class Prover:
             if self._retired:
                 self._retired -= gone
             for ip in gone:  # a container given this address next is probed at once
-                self._last_probe.pop((ip, port), None)
+                self._last_probe.pop((alias, ip, port), None)
             state.answer = answer
             if self.departed is not None:
                 for ip in gone:
@@ -100,7 +102,7 @@ class Prover:
         return state
 
     def _start_probe(self, alias: str, ip: str, port: int, path: str) -> None:
-        target = (ip, port)
+        target = (alias, ip, port)
         if target in self._probing:
             return
         now = time.monotonic()
@@ -171,7 +173,7 @@ class Prover:
         for key in [k for k in self._aliases if k[0] in gone]:
             dropped |= self._aliases.pop(key).answer
         live = {ip for state in self._aliases.values() for ip in state.answer}
-        for target in [t for t in self._last_probe if t[0] not in live]:
+        for target in [t for t in self._last_probe if t[0] in gone or t[1] not in live]:
             del self._last_probe[target]
         return dropped - live
 

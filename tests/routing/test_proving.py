@@ -138,3 +138,16 @@ async def test_discard_names_the_ips_no_alias_answers_any_more() -> None:
     await settle()
     assert p.discard(["blog"]) == {"10.0.0.1"}  # 10.0.0.2 still serves shop
     assert p.discard(["nothing"]) == set()
+
+
+async def test_two_aliases_of_one_container_are_each_proven_at_once() -> None:
+    # A container carrying the service's alias and a per-colour one (the Luma CLI's
+    # deploy): a probe of one alias must neither stand in for nor delay the other's.
+    probes = Probes({"10.0.0.1"})
+    p = Prover(probes)
+    assert p.usable("blog", 3000, ("10.0.0.1",), "/up") == ()
+    assert p.usable("blog-green", 3000, ("10.0.0.1",), "/up") == ()
+    await settle()
+    assert probes.calls == ["10.0.0.1", "10.0.0.1"]  # one each, neither spaced out
+    assert p.usable("blog", 3000, ("10.0.0.1",), "/up") == ("10.0.0.1",)
+    assert p.usable("blog-green", 3000, ("10.0.0.1",), "/up") == ("10.0.0.1",)
