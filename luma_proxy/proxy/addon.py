@@ -337,9 +337,22 @@ class LumaProxy:
         while True:
             await asyncio.sleep(RELOAD_POLL)
             try:
-                await self.reload_in_background()
+                if self._moved():
+                    await self.reload_in_background()
             except Exception:  # never let the reloader die
                 logger.exception("reload failed")
+
+    def _moved(self) -> bool:
+        """Whether the registry moved since the view in force: the generations alone, read
+        on the loop. Handing each of the 5 polls a second to a thread cost 6-10 times
+        the read itself (``benchmarks/reload_poll.py``); only a move is read in one."""
+        assert self.store is not None
+        view = self.view
+        try:
+            return self.store.generations() != (view.routes_gen, view.health_gen,
+                                                 view.registry_id)
+        except RegistryError:
+            return True  # the build says what is wrong, once
 
     # ---------------------------------------------------------------- leading
     def is_leader(self) -> bool:

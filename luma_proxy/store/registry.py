@@ -509,9 +509,13 @@ class Store:
 
     def generation(self) -> int:
         """The routes generation: what ``deploy`` waits for every proxy to serve."""
-        row = self._read_tx(lambda db: db.execute(
-            "SELECT value FROM meta WHERE key = 'routes'").fetchone())
-        return int(row[0]) if row else 0
+        return self.generations()[0]
+
+    def generations(self) -> tuple[int, int, str]:
+        """(routes, health, registry id): one small read, to see whether anything moved."""
+        gens = dict(self._read_tx(lambda db: db.execute(
+            "SELECT key, value FROM meta WHERE key IN ('routes', 'health', 'id')").fetchall()))
+        return int(gens.get("routes", 0)), int(gens.get("health", 0)), gens.get("id", "")
 
     def snapshot(self, routes_since: int = -1, health_since: int = -1,
                  registry_id: str | None = None) -> Snapshot:
