@@ -39,7 +39,10 @@ def _field_names(hook_type: type[hooks.Hook]) -> tuple[str, ...]:
 
 def hook_args(event: hooks.Hook) -> list[Any]:
     """``event.args()``, without looking the dataclass fields up on every event."""
-    return [getattr(event, name) for name in _field_names(type(event))]
+    names = _field_names(type(event))
+    if len(names) == 1:  # every flow hook
+        return [getattr(event, names[0])]
+    return [getattr(event, name) for name in names]
 
 
 def handlers_for(chain: list[Any], name: str) -> Handlers:
@@ -114,21 +117,44 @@ class HookTable(addonmanager.AddonManager):
             if isinstance(message, flow.Flow):
                 await self.trigger_event(hooks.UpdateHook([message]))
 
-    def _call(self, found: Handlers, args: list[Any], start: int = 0,
-              failed: int = -1) -> Coroutine[Any, Any, None] | None:
-        """Run the handlers from ``start`` on, synchronously until one returns an awaitable.
+    def _call(self, found: Handlers, args: list[Any]) -> Coroutine[Any, Any, None] | None:
+        """Run the handlers, synchronously until one returns an awaitable.
 
         Nearly every handler is synchronous, so nearly every event is dispatched
         without creating a coroutine; the rest of a chain that awaits continues
-        in the coroutine returned (``_resume``).
+        in the coroutine returned (``_resume``). This loop is the common case (a
+        flow hook: one argument, no handler failing), about half the bytecodes
+        per handler of the general one (``_call_from``), which takes over when a
+        handler raises.
         """
-        single = len(args) == 1  # every flow hook: call without unpacking a list
-        arg = args[0] if single else None
-        for position, (index, func) in enumerate(found):
-            if position < start or index == failed:
-                continue  # failed: an addon whose handler raised; skip the rest of its tree
+        if len(args) != 1:
+            return self._call_from(found, args, 0, -1)
+        arg = args[0]
+        entry = found[0]
+        try:
+            for entry in found:
+                result = entry[1](arg)
+                if result is not None and inspect.isawaitable(result):
+                    return self._resume(found, args, found.index(entry), -1, result)
+        except exceptions.AddonHalt:
+            return None
+        except exceptions.OptionsError:
+            raise
+        except Exception as e:
+            logging.error(f"Addon error: {e}", exc_info=True)
+            return self._call_from(found, args, found.index(entry) + 1, entry[0])
+        return None
+
+    def _call_from(self, found: Handlers, args: list[Any], start: int,
+                   failed: int) -> Coroutine[Any, Any, None] | None:
+        """``_call``'s loop from handler ``start`` on, skipping the addon ``failed`` (one
+        whose handler raised: the rest of its tree is skipped, as mitmproxy does)."""
+        for position in range(start, len(found)):
+            index, func = found[position]
+            if index == failed:
+                continue
             try:
-                result = func(arg) if single else func(*args)
+                result = func(*args)
             except exceptions.AddonHalt:
                 return None
             except exceptions.OptionsError:
@@ -152,7 +178,7 @@ class HookTable(addonmanager.AddonManager):
         except Exception as e:
             failed = found[position][0]
             logging.error(f"Addon error: {e}", exc_info=True)
-        if (pending := self._call(found, args, position + 1, failed)) is not None:
+        if (pending := self._call_from(found, args, position + 1, failed)) is not None:
             await pending
 
 
