@@ -121,7 +121,7 @@ from luma_proxy.proxy.flowinfo import (
     MULTIPLEXED,
     MULTIPLEXED_ALPN,
 )
-from luma_proxy.proxy.headrules import HeadScanner, head_status
+from luma_proxy.proxy.headrules import HeadScanner, head_end, head_status
 from luma_proxy.proxy.pages import page, page_body
 
 MAX_RESETS = 200
@@ -169,10 +169,21 @@ _original_consume_body = http_layer.HttpStream.state_consume_request_body
 
 
 def _wait_for_request_headers(self: Any, event: Any) -> Generator[Any, Any, None]:
+    """mitmproxy's own generator, unwrapped, unless an HTTP/2 body must be reframed.
+
+    Plain functions returning a generator (here and for the body states below): the
+    states run for every request, and a wrapper generator costs a frame and a
+    delegation per step (callgrind: docs/performance.md)."""
     request = event.request
-    chunked = request.data.http_version in MULTIPLEXED and needs_chunked(
-        request.headers, event.end_stream)
+    if request.data.http_version in MULTIPLEXED and needs_chunked(
+            request.headers, event.end_stream):
+        return _wait_framing_chunked(self, event)
+    return _original_wait(self, event)
+
+
+def _wait_framing_chunked(self: Any, event: Any) -> Generator[Any, Any, None]:
     steps = _original_wait(self, event)
+    chunked = True
     sent: Any = None
     while True:
         try:
@@ -182,17 +193,15 @@ def _wait_for_request_headers(self: Any, event: Any) -> Generator[Any, Any, None
         if chunked and isinstance(command, _hooks.HttpRequestHeadersHook):
             # Past mitmproxy's validation (which refuses the field on HTTP/2): the framing
             # its HTTP/1 client writes the body with.
-            request.headers["transfer-encoding"] = "chunked"
+            event.request.headers["transfer-encoding"] = "chunked"
             chunked = False
         sent = yield command
 
 
 def _over_limit(self: Any, event: Any) -> bool:
+    """An HTTP/2 or HTTP/3 body past the limit (HTTP/1 bodies are bounded in limits.py)."""
     if not isinstance(event, _events.RequestData):
         return False
-    request = self.flow.request
-    if request.data.http_version not in MULTIPLEXED:
-        return False  # HTTP/1 bodies are bounded in limits.py
     seen = self.flow.metadata.get("luma_h2_body", 0) + len(event.data)
     self.flow.metadata["luma_h2_body"] = seen
     return seen > _state["body_limit"]
@@ -214,17 +223,23 @@ def _refuse_too_large(self: Any, upstream: bool) -> Generator[Any, Any, None]:
 
 
 def _stream_request_body(self: Any, event: Any) -> Generator[Any, Any, None]:
-    if _over_limit(self, event):
-        yield from _refuse_too_large(self, upstream=True)
-        return
-    yield from _original_stream_body(self, event)
+    if self.flow.request.data.http_version not in MULTIPLEXED:
+        return _original_stream_body(self, event)  # HTTP/1 bodies are bounded in limits.py
+    return _bounded_body(self, event, _original_stream_body, upstream=True)
 
 
 def _consume_request_body(self: Any, event: Any) -> Generator[Any, Any, None]:
+    if self.flow.request.data.http_version not in MULTIPLEXED:
+        return _original_consume_body(self, event)
+    return _bounded_body(self, event, _original_consume_body, upstream=False)
+
+
+def _bounded_body(self: Any, event: Any, original: Callable[..., Generator[Any, Any, None]],
+                  upstream: bool) -> Generator[Any, Any, None]:
     if _over_limit(self, event):
-        yield from _refuse_too_large(self, upstream=False)
+        yield from _refuse_too_large(self, upstream=upstream)
         return
-    yield from _original_consume_body(self, event)
+    yield from original(self, event)
 
 
 # ------------------------------------------------------------- HTTP/2 server
@@ -568,7 +583,7 @@ def _h1_client_send(self: Any, event: Any) -> Generator[Any, Any, None]:
     connection's keep-alive follows the HTTP/1 rules and it can serve the next stream.
     Anything else: mitmproxy's own generator, unwrapped."""
     if isinstance(event, _events.RequestHeaders) and (
-            event.request.is_http2 or event.request.is_http3):
+            event.request.data.http_version in MULTIPLEXED):
         request = event.request.copy()
         request.http_version = "HTTP/1.1"
         if "Host" not in request.headers and request.authority:
@@ -822,9 +837,13 @@ def _read_headers_bounded(
     """
     if isinstance(event, events.DataReceived):
         scanner: HeadScanner | None = getattr(self, "luma_scanner", None)
+        data = None
         if scanner is None or scanner.scanned + len(event.data) != len(self.buf):
-            scanner = self.luma_scanner = HeadScanner()  # type: ignore[attr-defined]
-            end = scanner.feed(bytes(self.buf))
+            data = bytes(self.buf)
+            end = head_end(data)  # nearly always whole in one segment: no scanner needed
+            if end is None:
+                scanner = self.luma_scanner = HeadScanner()  # type: ignore[attr-defined]
+                scanner.feed(data)
         else:
             end = scanner.feed(event.data)
         status = None
@@ -836,7 +855,8 @@ def _read_headers_bounded(
             if end > _limits["head"]:
                 status = 431
             else:
-                status = head_status(bytes(self.buf)[:end], _limits["body"])
+                head = data if data is not None else bytes(self.buf)
+                status = head_status(head[:end], _limits["body"])
         if status is not None:
             yield from _refuse(self.conn, status)
             self.state = self.done

@@ -8,6 +8,12 @@ import re
 _HEAD_END = re.compile(rb"\n\r?\n")  # how h11, mitmproxy's reader, finds it
 
 
+def head_end(data: bytes) -> int | None:
+    """The length of the request head at the start of ``data``, if it is all there."""
+    match = _HEAD_END.search(data)
+    return match.end() if match is not None else None
+
+
 class HeadScanner:
     """Finds the end of a request head arriving in pieces, looking at each byte once.
 
@@ -37,7 +43,8 @@ class HeadScanner:
 
 
 # Controls other than HT, CR, LF, and DEL: never valid in a request line or a field.
-_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Found by deleting them (``bytes.translate``): 2-3x cheaper than a regex's search.
+_CONTROL = bytes(range(0x00, 0x09)) + b"\x0b\x0c" + bytes(range(0x0e, 0x20)) + b"\x7f"
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d+)", re.IGNORECASE)
 
 
@@ -51,7 +58,7 @@ def head_status(head: bytes, body_limit: int) -> int | None:
     """
     crlf = head.count(b"\r\n")
     if (crlf != head.count(b"\r") or crlf != head.count(b"\n") or b"\n " in head
-            or b"\n\t" in head or _CONTROL.search(head) is not None):
+            or b"\n\t" in head or len(head.translate(None, _CONTROL)) != len(head)):
         return 400
     match = _CONTENT_LENGTH.search(head)
     if match is not None and int(match.group(1)) > body_limit:

@@ -100,3 +100,12 @@ def test_h2_upstream_connections_option_is_validated() -> None:
         with pytest.raises(exceptions.OptionsError, match="at least 1"):
             tctx.configure(limits, luma_h2_upstream_connections=0)
         assert tctx.options.luma_h2_upstream_connections == 3  # the bad value changed nothing
+
+
+def test_every_control_byte_but_tab_is_refused_and_no_other() -> None:
+    for byte in range(256):
+        if byte in (0x0A, 0x0D):
+            continue  # line ends: the bare-CR/LF rules above
+        head = b"GET / HTTP/1.1\r\nHost: a\r\nX: a" + bytes([byte]) + b"b\r\n\r\n"
+        refused = (byte < 0x20 and byte != 0x09) or byte == 0x7F
+        assert head_status(head, 10) == (400 if refused else None), hex(byte)
