@@ -48,8 +48,9 @@ def header_values(headers: http.Headers, name: str) -> list[str]:
     microseconds, and a request's hooks do about ten of them.
     """
     key = _raw_name(name)
+    size = len(key)  # a field of another length is not lowered to be compared
     return [value.decode("utf-8", "surrogateescape") for field, value in headers.fields
-            if field.lower() == key]
+            if len(field) == size and field.lower() == key]
 
 
 def header(headers: http.Headers, name: str, default: str = "") -> str:
@@ -71,8 +72,9 @@ def set_header(headers: http.Headers, name: str, value: str) -> None:
     calls per field, even to add one.
     """
     key = _raw_name(name)
+    size = len(key)
     for field, _ in headers.fields:
-        if field.lower() == key:
+        if len(field) == size and field.lower() == key:
             headers[name] = value
             return
     append_header(headers, name, value)

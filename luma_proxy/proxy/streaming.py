@@ -39,7 +39,10 @@ def _length_and(headers: http.Headers, other: bytes) -> tuple[bytes | None, byte
     """
     length: bytes | None = None
     values = b""
+    sizes = (14, len(other))  # names of other lengths are not lowered to be compared
     for name, value in headers.fields:
+        if len(name) not in sizes:
+            continue
         lower = name.lower()
         if lower == b"content-length":
             length = value if length is None else length + b", " + value

@@ -233,7 +233,7 @@ class Https:
             return
         if self.https_port:
             host = host_header(request)
-            found = self.router.table.lookup(host, request.path)
+            found = self.router.table.lookup(host, request.data.path)  # decoded if it must be
             if isinstance(found, Service) and found.ssl and self.active(found.host):
                 # One hop to the canonical host's HTTPS address when it has one.
                 location = redirect_location(canonical_target(found, host) or host
