@@ -88,6 +88,9 @@ def default_log_format() -> str:
 _last_second: tuple[int, str] = (-1, "")  # one tuple: swapped whole, safe across threads
 
 
+_MILLIS = tuple(f".{n:03d}Z" for n in range(1000))  # a lookup, not a format, per line
+
+
 def iso_utc(timestamp: float) -> str:
     """``2025-01-02T03:04:05.678Z``; the seconds part is formatted once per second."""
     global _last_second
@@ -96,7 +99,7 @@ def iso_utc(timestamp: float) -> str:
     if cached != second:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _last_second = (second, text)
-    return f"{text}.{int((timestamp - second) * 1000):03d}Z"
+    return text + _MILLIS[int((timestamp - second) * 1000)]
 
 
 def body_bytes(message: http.Message | None) -> int:
@@ -106,6 +109,12 @@ def body_bytes(message: http.Message | None) -> int:
         return message.stream.count
     content = message.raw_content
     return len(content) if content else 0
+
+
+def milliseconds(seconds: float) -> float:
+    """``round(seconds * 1000, 3)`` for a duration (0 if negative), without ``round``'s
+    conversion through decimal digits, which every request's log line paid."""
+    return int(seconds * 1_000_000 + 0.5) / 1000 if seconds > 0 else 0.0
 
 
 def clip(value: str, limit: int) -> str:
@@ -133,7 +142,7 @@ def access_entry(
         "method": request.method,
         "path": clip(path, MAX_PATH),
         "status": status,
-        "duration_ms": round((now - request.timestamp_start) * 1000, 3),
+        "duration_ms": milliseconds(now - request.timestamp_start),
         "bytes_in": body_bytes(request),
         "bytes_out": body_bytes(flow.response),
         "service": service,
@@ -147,7 +156,7 @@ def access_entry(
         entry["error"] = clip(error, MAX_ERROR)
     held = metadata.get("luma_held")
     if held is not None:  # waited for a container (addon.LumaProxy._hold)
-        entry["held_ms"] = round(held * 1000, 3)
+        entry["held_ms"] = milliseconds(held)
     return entry
 
 
@@ -165,13 +174,12 @@ def _text(value: str) -> str:
 def render_text(e: dict[str, Any]) -> str:
     """One text line; IPs and the request id (sane or generated) never need quoting.
 
-    The other strings are checked together first: when all are plain and present
-    (nearly always), one regex match instead of one per field.
+    The other strings are checked together first: when all are plain or empty
+    (nearly always; an empty one is "-"), one regex match instead of one per field.
     """
-    method, host, path = e["method"], e["host"], e["path"]
-    service, project, agent = e["service"], e["project"], e["user_agent"]
-    if (method and host and path and service and project and agent
-            and _PLAIN.fullmatch(f"{method}{host}{path}{service}{project}{agent}")):
+    method, host, path = e["method"] or "-", e["host"] or "-", e["path"] or "-"
+    service, project, agent = e["service"] or "-", e["project"] or "-", e["user_agent"] or "-"
+    if _PLAIN.fullmatch(f"{method}{host}{path}{service}{project}{agent}"):
         quoted = f"{method} {host} {path}", service, project, agent
     else:
         quoted = (f"{_text(method)} {_text(host)} {_text(path)}", _text(service),

@@ -23,6 +23,7 @@ from luma_proxy.proxy.accesslog import (
     configure_logging,
     default_log_format,
     iso_utc,
+    milliseconds,
     render_text,
 )
 from luma_proxy.proxy.addon import LumaProxy
@@ -59,6 +60,15 @@ def test_iso_utc() -> None:
     assert iso_utc(1_700_000_000.999) == "2023-11-14T22:13:20.999Z"
     assert iso_utc(1_700_000_001.5) == "2023-11-14T22:13:21.500Z"  # the next second
     assert iso_utc(1_700_000_000.25) == "2023-11-14T22:13:20.250Z"  # and back
+
+
+def test_milliseconds_are_rounded_to_the_microsecond() -> None:
+    assert milliseconds(0.0012345) == 1.235 or milliseconds(0.0012345) == 1.234
+    assert milliseconds(1.5) == 1500.0 and milliseconds(0.0001) == 0.1
+    assert milliseconds(-0.2) == 0.0  # a clock stepped back: never a negative duration
+    for n in range(0, 2_000_000, 7919):  # as round() gives them, wherever round is exact
+        seconds = n / 1_000_000 + 0.0000001
+        assert milliseconds(seconds) == round(seconds * 1000, 3)
 
 
 async def test_routed_request_gives_one_json_line_with_every_field(chain, out) -> None:
