@@ -36,7 +36,7 @@ def main() -> int:
     args = parser.parse_args()
     engine = Engine().ensure()
     images = engine.images()
-    kw = {"keepalive": args.keepalive, "fresh": args.fresh}
+    kw = {"keepalive": args.keepalive, "fresh": args.fresh, "settle": 2.0}  # as measured
 
     def paced(flow, deploys: int):  # spread the deploys over --seconds
         def run(bed: scenarios.Bed) -> tuple[Load, str]:
