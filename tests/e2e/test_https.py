@@ -179,8 +179,8 @@ def test_short_lived_certificate_is_renewed_automatically(
     app = Container("blog-1", "127.0.30.2", app_port).start()
     dns.set_alias("blog", [app.ip])
     dns.set_alias("blog.test", ["127.0.0.1"])
-    # 30 s certificates: due after 2/3 of their life, i.e. about 20 s after issuance.
-    with Pebble(http_port=http_port, dns_port=dns.port, certificate_validity=30) as pebble:
+    # 15 s certificates: due after 2/3 of their life, i.e. about 10 s after issuance.
+    with Pebble(http_port=http_port, dns_port=dns.port, certificate_validity=15) as pebble:
         cli("deploy", "--host", "blog.test", "--target", f"blog:{app_port}", "--project", "p")
         start_proxy("run", port=http_port, args=(
             "--https-port", str(https_port), "--acme-directory", pebble.directory_url,
