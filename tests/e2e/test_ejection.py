@@ -40,7 +40,10 @@ def test_a_flapped_single_replica_is_served_once_its_health_check_passes(
     assert 200 not in statuses and "out of rotation for 8s" in proxy.logs()
     containers("blog-1", ip=ip, port=port)  # back, on the same address
     # (the first "now healthy" line is from the proxy's start)
-    wait_until(lambda: proxy.logs().count("blog.test is now healthy") >= 2, timeout=5)
+    try:
+        wait_until(lambda: proxy.logs().count("blog.test is now healthy") >= 2, timeout=5)
+    except AssertionError:
+        raise AssertionError(f"no passing health check seen:\n{proxy.logs()[-4000:]}") from None
     # Its ejection still has about 7 s to run: before, the request was held for the
     # hold (1 s) and got 503. Now it is served, and at once: never held.
     reply = proxy.get("blog.test")
