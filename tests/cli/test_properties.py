@@ -29,8 +29,8 @@ from luma_proxy.store.registry import IMPORT_SUFFIX, RegistryError, Store, db_pa
 
 LUMA = str(Path(sys.executable).parent / "luma-proxy")
 # Each example creates a registry and commits with fsync: the fast tier (LUMA_TEST_FAST=1,
-# under a minute in all) tries 30 of each, the whole suite 60 (the suite's 15-minute budget).
-PROFILE = settings(max_examples=30 if os.environ.get("LUMA_TEST_FAST") == "1" else 60,
+# under a minute in all) tries 30 of each, the whole suite 100.
+PROFILE = settings(max_examples=30 if os.environ.get("LUMA_TEST_FAST") == "1" else 100,
                    deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

@@ -205,7 +205,7 @@ def per_colour_deploy(bed: Bed, old: list[str], wait: float = 2.0) -> list[str]:
 
 
 def run_under_load(bed: Bed, steps: Callable[[Load], None], keepalive: int = 20,
-                   fresh: int = 5, settle: float = 1.0) -> Load:
+                   fresh: int = 5, settle: float = 2.0) -> Load:
     with Load(bed.http_port, HOST, keepalive, fresh) as load:
         time.sleep(settle)
         steps(load)
