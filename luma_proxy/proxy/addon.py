@@ -347,10 +347,8 @@ class LumaProxy:
         on the loop. Handing each of the 5 polls a second to a thread cost 6-10 times
         the read itself (``benchmarks/reload_poll.py``); only a move is read in one."""
         assert self.store is not None
-        view = self.view
         try:
-            return self.store.generations() != (view.routes_gen, view.health_gen,
-                                                 view.registry_id)
+            return self.store.generations() != self.view.generations
         except RegistryError:
             return True  # the build says what is wrong, once
 

@@ -39,6 +39,11 @@ class View:
     registry_id: str = ""
     settings_data: str = ""  # as stored: the same text is not validated (or reported) again
 
+    @property
+    def generations(self) -> tuple[int, int, str]:
+        """What the view was built from, as ``Store.generations()`` reads it."""
+        return self.routes_gen, self.health_gen, self.registry_id
+
 
 EMPTY = View()
 
@@ -73,8 +78,7 @@ def read_view(store: Store, base: View = EMPTY) -> View:
     """The registry's view after ``base`` (``base`` itself if nothing moved): the I/O edge
     of ``build_view``, reading only the rows newer than ``base``'s generations."""
     snapshot = store.snapshot(base.routes_gen, base.health_gen, base.registry_id)
-    if (snapshot.routes_gen, snapshot.health_gen, snapshot.registry_id) == (
-            base.routes_gen, base.health_gen, base.registry_id):
+    if (snapshot.routes_gen, snapshot.health_gen, snapshot.registry_id) == base.generations:
         return base
     return build_view(snapshot, base)
 
