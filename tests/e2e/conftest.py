@@ -4,6 +4,7 @@ HTTP servers on distinct 127.x addresses, and the CLI run as a subprocess."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import os
@@ -80,12 +81,22 @@ class Proxy:
     state: Path
     log: Path
     extra: dict[str, int] = field(default_factory=dict)
+    log_from: int = 0  # where ``logs()`` starts (``mark``)
 
     def get(self, host: str | None, path: str = "/", **kw: object) -> Reply:
         return request(self.port, host, path, **kw)  # type: ignore[arg-type]
 
     def logs(self) -> str:
-        return self.log.read_text(errors="replace")
+        """The proxy's output since it started, or since ``mark()``."""
+        with self.log.open("rb") as f:
+            f.seek(self.log_from)
+            return f.read().decode(errors="replace")
+
+    def mark(self) -> Proxy:
+        """From now on ``logs()`` shows only what comes next: a test on a shared proxy
+        reads its own lines."""
+        self.log_from = self.log.stat().st_size
+        return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         if self.proc.poll() is None:
@@ -137,8 +148,8 @@ def containers() -> Iterator[Callable[..., Container]]:
             c.kill()
 
 
-@pytest.fixture
-def cli(state_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+def cli_runner(state_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``luma-proxy ARGS --state state_path`` as a subprocess, as the Luma CLI runs it."""
     def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [LUMA, *args, "--state", str(state_path)],
@@ -154,10 +165,16 @@ def cli(state_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
 
 
 @pytest.fixture
-def start_proxy(
+def cli(state_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    return cli_runner(state_path)
+
+
+@contextlib.contextmanager
+def proxy_starter(
     tmp_path: Path, state_path: Path, dns: FakeDockerDNS
 ) -> Iterator[Callable[..., Proxy]]:
-    """Start the proxy as ``luma-proxy run`` (kind="run") or ``mitmdump -s`` (kind="mitmdump")."""
+    """Start the proxy as ``luma-proxy run`` (kind="run") or ``mitmdump -s`` (kind="mitmdump");
+    every one started is killed on the way out."""
     running: list[Proxy] = []
 
     def start(
@@ -209,9 +226,49 @@ def start_proxy(
             raise AssertionError(f"proxy did not start:\n{proxy.logs()}") from None
         return proxy
 
-    yield start
-    for proxy in running:
-        proxy.stop(signal.SIGKILL)
+    try:
+        yield start
+    finally:
+        for proxy in running:
+            proxy.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def start_proxy(
+    tmp_path: Path, state_path: Path, dns: FakeDockerDNS
+) -> Iterator[Callable[..., Proxy]]:
+    with proxy_starter(tmp_path, state_path, dns) as start:
+        yield start
+
+
+@dataclass
+class Shared:
+    """What a module's tests share when each of them only sends requests: starting a proxy
+    (and deploying to it) per test was most of their time. Their own records (an
+    upstream's, the log from ``Proxy.mark()`` on) keep each test's assertions its own."""
+
+    path: Path
+    dns: FakeDockerDNS
+    cli: Callable[..., subprocess.CompletedProcess[str]]
+    start: Callable[..., Proxy]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
+    path = tmp_path_factory.mktemp("shared")
+    state = path / "state" / "state.json"
+    dns = FakeDockerDNS().start()
+    try:
+        with proxy_starter(path, state, dns) as start:
+            yield Shared(path, dns, cli_runner(state), start)
+    finally:
+        dns.stop()
+
+
+@pytest.fixture(scope="module", params=["run", "mitmdump"])
+def shared_kind(request: pytest.FixtureRequest) -> str:
+    """``proxy_kind`` for a module-scoped proxy."""
+    return request.param
 
 
 def listening_ports(args: tuple[str, ...]) -> list[int]:

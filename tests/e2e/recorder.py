@@ -67,6 +67,11 @@ class Recorder:
         self._thread.join(5)
         self._sock.close()
 
+    def clear(self) -> None:
+        """Forget what was received: connections still open go on into the old record."""
+        with self._lock:
+            self.connections = []
+
     def received(self) -> list[bytes]:
         """Every connection's bytes, health checks removed."""
         with self._lock:

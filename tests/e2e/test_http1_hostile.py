@@ -7,6 +7,7 @@ test can say what a hostile request turned into upstream.
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import ssl
 import time
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.conftest import Proxy, next_ip, start_with_https, wait_until
+from tests.e2e.conftest import Proxy, Shared, next_ip, start_with_https, wait_until
 from tests.e2e.docker_double import free_port
 from tests.e2e.recorder import OK, Recorder
 from tests.e2e.test_https import cert_args
@@ -22,9 +23,10 @@ from tests.e2e.test_https import cert_args
 LIMIT = 1024 * 1024
 
 
-@pytest.fixture
-def recorder(dns, cli) -> Iterator[Recorder]:
-    """blog.test is routed to a recording container."""
+@pytest.fixture(scope="module")
+def shared_recorder(shared: Shared) -> Iterator[Recorder]:
+    """blog.test (plain) and tls.test (HTTPS, a custom certificate) are routed to a
+    recording container."""
     ip, port = next_ip(), free_port()
 
     def reply(head: bytes) -> bytes:
@@ -34,19 +36,39 @@ def recorder(dns, cli) -> Iterator[Recorder]:
         return OK
 
     rec = Recorder(ip, port, reply).start()
-    dns.set_alias("rec", [ip])
-    cli("deploy", "--host", "blog.test", "--target", f"rec:{port}", "--project", "p",
-        "--no-ssl")
+    shared.dns.set_alias("rec", [ip])
+    shared.cli("deploy", "--host", "blog.test", "--target", f"rec:{port}", "--project", "p",
+               "--no-ssl")
+    shared.cli("deploy", "--host", "tls.test", "--target", f"rec:{port}", "--project", "p",
+               *cert_args(shared.path, ["tls.test"]))
     yield rec
     rec.stop()
 
 
 @pytest.fixture
-def proxy(recorder, start_proxy, proxy_kind) -> Proxy:
-    p = start_proxy(proxy_kind, env={"LUMA_PROXY_MAX_BODY_SIZE": "1m"})
-    wait_until(lambda: answer(p.port, b"GET / HTTP/1.1\r\nHost: blog.test\r\n\r\n")[0] == 200,
-               timeout=20, interval=0.2)
-    return p
+def recorder(shared_recorder: Recorder) -> Recorder:
+    """The module's container, its record starting afresh."""
+    shared_recorder.clear()
+    return shared_recorder
+
+
+def wait_served(port: int, host: str = "blog.test", sni: str | None = None) -> None:
+    head = b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode()
+    wait_until(lambda: answer(port, head, sni=sni)[0] == 200, timeout=20, interval=0.2)
+
+
+@pytest.fixture(scope="module")
+def shared_proxy(shared_recorder: Recorder, shared: Shared, shared_kind: str
+                 ) -> Iterator[Proxy]:
+    p = shared.start(shared_kind, env={"LUMA_PROXY_MAX_BODY_SIZE": "1m"})
+    wait_served(p.port)
+    yield p
+    p.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def proxy(shared_proxy: Proxy, recorder: Recorder) -> Proxy:
+    return shared_proxy.mark()
 
 
 def answer(port: int, head: bytes, body: Iterator[bytes] | bytes = b"",
@@ -200,35 +222,31 @@ def test_a_switch_nobody_asked_for_is_502_and_no_tunnel(proxy, recorder) -> None
 
 
 # ------------------------------------------------------------ 10: slow body
-@pytest.fixture
-def slow_proxy(recorder, start_proxy, proxy_kind) -> Proxy:
-    p = start_proxy(proxy_kind, env={"LUMA_PROXY_BODY_IDLE_TIMEOUT": "1",
-                                     "LUMA_PROXY_BODY_TIMEOUT": "4"})
-    wait_until(lambda: answer(p.port, b"GET / HTTP/1.1\r\nHost: blog.test\r\n\r\n")[0] == 200,
-               timeout=20, interval=0.2)
-    return p
-
-
-@pytest.fixture
-def slow_tls_proxy(recorder, cli, start_proxy, proxy_kind, tmp_path) -> Proxy:
-    """As ``slow_proxy``, with blog.test also served over HTTPS (a custom certificate)."""
-    cli("deploy", "--host", "blog.test", "--target", f"rec:{recorder.port}", "--project", "p",
-        *cert_args(tmp_path, ["blog.test"]))
+@pytest.fixture(scope="module")
+def shared_slow_proxy(shared_recorder: Recorder, shared: Shared, shared_kind: str
+                      ) -> Iterator[Proxy]:
+    """Short body deadlines; tls.test over HTTPS as well (``extra["https"]``)."""
     https_port = free_port()
     env = {"LUMA_PROXY_BODY_IDLE_TIMEOUT": "1", "LUMA_PROXY_BODY_TIMEOUT": "4"}
-    p = start_with_https(start_proxy, proxy_kind, https_port, env)
+    p = start_with_https(shared.start, shared_kind, https_port, env)
     p.extra["https"] = https_port
-    wait_until(lambda: answer(https_port, b"GET / HTTP/1.1\r\nHost: blog.test\r\n\r\n",
-                              sni="blog.test")[0] == 200, timeout=20, interval=0.2)
-    return p
+    wait_served(p.port)
+    wait_served(https_port, "tls.test", sni="tls.test")
+    yield p
+    p.stop(signal.SIGKILL)
 
 
-def test_a_body_that_stops_over_https_gets_a_readable_408(slow_tls_proxy, recorder) -> None:
+@pytest.fixture
+def slow_proxy(shared_slow_proxy: Proxy, recorder: Recorder) -> Proxy:
+    return shared_slow_proxy.mark()
+
+
+def test_a_body_that_stops_over_https_gets_a_readable_408(slow_proxy, recorder) -> None:
     """The 408 goes through the connection's TLS: it was written raw into the TLS stream,
     which a client reads as a broken record, not an answer."""
-    head = b"POST /stall HTTP/1.1\r\nHost: blog.test\r\nContent-Length: 100\r\n\r\n"
-    status, out = answer(slow_tls_proxy.extra["https"], head + b"hello", timeout=30,
-                         sni="blog.test")
+    head = b"POST /stall HTTP/1.1\r\nHost: tls.test\r\nContent-Length: 100\r\n\r\n"
+    status, out = answer(slow_proxy.extra["https"], head + b"hello", timeout=30,
+                         sni="tls.test")
     assert status == 408, out[:200]
     assert [r for r in recorder.requests() if r.startswith(b"POST")] == []
 

@@ -3,11 +3,13 @@ process, and what the container receives recorded byte for byte."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import h2.errors
 import h2.events
 import pytest
 
-from tests.e2e.conftest import Proxy, start_with_https, wait_until
+from tests.e2e.conftest import Proxy, Shared, start_with_https, wait_until
 from tests.e2e.docker_double import free_port
 from tests.e2e.test_https import cert_args
 
@@ -63,6 +65,10 @@ class RawUpstream:
             finally:
                 with self.lock:
                     self.received.append(data)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.received.clear()
 
     @property
     def raw(self) -> bytes:
@@ -164,21 +170,30 @@ class Site:
     upstream: RawUpstream
 
 
-@pytest.fixture
-def site(dns, cli, start_proxy, proxy_kind, tmp_path: Path):
+@pytest.fixture(scope="module")
+def shared_site(shared: Shared, shared_kind: str) -> Iterator[Site]:
     upstream = RawUpstream()
-    dns.set_alias("raw", [upstream.ip])
-    dns.set_alias("down", ["127.0.50.9"])
-    tls = cert_args(tmp_path, ["blog.test", "down.test"])
-    cli("deploy", "--host", "blog.test", "--target", f"raw:{upstream.port}", "--project", "p",
-        *tls)
-    cli("deploy", "--host", "down.test", "--target", "down:1", "--project", "p", *tls)
-    cli("updatehealth", "--host", "down.test", "--healthy", "false")
+    shared.dns.set_alias("raw", [upstream.ip])
+    shared.dns.set_alias("down", ["127.0.50.9"])
+    tls = cert_args(shared.path, ["blog.test", "down.test"])
+    shared.cli("deploy", "--host", "blog.test", "--target", f"raw:{upstream.port}",
+               "--project", "p", *tls)
+    shared.cli("deploy", "--host", "down.test", "--target", "down:1", "--project", "p", *tls)
+    shared.cli("updatehealth", "--host", "down.test", "--healthy", "false")
     https_port = free_port()
     env = {"LUMA_PROXY_MAX_BODY_SIZE": "1m", "LUMA_PROXY_HEALTH_INTERVAL": "3600"}
-    proxy = start_with_https(start_proxy, proxy_kind, https_port, env)
+    proxy = start_with_https(shared.start, shared_kind, https_port, env)
     yield Site(proxy, https_port, upstream)
+    proxy.stop(signal.SIGKILL)
     upstream.close()
+
+
+@pytest.fixture
+def site(shared_site: Site) -> Site:
+    """The module's proxy, with the upstream's record and the log starting afresh."""
+    shared_site.upstream.clear()
+    shared_site.proxy.mark()
+    return shared_site
 
 
 def requests_upstream(raw: list[bytes]) -> list[bytes]:
@@ -352,17 +367,18 @@ class SlowUpstream(RawUpstream):
                 pass
 
 
-@pytest.fixture
-def idle_site(dns, cli, start_proxy, proxy_kind, tmp_path: Path):
+@pytest.fixture(scope="module")
+def idle_site(shared: Shared, shared_kind: str) -> Iterator[int]:
     """blog.test on a SlowUpstream, behind a proxy whose idle bound is IDLE seconds."""
     upstream = SlowUpstream()
-    dns.set_alias("slow", [upstream.ip])
-    cli("deploy", "--host", "blog.test", "--target", f"slow:{upstream.port}", "--project", "p",
-        *cert_args(tmp_path, ["blog.test"]))
+    shared.dns.set_alias("slow", [upstream.ip])
+    shared.cli("deploy", "--host", "blog.test", "--target", f"slow:{upstream.port}",
+               "--project", "p", *cert_args(shared.path, ["blog.test"]))
     https_port = free_port()
     env = {"LUMA_PROXY_HEADER_TIMEOUT": str(IDLE), "LUMA_PROXY_HEALTH_INTERVAL": "3600"}
-    start_with_https(start_proxy, proxy_kind, https_port, env)
+    proxy = start_with_https(shared.start, shared_kind, https_port, env)
     yield https_port
+    proxy.stop(signal.SIGKILL)
     upstream.close()
 
 
