@@ -10,10 +10,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import itertools
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,21 +45,23 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def clear(directory: Path) -> None:
-    """Hypothesis runs every example in the same tmp_path: start each from nothing."""
-    # The stores of the last example (the CLI's too) close their connections when
-    # collected; the last one to close removes the -wal and -shm files.
-    gc.collect()
-    for path in directory.iterdir():
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+_examples = itertools.count()
+
+
+def fresh(tmp_path: Path) -> Path:
+    """A directory of its own for each example (hypothesis runs them all with one tmp_path).
+
+    Clearing one directory instead needed a full collection per example, 8 s a test
+    late in the suite: the stores the CLI leaves open remove their -wal and -shm files,
+    by name, when collected, which would take the next example's.
+    """
+    directory = tmp_path / f"example-{next(_examples)}"
+    directory.mkdir()
+    return directory
 
 
 def seeded(tmp_path: Path) -> Path:
-    path = tmp_path / "state.json"
-    clear(tmp_path)
+    path = fresh(tmp_path) / "state.json"
     store = Store(path)
     store.update(lambda s: s.services.update({"blog.com": Service(
         name="blog", host="blog.com", target="blog:3000", project="p")}))
@@ -144,8 +146,8 @@ go_hosts = st.dictionaries(hostish, st.one_of(
 ))
 def test_any_state_file_is_imported_or_explained_in_one_line(tmp_path: Path,
                                                             content: bytes) -> None:
-    clear(tmp_path)
-    path = tmp_path / "state.json"
+    directory = fresh(tmp_path)
+    path = directory / "state.json"
     path.write_bytes(content)
     try:
         notes = Store(path).open()
@@ -154,7 +156,7 @@ def test_any_state_file_is_imported_or_explained_in_one_line(tmp_path: Path,
         # Nothing was taken over, nothing was created, the file is as it was.
         assert path.read_bytes() == content
         assert not db_path(path).exists()
-        assert not (tmp_path / f"state.json{IMPORT_SUFFIX}").exists()
+        assert not (directory / f"state.json{IMPORT_SUFFIX}").exists()
         code, out, err = run_cli("list", "--state", str(path))
         assert code != 0 and out == "" and len(err.strip().splitlines()) == 1, err
         code, _, err = run_cli("deploy", "--host", "a.com", "--target", "a:1", "--project",
@@ -165,13 +167,13 @@ def test_any_state_file_is_imported_or_explained_in_one_line(tmp_path: Path,
     else:
         assert notes is not None, "a JSON state was there: it must have been imported"
         assert all(isinstance(n, str) and "\n" not in n for n in notes), notes
-        assert (tmp_path / f"state.json{IMPORT_SUFFIX}").read_bytes() == content
+        assert (directory / f"state.json{IMPORT_SUFFIX}").read_bytes() == content
         assert not path.exists()
         state = Store(path).read()
         assert isinstance(state, State)
         # What was imported can be exported, and that export imported again as it is.
         data = export(path)
-        again = tmp_path / "again" / "state.json"
+        again = directory / "again" / "state.json"
         Store(again).import_json(data, replace=True)
         assert export(again) == data
         code, _, err = run_cli("list", "--state", str(path))
