@@ -49,6 +49,7 @@ class RawUpstream:
 
     def _one(self, conn: socket.socket) -> None:
         data = b""
+        recorded = False
         conn.settimeout(5)
         with conn:
             try:
@@ -58,13 +59,21 @@ class RawUpstream:
                         break
                     data += chunk
                 if complete(data):
+                    # Recorded before it is answered: the client may look as soon as it
+                    # has the answer (a whole-suite run once looked before the append).
+                    self._record(data)
+                    recorded = True
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
                                  b"Connection: close\r\n\r\nok")
             except OSError:
                 pass
             finally:
-                with self.lock:
-                    self.received.append(data)
+                if not recorded:  # cut short: what arrived
+                    self._record(data)
+
+    def _record(self, data: bytes) -> None:
+        with self.lock:
+            self.received.append(data)
 
     def clear(self) -> None:
         with self.lock:
