@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 
 if "--health-interval" in sys.argv:
     PERIOD = 0.002
@@ -30,9 +31,10 @@ if "--health-interval" in sys.argv:
         nxt = loop.time() + PERIOD
         loop.call_at(nxt, _probe, loop, nxt)
 
-    def _probed[L: asyncio.AbstractEventLoop](make: "type[L] | object") -> object:
-        def new_event_loop() -> L:
-            loop = make()  # type: ignore[operator]
+    def _probed(make: Callable[[], asyncio.AbstractEventLoop]
+                ) -> Callable[[], asyncio.AbstractEventLoop]:
+        def new_event_loop() -> asyncio.AbstractEventLoop:
+            loop = make()
             if threading.current_thread() is threading.main_thread():
                 due = loop.time() + PERIOD
                 loop.call_at(due, _probe, loop, due)
@@ -62,6 +64,6 @@ if "--health-interval" in sys.argv:
     except ImportError:
         pass
     else:
-        uvloop.new_event_loop = _probed(uvloop.new_event_loop)  # type: ignore[assignment]
-    asyncio.events.new_event_loop = _probed(asyncio.events.new_event_loop)  # type: ignore
+        uvloop.new_event_loop = _probed(uvloop.new_event_loop)
+    asyncio.events.new_event_loop = _probed(asyncio.events.new_event_loop)
     asyncio.new_event_loop = asyncio.events.new_event_loop

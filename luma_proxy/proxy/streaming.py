@@ -32,6 +32,9 @@ def _large(length: bytes) -> bool:
     return not length.isdigit() or int(length) > STREAM_ABOVE
 
 
+_LENGTH_SIZE = len(b"content-length")
+
+
 def _length_and(headers: http.Headers, other: bytes) -> tuple[bytes | None, bytes]:
     """Content-Length and the field ``other`` (copies joined with ", "), in one pass.
 
@@ -39,7 +42,7 @@ def _length_and(headers: http.Headers, other: bytes) -> tuple[bytes | None, byte
     """
     length: bytes | None = None
     values = b""
-    sizes = (14, len(other))  # names of other lengths are not lowered to be compared
+    sizes = (_LENGTH_SIZE, len(other))  # names of other lengths are not lowered to compare
     for name, value in headers.fields:
         if len(name) not in sizes:
             continue
