@@ -340,6 +340,7 @@ IDLE = 1.5  # LUMA_PROXY_HEADER_TIMEOUT here: the idle bound of HTTP/1 keep-aliv
 SLOW = 4.0  # the slow container's answer takes this long: well past IDLE
 EVENTS = 8  # /sse sends one event every SLOW / EVENTS seconds
 SLOW_IP = "127.0.50.3"
+IDLE_HOST = "idle.test"
 
 
 class SlowUpstream(RawUpstream):
@@ -378,11 +379,12 @@ class SlowUpstream(RawUpstream):
 
 @pytest.fixture(scope="module")
 def idle_site(shared: Shared, shared_kind: str) -> Iterator[int]:
-    """blog.test on a SlowUpstream, behind a proxy whose idle bound is IDLE seconds."""
+    """IDLE_HOST on a SlowUpstream, behind a proxy whose idle bound is IDLE seconds (a host
+    of its own: blog.test stays routed to the RawUpstream of the module's other proxy)."""
     upstream = SlowUpstream()
     shared.dns.set_alias("slow", [upstream.ip])
-    shared.cli("deploy", "--host", "blog.test", "--target", f"slow:{upstream.port}",
-               "--project", "p", *cert_args(shared.path, ["blog.test"]))
+    shared.cli("deploy", "--host", IDLE_HOST, "--target", f"slow:{upstream.port}",
+               "--project", "p", *cert_args(shared.path, [IDLE_HOST]))
     https_port = free_port()
     env = {"LUMA_PROXY_HEADER_TIMEOUT": str(IDLE), "LUMA_PROXY_HEALTH_INTERVAL": "3600"}
     proxy = start_with_https(shared.start, shared_kind, https_port, env)
@@ -435,10 +437,10 @@ def h2_read_streams(s: ssl.SSLSocket, conn: h2.connection.H2Connection,
 def test_idle_h2_connection_gets_goaway_and_is_closed(idle_site: int, used: bool) -> None:
     """No open stream for the idle timeout: GOAWAY(NO_ERROR) naming the last stream served,
     then the connection closes, as an idle HTTP/1 keep-alive is closed."""
-    s, conn = h2_connect(idle_site)
+    s, conn = h2_connect(idle_site, IDLE_HOST)
     with s:
         if used:
-            answer = h2_exchange(s, conn, 1, req("/quick"))
+            answer = h2_exchange(s, conn, 1, req("/quick", IDLE_HOST))
             assert (answer.status, answer.body) == (200, b"ok")
         idle_since = time.monotonic()
         s.settimeout(IDLE + 10)
@@ -457,13 +459,14 @@ def test_idle_h2_connection_gets_goaway_and_is_closed(idle_site: int, used: bool
 def test_h2_connection_with_an_open_stream_is_not_cut(idle_site: int, path: str) -> None:
     """A stream waiting on a slow response (or receiving a long event stream) keeps its
     connection open past the idle timeout, also after another stream on it has finished."""
-    s, conn = h2_connect(idle_site)
+    s, conn = h2_connect(idle_site, IDLE_HOST)
     answers = {1: H2Answer(), 3: H2Answer()}
     started = time.monotonic()
     with s:
         s.settimeout(SLOW + 10)
-        conn.send_headers(1, req(path), end_stream=True)
-        conn.send_headers(3, req("/quick"), end_stream=True)  # done at once: not idle yet
+        conn.send_headers(1, req(path, IDLE_HOST), end_stream=True)
+        # done at once: not idle yet
+        conn.send_headers(3, req("/quick", IDLE_HOST), end_stream=True)
         s.sendall(conn.data_to_send())
         h2_read_streams(s, conn, answers)
     took = time.monotonic() - started
