@@ -118,17 +118,22 @@ def rejoin_route_networks(networks: set[str], path: str = SOCKET) -> None:
 
 
 def rejoin_networks(state_path: str, path: str = SOCKET) -> None:
-    """``run``'s start: rejoin the recorded networks, or say in one line why it cannot."""
+    """``run``'s start: rejoin the recorded networks, or say in one line why it cannot.
+
+    The registry is read only when there is an engine to ask, or the image has none.
+    """
+    mounted = available(path)
+    if not mounted and os.environ.get("LUMA_PROXY_IMAGE") != "1":
+        return
     from luma_proxy.store.registry import RegistryError, Store
 
     try:
-        state = Store(state_path, create=False).read()
+        networks = Store(state_path, create=False).networks()
     except RegistryError:
         return  # the proxy itself says why the state cannot be read
-    networks = {n for service in state.services.values() for n in service.networks}
-    if available(path):
+    if mounted:
         rejoin_route_networks(networks, path)
-    elif os.environ.get("LUMA_PROXY_IMAGE") == "1":
+    else:
         logger.warning("docker: socket %s not mounted: after a re-create this container cannot "
                        "rejoin the networks its routes need%s (mount it, or run "
                        "`docker network connect NETWORK luma-proxy`)", path,

@@ -275,13 +275,9 @@ def log_changes(changed: list[tuple[str, Health]]) -> None:
 
 def write_results(store: Store, results: Results) -> list[str]:
     """Write each result whose service is deployed as it was checked; the hosts written."""
-    written = []
     with store.transaction() as tx:
         keys = tx.routing_keys()
-        for host, (key, health) in results.items():
-            if keys.get(host) == key:
-                tx.put_observation(host, key, health)
-                written.append(host)
-        for host in tx.health_hosts() - keys.keys():
-            tx.delete_health(host)
+        written = [host for host, (key, _health) in results.items() if keys.get(host) == key]
+        tx.put_observations((host, *results[host]) for host in written)
+        tx.delete_unrouted_health()
     return written

@@ -26,7 +26,7 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,37 +197,42 @@ class Tx:
         return out
 
     def put_health(self, host: str, entry: HealthEntry) -> None:
-        self._put_row(host, *health_row(entry))
+        self._put_rows([(host, *health_row(entry))])
 
-    def put_observation(self, host: str, key: tuple[str, str, str, bool],
-                        health: Health) -> None:
-        """As ``put_health(host, HealthEntry.of(key, health))``, at a fraction of the cost."""
-        self._put_row(host, *observation_row(key, health))
+    def put_observations(self, rows: Iterable[tuple[str, tuple[str, str, str, bool], Health]]
+                         ) -> None:
+        """``put_health(host, HealthEntry.of(key, health))`` for each (host, key, health), in
+        one statement: the health leader writes a row per service per round."""
+        self._put_rows([(host, *observation_row(key, health)) for host, key, health in rows])
 
-    def _put_row(self, host: str, data: str, at: str | None) -> None:
-        row = self.db.execute("SELECT data FROM health WHERE host = ?", (host,)).fetchone()
-        if row is not None and row[0] == data:  # only the time moved: nobody re-reads it
-            self.db.execute("UPDATE health SET checked_at = ? WHERE host = ?", (at, host))
-            return
-        self.db.execute("INSERT OR REPLACE INTO health VALUES (?, ?, ?, ?)",
-                        (host, self._gen("health"), data, at))
-        self.health_changed = True
+    def _put_rows(self, rows: list[tuple[str, str, str | None]]) -> None:
+        """(host, data, checked_at) each: a row whose data is unchanged keeps its generation
+        (only the time moved: nobody re-reads it)."""
+        gen = self._gen("health")
+        self.db.executemany(
+            "INSERT INTO health VALUES (?, ?, ?, ?) ON CONFLICT(host) DO UPDATE SET gen = CASE"
+            " WHEN data = excluded.data THEN gen ELSE excluded.gen END, data = excluded.data,"
+            " checked_at = excluded.checked_at",
+            [(host, gen, data, at) for host, data, at in rows])
+        self.health_changed |= self.db.execute(
+            "SELECT 1 FROM health WHERE gen = ? LIMIT 1", (gen,)).fetchone() is not None
 
     def delete_health(self, host: str) -> bool:
         gone = self.db.execute("DELETE FROM health WHERE host = ?", (host,)).rowcount > 0
         self.health_changed |= gone
         return gone
 
-    def health_hosts(self) -> set[str]:
-        return {host for (host,) in self.db.execute("SELECT host FROM health")}
+    def delete_unrouted_health(self) -> None:
+        """Entries of hosts no longer routed go."""
+        self.health_changed |= self.db.execute(
+            "DELETE FROM health WHERE host NOT IN (SELECT host FROM services)").rowcount > 0
 
     def routing_keys(self) -> dict[str, tuple[str, str, str, bool]]:
-        """host -> ``Service.routing_key()``, without validating every service."""
-        out = {}
-        for host, data in self.db.execute("SELECT host, data FROM services"):
-            raw = orjson.loads(data)
-            out[host] = (raw.get("target"), raw.get("health_path"), host, raw.get("ssl"))
-        return out
+        """host -> ``Service.routing_key()``, read by SQLite: no service is validated."""
+        return {host: (target, path, host, bool(ssl) if ssl is not None else None)
+                for host, target, path, ssl in self.db.execute(
+                    "SELECT host, json_extract(data, '$.target'), json_extract(data,"
+                    " '$.health_path'), json_extract(data, '$.ssl') FROM services")}
 
     def put_imported(self, state: State, health: dict[str, HealthEntry]) -> None:
         """The services of an imported JSON state, each with its health if it was observed
@@ -506,6 +511,13 @@ class Store:
         entries = self.read_health()
         return {host: entry for host, entry in entries.items()
                 if (service := state.services.get(host)) is not None and entry.matches(service)}
+
+    def networks(self) -> set[str]:
+        """Every Docker network a route was deployed on, read by SQLite: at 10,000 services,
+        validating each to read this field cost 0.4 s of CPU while the proxy started."""
+        return {name for (name,) in self._read_tx(lambda db: db.execute(
+            "SELECT DISTINCT value FROM services, json_each(services.data, '$.networks')"
+            " WHERE type = 'text'").fetchall())}
 
     def generation(self) -> int:
         """The routes generation: what ``deploy`` waits for every proxy to serve."""

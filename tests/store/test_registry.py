@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from luma_proxy.models import HealthEntry, Service, Settings, State
+from luma_proxy.models import Health, HealthEntry, Service, Settings, State
 from luma_proxy.store.registry import RegistryError, Store, db_path, default_state_path
 from tests.store.test_gostate import EXAMPLE
 
@@ -160,7 +160,6 @@ def test_transaction_round_trips_rows(tmp_path: Path) -> None:
         assert tx.service("b.test") == service("b.test", "b:1")
         assert tx.health("a.test") == entry("a:1")
         assert tx.all_health() == {"a.test": entry("a:1")}
-        assert tx.health_hosts() == {"a.test"}
         assert tx.settings().acme_email == "ops@example.com"
         assert tx.delete("b.test") is True
         assert tx.delete("b.test") is False
@@ -203,6 +202,57 @@ def test_routing_keys_without_validating_every_service(tmp_path: Path) -> None:
         assert tx.routing_keys()["b.test"] == ("nope", "/hz", "b.test", False)
         with pytest.raises(ValueError, match=r"service 'b\.test' is invalid"):
             tx.services()
+
+
+def test_networks_of_every_route_without_validating_them(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    store = Store(path)
+    assert store.networks() == set()
+    with store.transaction() as tx:
+        tx.put(service("a.test", networks=["front", "kamal"]))
+        tx.put(service("b.test", networks=["kamal"]))
+        tx.put(service("c.test"))
+    assert store.networks() == {"front", "kamal"}
+    # A hand-edited row that would not validate still names its networks; what is not
+    # a name is not one.
+    db = sqlite3.connect(db_path(path))
+    with db:
+        db.execute("UPDATE services SET data = ? WHERE host = 'c.test'", (json.dumps(
+            {"host": "c.test", "target": "nope", "networks": ["edge", 3, None]}),))
+    db.close()
+    assert store.networks() == {"front", "kamal", "edge"}
+
+
+def test_observations_move_only_the_rows_whose_result_changed(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.json")
+    hosts = [f"h{i}.test" for i in range(5)]
+    with store.transaction() as tx:
+        for host in hosts:
+            tx.put(service(host))
+        tx.put_observations((h, service(h).routing_key(), Health(healthy=True, checked_at=AT))
+                            for h in hosts)
+    first = store.snapshot()
+    assert first.health_gen == 1 and {gen for _h, gen, *_ in first.health} == {1}
+
+    # The next round: only h3's result changes; every row's checked_at moves.
+    with store.transaction() as tx:
+        tx.put_observations((h, service(h).routing_key(), Health(
+            healthy=h != "h3.test", checked_at=LATER)) for h in hosts)
+    second = store.snapshot(first.routes_gen, first.health_gen)
+    assert second.health_gen == 2
+    assert {h: gen for h, gen, *_ in second.health} == {h: 2 if h == "h3.test" else 1
+                                                        for h in hosts}
+    assert {e.checked_at for e in store.read_health().values()} == {LATER}
+
+    with store.transaction() as tx:  # a round with no result changed moves no generation
+        tx.put_observations((h, service(h).routing_key(), Health(
+            healthy=h != "h3.test", checked_at=LATER)) for h in hosts)
+    assert store.generations()[1] == 2
+
+    with store.transaction() as tx:  # entries of hosts no longer routed go, and that moves it
+        tx.delete("h0.test")
+        tx.delete_unrouted_health()
+    assert sorted(store.read_health()) == hosts[1:] and store.generations()[1] == 3
 
 
 def test_dry_run_changes_nothing(tmp_path: Path) -> None:
