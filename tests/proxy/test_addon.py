@@ -348,6 +348,25 @@ async def test_an_invalid_row_keeps_its_last_good_version_and_is_parsed_once(
         assert (await _route(addon, "blog.test")).request.host == "127.0.0.7"
 
 
+async def test_two_reloads_at_once_read_and_swap_once(
+        state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The poll and the health leader's write may both ask: the second waits for the
+    first, finds nothing newer, and never compares views on the event loop."""
+    parsed: list[str] = []
+    real = view.parse_service
+    monkeypatch.setattr(view, "parse_service",
+                        lambda host, data: parsed.append(host) or real(host, data))
+    addon = LumaProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, luma_state=str(state))
+        deploy(state, "blog.test", "127.0.0.7:3000")
+        parsed.clear()
+        swapped = await asyncio.gather(addon.reload_in_background(),
+                                       addon.reload_in_background())
+        assert swapped == [True, False] and parsed == ["blog.test"]
+        assert (await _route(addon, "blog.test")).request.host == "127.0.0.7"
+
+
 async def test_health_results_go_to_the_registry_and_leave_routes_alone(tmp_path: Path) -> None:
     path = write_state(tmp_path / "state.json")
     store = Store(path)
