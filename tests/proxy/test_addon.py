@@ -325,13 +325,19 @@ def corrupt_row(path: Path, host: str, data: str) -> None:
         db.execute("UPDATE meta SET value = value + 1000 WHERE key = 'routes'")
 
 
-async def test_an_invalid_row_keeps_its_last_good_version_and_is_parsed_once(
-        state: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
-    """One bad row costs nothing else; it is not re-validated on every poll."""
-    parsed: list[str] = []
+@pytest.fixture
+def parsed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The hosts whose service rows the view parses, in order."""
+    hosts: list[str] = []
     real = view.parse_service
     monkeypatch.setattr(view, "parse_service",
-                        lambda host, data: parsed.append(host) or real(host, data))
+                        lambda host, data: hosts.append(host) or real(host, data))
+    return hosts
+
+
+async def test_an_invalid_row_keeps_its_last_good_version_and_is_parsed_once(
+        state: Path, parsed: list[str], caplog) -> None:
+    """One bad row costs nothing else; it is not re-validated on every poll."""
     addon = LumaProxy()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, luma_state=str(state))
@@ -348,14 +354,9 @@ async def test_an_invalid_row_keeps_its_last_good_version_and_is_parsed_once(
         assert (await _route(addon, "blog.test")).request.host == "127.0.0.7"
 
 
-async def test_two_reloads_at_once_read_and_swap_once(
-        state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_two_reloads_at_once_read_and_swap_once(state: Path, parsed: list[str]) -> None:
     """The poll and the health leader's write may both ask: the second waits for the
     first, finds nothing newer, and never compares views on the event loop."""
-    parsed: list[str] = []
-    real = view.parse_service
-    monkeypatch.setattr(view, "parse_service",
-                        lambda host, data: parsed.append(host) or real(host, data))
     addon = LumaProxy()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, luma_state=str(state))
