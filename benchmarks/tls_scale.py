@@ -38,10 +38,10 @@ looking inside the process:
 
 The upstream and the fake DNS run in a child process, so that the measuring
 client is the only thread of its process. On 2 cores the proxy's own threads
-(health, certificates, reloads) can still take the CPU from the client and the
-upstream, and their wait shows as the loop's: ``--instrument-nice N`` (as
-root) runs both at nice -N and the proxy at 0, so that what the client times
-is the proxy. ``--tree DIR``: run that checkout's
+(health, certificates, reloads) may still take the CPU from the client and the
+upstream: ``--instrument-nice N`` (as root) runs both at nice -N and the proxy
+at 0, to tell their wait from the proxy's (at 10,000 services it changed
+nothing: docs/performance.md). ``--tree DIR``: run that checkout's
 ``luma_proxy`` (and write the state with it), not the editable install's, as
 ``benchmarks/h2load_ab.py`` does; e.g. ``git worktree add /tmp/tls-before HEAD``.
 Every process started here runs in its own process group and is stopped by it.

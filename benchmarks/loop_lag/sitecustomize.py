@@ -6,8 +6,9 @@ Copied into the venv's site-packages for one run, removed after (docs/performanc
 asyncio's) gets a timer every 2 ms; each time it fires late by 5 ms or more, the log
 gets ``LOOPLAG <unix time> <ms>``: how long the loop could not run a ready callback
 (a callback running long, or the loop's thread waiting for the interpreter). The
-client-side figures of ``tls_scale.py`` add the client's, the upstream's and the
-kernel's scheduling on top of this.
+client-side figures of ``tls_scale.py`` add on top of this the request's own
+handling, which threads sharing the interpreter slow down without blocking the loop
+(docs/performance.md), and the client's and the upstream's turns on the CPU.
 """
 
 import asyncio
